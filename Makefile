@@ -1,0 +1,40 @@
+# `make run` and `make test` do all the set-up on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the project needs at run or test time (installed only when missing).
+SYSTEM_PACKAGES := python3-venv
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit bench-hooks clean system-packages
+
+$(STAMP): pyproject.toml
+	@scripts/ensure-system-packages.sh $(SYSTEM_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+system-packages:
+	@scripts/ensure-system-packages.sh $(SYSTEM_PACKAGES)
+
+run: $(STAMP)
+	$(BIN)/cxr-cds demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest
+
+test: lint typecheck unit
+
+bench-hooks: $(STAMP)
+	$(BIN)/python bench/hooks.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,215 @@
+"""Hook latency benchmark: the service under gunicorn, the sandbox, precomputed results.
+
+Starts `cxr-cds sandbox` and `cxr-cds serve` as separate processes on loopback, stores
+results for every seeded study, then drives, in the same run:
+  - GET /cds-services (discovery): the baseline, no auth, no data;
+  - patient-view with prefetch (what an EHR that honours prefetch sends);
+  - patient-view without prefetch (the service searches the sandbox via fhirAuthorization);
+at 1 and 8 concurrent clients. Prints p50/p95/p99 latency, requests/s and errors.
+
+    .venv/bin/python bench/hooks.py [--requests 400] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cds_service.fhir import imaging_study  # noqa: E402
+from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
+from cds_service.jobs.sqlite_store import SqliteStore  # noqa: E402
+from ehr_sandbox.access_tokens import TokenStore  # noqa: E402
+from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, hook_context  # noqa: E402
+
+PATIENT = "cxr-demo-1"
+SERVICE_ID = "cxr-ai-patient-view"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_load(
+    make_request: Callable[[requests.Session], requests.Response], total: int, clients: int
+) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    per_client = total // clients
+
+    def worker() -> None:
+        nonlocal errors
+        session = requests.Session()
+        for _ in range(per_client):
+            start = time.perf_counter()
+            try:
+                ok = make_request(session).status_code == 200
+            except requests.RequestException:
+                ok = False
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed * 1000)
+                errors += 0 if ok else 1
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    return {
+        "n": len(latencies),
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
+        "mean": statistics.fmean(latencies),
+        "rps": len(latencies) / wall,
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+    sandbox_port, service_port = free_port(), free_port()
+    sandbox_base = f"http://127.0.0.1:{sandbox_port}"
+    service_base = f"http://127.0.0.1:{service_port}"
+    cli = [sys.executable, "-m", "cds_service.cli"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [*cli, "sandbox", "--port", str(sandbox_port), "--data-dir", str(work / "sandbox")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        ))
+        wait_http(f"{sandbox_base}/fhir/metadata")
+        key = SigningKey.load_or_create(work / "sandbox" / "cds-client-key.jwk.json")
+        issuers = work / "issuers.json"
+        issuers.write_text(json.dumps([{"iss": sandbox_base, "jwks": key.public_jwks(),
+                                        "fhir_servers": [f"{sandbox_base}/fhir"]}]))
+        env = {**os.environ, "CXR_CDS_MODE": "demo", "CXR_CDS_PUBLIC_URL": service_base,
+               "CXR_CDS_TRUSTED_ISSUERS": str(issuers), "CXR_CDS_DB": str(work / "cds.sqlite3")}
+        # Precompute results for every seeded study (what the worker would have done).
+        store = SqliteStore(work / "cds.sqlite3")
+        backend = SimulatedBackend()
+        bundle = requests.get(f"{sandbox_base}/fhir/ImagingStudy", params={"_count": "100"},
+                              timeout=10).json()
+        for entry in bundle.get("entry", []):
+            study = entry["resource"]
+            uid = imaging_study.study_uid(study)
+            if uid:
+                store.put_result(backend.analyse(uid, study))
+        procs.append(subprocess.Popen(
+            [*cli, "serve", "--port", str(service_port), "--workers", str(args.workers),
+             "--no-worker"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        ))
+        wait_http(f"{service_base}/cds-services")
+
+        token = TokenStore(work / "sandbox" / "ehr.sqlite3").issue(
+            "bench", "patient/ImagingStudy.rs", PATIENT, lifetime_s=3600).token
+        authorization = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
+                         "scope": "patient/ImagingStudy.rs", "subject": "bench"}
+        client = CdsHooksClient(sandbox_base, key)
+        service = next(s for s in client.discover(service_base) if s["id"] == SERVICE_ID)
+        context = hook_context("patient-view", PATIENT, "Practitioner/example")
+        with_prefetch = client.build_request(service, context, f"{sandbox_base}/fhir", authorization)
+        without_prefetch = {k: v for k, v in with_prefetch.items() if k != "prefetch"}
+        url = f"{service_base}/cds-services/{SERVICE_ID}"
+        check = client.call(service_base, SERVICE_ID, with_prefetch)
+        assert check.status == 200 and check.response["cards"], check.response
+
+        def hook(body: dict[str, Any]) -> Callable[[requests.Session], requests.Response]:
+            # Tokens are signed ahead of time so client-side signing is not measured.
+            tokens = [key.sign(sandbox_base, url) for _ in range(args.requests + 8)]
+            iterator = iter(tokens)
+            lock = threading.Lock()
+
+            def send(session: requests.Session) -> requests.Response:
+                with lock:
+                    jwt = next(iterator)
+                payload = {**body, "hookInstance": str(uuid.uuid4())}
+                return session.post(url, json=payload, timeout=10,
+                                    headers={"Authorization": f"Bearer {jwt}"})
+
+            return send
+
+        def discovery(session: requests.Session) -> requests.Response:
+            return session.get(f"{service_base}/cds-services", timeout=10)
+
+        scenarios = [
+            ("discovery (baseline)", lambda: discovery),
+            ("patient-view, prefetch sent", lambda: hook(with_prefetch)),
+            ("patient-view, service fetches FHIR", lambda: hook(without_prefetch)),
+        ]
+        print(f"# hooks benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"gunicorn workers={args.workers} threads=4, {args.requests} requests/scenario")
+        print("| scenario | clients | p50 ms | p95 ms | p99 ms | req/s | errors | p95 / discovery p95 |")
+        print("|---|---|---|---|---|---|---|---|")
+        baseline: dict[int, float] = {}
+        for clients in (1, 8):
+            for name, factory in scenarios:
+                send = factory()
+                run_load(send, 16, clients)  # warm-up
+                send = factory()
+                stats = run_load(send, args.requests, clients)
+                if name.startswith("discovery"):
+                    baseline[clients] = stats["p95"]
+                ratio = stats["p95"] / baseline[clients]
+                print(f"| {name} | {clients} | {stats['p50']:.1f} | {stats['p95']:.1f} | "
+                      f"{stats['p99']:.1f} | {stats['rps']:.0f} | {int(stats['errors'])} | "
+                      f"{ratio:.1f}x |")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

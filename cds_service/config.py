@@ -1,0 +1,193 @@
+"""Typed settings read from CXR_CDS_* environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from cds_service.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["production", "development", "demo"]
+MODES: tuple[Mode, ...] = ("production", "development", "demo")
+BACKENDS = ("simulated", "cxr_llava", "hf_vlm", "tiny")
+# CDS Hooks 2.0 security: ES384/RS384 recommended; none and every HS* are forbidden.
+ALLOWED_JWT_ALGORITHMS = frozenset({"ES256", "ES384", "RS256", "RS384"})
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """A CDS client the service accepts JWTs from, and the FHIR servers it may send us to."""
+
+    iss: str
+    jwks: Mapping[str, Any] | None = None
+    jwks_url: str | None = None
+    allowed_jku: tuple[str, ...] = ()
+    fhir_servers: tuple[str, ...] = ()
+
+    def allows_fhir_server(self, url: str) -> bool:
+        """True when `url` is one of this issuer's FHIR bases (compared without trailing '/')."""
+        wanted = url.rstrip("/")
+        return any(wanted == allowed.rstrip("/") for allowed in self.fhir_servers)
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> TrustedIssuer:
+        if not isinstance(item, Mapping) or not isinstance(item.get("iss"), str) or not item["iss"]:
+            raise ConfigurationError("each trusted issuer needs a non-empty string 'iss'")
+        jwks = item.get("jwks")
+        jwks_url = item.get("jwks_url")
+        if (jwks is None) == (jwks_url is None):
+            raise ConfigurationError(
+                f"trusted issuer {item['iss']!r}: give exactly one of 'jwks' or 'jwks_url'"
+            )
+        if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
+            raise ConfigurationError(f"trusted issuer {item['iss']!r}: 'jwks' must be a JWK Set")
+        allowed_jku = item.get("allowed_jku", [])
+        fhir_servers = item.get("fhir_servers", [])
+        for name, value in (("allowed_jku", allowed_jku), ("fhir_servers", fhir_servers)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigurationError(f"trusted issuer {item['iss']!r}: {name} must be a list")
+        return cls(
+            iss=item["iss"],
+            jwks=jwks,
+            jwks_url=jwks_url,
+            allowed_jku=tuple(allowed_jku),
+            fhir_servers=tuple(fhir_servers),
+        )
+
+
+def load_trusted_issuers(path: str | Path) -> tuple[TrustedIssuer, ...]:
+    """Read the JSON list named by CXR_CDS_TRUSTED_ISSUERS."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read trusted issuers file {path}: {exc}") from exc
+    if not isinstance(raw, list):
+        raise ConfigurationError(f"{path}: expected a JSON list of issuers")
+    issuers = tuple(TrustedIssuer.from_json(item) for item in raw)
+    if len({i.iss for i in issuers}) != len(issuers):
+        raise ConfigurationError(f"{path}: an issuer appears twice")
+    return issuers
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigurationError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service. Build with `Settings.from_env()` or directly in tests."""
+
+    mode: Mode = "production"
+    public_url: str = ""
+    trusted_issuers: tuple[TrustedIssuer, ...] = ()
+    auth_enabled: bool = True
+    database: Path = Path("var/cxr-cds.sqlite3")
+    backend: str = "simulated"
+    model_dir: str | None = None
+    smart_app_url: str = ""
+    lookback_days: int = 365
+    max_studies: int = 5
+    on_missing_data: Literal["412", "no-card"] = "412"
+    enqueue_on_miss: bool = True
+    hook_wait_ms: int = 0
+    fhir_connect_timeout_s: float = 2.0
+    fhir_read_timeout_s: float = 5.0
+    max_prefetch_pages: int = 5
+    jwt_leeway_s: int = 60
+    max_request_bytes: int = 5 * 1024 * 1024
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend == "simulated"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes).validated()
+
+    def validated(self) -> Settings:
+        """Refuse unsafe or inconsistent settings; returns self when all is well."""
+        if self.mode not in MODES:
+            raise ConfigurationError(f"CXR_CDS_MODE must be one of {MODES}, not {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigurationError(f"CXR_CDS_BACKEND must be one of {BACKENDS}")
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ConfigurationError("CXR_CDS_PUBLIC_URL must be an absolute http(s) URL")
+        if self.mode == "production":
+            if not self.auth_enabled:
+                raise ConfigurationError(
+                    "authentication can be switched off only with CXR_CDS_MODE=development"
+                )
+            if not self.public_url.startswith("https://"):
+                raise ConfigurationError(
+                    "production needs CXR_CDS_PUBLIC_URL with https:// (JWT aud is checked "
+                    "against it; CDS Hooks requires TLS)"
+                )
+            if not self.trusted_issuers:
+                raise ConfigurationError(
+                    "production needs CXR_CDS_TRUSTED_ISSUERS: a JSON file listing the CDS "
+                    "clients to trust; there is no open default"
+                )
+            for issuer in self.trusted_issuers:
+                insecure = [u for u in issuer.fhir_servers if not u.startswith("https://")]
+                if insecure or (issuer.jwks_url and not issuer.jwks_url.startswith("https://")):
+                    raise ConfigurationError(
+                        f"issuer {issuer.iss!r}: http:// FHIR or JWKS URLs are refused in production"
+                    )
+        if self.lookback_days < 1 or self.max_studies < 1 or self.max_prefetch_pages < 1:
+            raise ConfigurationError("lookback_days, max_studies, max_prefetch_pages must be >= 1")
+        if self.on_missing_data not in ("412", "no-card"):
+            raise ConfigurationError("CXR_CDS_ON_MISSING_DATA must be '412' or 'no-card'")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read CXR_CDS_* variables; raises ConfigurationError with what to fix."""
+        env = os.environ if env is None else env
+        mode = env.get("CXR_CDS_MODE", "production")
+        issuers: tuple[TrustedIssuer, ...] = ()
+        if env.get("CXR_CDS_TRUSTED_ISSUERS"):
+            issuers = load_trusted_issuers(env["CXR_CDS_TRUSTED_ISSUERS"])
+        auth = env.get("CXR_CDS_AUTH", "on").strip().lower()
+        if auth not in {"on", "off"}:
+            raise ConfigurationError("CXR_CDS_AUTH must be 'on' or 'off'")
+        public_url = env.get("CXR_CDS_PUBLIC_URL", "").rstrip("/")
+        try:
+            settings = cls(
+                mode=mode,  # type: ignore[arg-type]  # checked in validated()
+                public_url=public_url,
+                trusted_issuers=issuers,
+                auth_enabled=auth == "on",
+                database=Path(env.get("CXR_CDS_DB", "var/cxr-cds.sqlite3")),
+                backend=env.get("CXR_CDS_BACKEND", "simulated"),
+                model_dir=env.get("CXR_CDS_MODEL_DIR") or None,
+                smart_app_url=env.get("CXR_CDS_SMART_APP_URL", "").rstrip("/"),
+                lookback_days=int(env.get("CXR_CDS_LOOKBACK_DAYS", "365")),
+                max_studies=int(env.get("CXR_CDS_MAX_STUDIES", "5")),
+                on_missing_data=env.get("CXR_CDS_ON_MISSING_DATA", "412"),  # type: ignore[arg-type]
+                enqueue_on_miss=_bool(env.get("CXR_CDS_ENQUEUE_ON_MISS", "1")),
+                hook_wait_ms=int(env.get("CXR_CDS_HOOK_WAIT_MS", "0")),
+                fhir_connect_timeout_s=float(env.get("CXR_CDS_FHIR_CONNECT_TIMEOUT", "2")),
+                fhir_read_timeout_s=float(env.get("CXR_CDS_FHIR_READ_TIMEOUT", "5")),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc
+        return settings.validated()
+
+    def smart_launch_url(self) -> str:
+        """Where card links send the clinician (the SMART app's launch endpoint)."""
+        return self.smart_app_url or f"{self.public_url}/app/launch"

@@ -1,0 +1,126 @@
+"""`cxr-cds demo`: sandbox + service on localhost, seeded studies analysed, a patient-view hook fired."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from cds_service.config import Settings, TrustedIssuer
+from cds_service.fhir import imaging_study
+from cds_service.inference.registry import SIMULATED_WARNING, load_backend
+from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.jobs.worker import run_forever
+from cds_service.web.app import create_app as create_service_app
+from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
+from ehr_sandbox.app import create_app as create_sandbox_app
+from ehr_sandbox.cds_client import CdsHooksClient, hook_context
+from ehr_sandbox.seed import seed
+
+log = logging.getLogger(__name__)
+DEMO_PATIENT = "cxr-demo-1"
+ANALYSIS_TIMEOUT_S = 60.0
+
+
+def _serve(server: BaseWSGIServer, name: str) -> None:
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+
+
+def _banner(lines: list[str]) -> None:
+    width = max(len(line) for line in lines) + 4
+    print("#" * width)
+    for line in lines:
+        print(f"# {line.ljust(width - 4)} #")
+    print("#" * width)
+
+
+def run_demo(
+    *, host: str, service_port: int, sandbox_port: int, data_dir: Path, keep_running: bool
+) -> int:
+    from cds_service.cli import print_cards
+
+    sandbox_base = f"http://{host}:{sandbox_port}"
+    service_base = f"http://{host}:{service_port}"
+    sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", base_url=sandbox_base))
+    studies = seed(sandbox.store)
+    sandbox_server = make_server(host, sandbox_port, create_sandbox_app(sandbox=sandbox), threaded=True)
+    _serve(sandbox_server, "ehr-sandbox")
+
+    # The demo trusts exactly one CDS client: the sandbox, with its JWKS inline.
+    issuer = TrustedIssuer(
+        iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(f"{sandbox_base}/fhir",)
+    )
+    (data_dir / "trusted-issuers.json").write_text(
+        json.dumps([{"iss": issuer.iss, "jwks": issuer.jwks, "fhir_servers": [f"{sandbox_base}/fhir"]}],
+                   indent=2),
+        encoding="utf-8",
+    )
+    settings = Settings(
+        mode="demo",
+        public_url=service_base,
+        trusted_issuers=(issuer,),
+        database=data_dir / "cds.sqlite3",
+        backend="simulated",
+    ).validated()
+    store = SqliteStore(settings.database)
+    backend = load_backend(settings)
+    if backend.model.simulated:
+        _banner([SIMULATED_WARNING[i : i + 90] for i in range(0, len(SIMULATED_WARNING), 90)])
+    service_server = make_server(host, service_port, create_service_app(settings, store=store),
+                                 threaded=True)
+    _serve(service_server, "cds-service")
+    stop = threading.Event()
+    threading.Thread(target=run_forever, args=(store, backend, stop), name="worker", daemon=True).start()
+
+    # Image arrival: each seeded study is queued for analysis, as a notification would do.
+    pending = []
+    for study in studies:
+        uid = imaging_study.study_uid(study)
+        if uid is not None and store.get_result(uid, backend.model) is None:
+            store.enqueue(uid, backend.model, study, f"{sandbox_base}/fhir")
+        if uid is not None:
+            pending.append(uid)
+    deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
+    while pending and time.monotonic() < deadline:
+        pending = [uid for uid in pending if store.get_result(uid, backend.model) is None]
+        time.sleep(0.05)
+
+    token = sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", DEMO_PATIENT)
+    authorization: dict[str, Any] = {
+        "access_token": token.token,
+        "token_type": "Bearer",
+        "expires_in": token.expires_in,
+        "scope": token.scope,
+        "subject": SANDBOX_CLIENT_ID,
+        "patient": DEMO_PATIENT,
+    }
+    client = CdsHooksClient(sandbox_base, sandbox.key)
+    context = hook_context("patient-view", DEMO_PATIENT, "Practitioner/example")
+    calls = client.fire(service_base, "patient-view", context, f"{sandbox_base}/fhir", authorization)
+    print(f"\npatient-view hook for Patient/{DEMO_PATIENT}:")
+    for call in calls:
+        print_cards(call.service_url, call.status, call.response)
+    print()
+    print(f"CDS service discovery: {service_base}/cds-services")
+    print(f"EHR sandbox FHIR base: {sandbox_base}/fhir")
+    print(f"SMART app launch:      {service_base}/app/launch")
+    print("Fire another hook:     .venv/bin/cxr-cds hook --service "
+          f"{service_base} --hook patient-view --patient cxr-demo-2 --fhir {sandbox_base}/fhir "
+          f"--key {sandbox.settings.signing_key_file} --sandbox-dir {sandbox.settings.data_dir}")
+    ok = bool(calls) and all(call.status == 200 for call in calls)
+    if keep_running:
+        print("\nServers keep running; press Ctrl-C to stop.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    stop.set()
+    service_server.shutdown()
+    sandbox_server.shutdown()
+    return 0 if ok else 1

@@ -1,0 +1,1 @@
+"""FHIR R4 access: REST client, prefetch resolution, ImagingStudy helpers."""

@@ -1,0 +1,1 @@
+"""Findings -> FHIR resources and CDS Hooks cards."""

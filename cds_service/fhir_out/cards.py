@@ -1,0 +1,203 @@
+"""CDS Hooks 2.0 cards from stored analysis results: one per finding, never "normal"."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cds_service.fhir import imaging_study
+from cds_service.results import CRITICAL_FINDINGS, AnalysisResult, Finding, ModelInfo
+
+SUMMARY_MAX = 139  # CDS Hooks 2.0: summary "<140 characters"
+CARD_NAMESPACE = uuid.UUID("8f1d3c52-3c8a-4f6e-9a57-cc1d2b7e4a10")
+SAFETY_LINE = (
+    "**AI-generated, preliminary, not reviewed by a radiologist.** Not for diagnostic use "
+    "without review of the images."
+)
+SIMULATED_LINE = (
+    "**SIMULATED: no AI model ran.** This card comes from the simulated backend used to wire "
+    "an EHR without a GPU; its content is made up and must not be used for care."
+)
+
+StudyState = Literal["completed", "in-progress", "not-analysed", "failed"]
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """What the service knows about one study for the configured model."""
+
+    study: dict[str, Any]
+    state: StudyState
+    result: AnalysisResult | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CardContext:
+    model: ModelInfo
+    smart_launch_url: str
+    now: datetime
+    summary_prefix: str = ""
+
+
+def relative_age(when: datetime | None, now: datetime) -> str:
+    """'today', '1 day ago', '3 weeks ago': how clinicians refer to prior films."""
+    if when is None:
+        return "of unknown date"
+    days = (now - when).days
+    if days <= 0:
+        return "today"
+    if days == 1:
+        return "yesterday"
+    if days < 14:
+        return f"{days} days ago"
+    if days < 60:
+        return f"{days // 7} weeks ago"
+    if days < 730:
+        return f"{days // 30} months ago"
+    return f"{days // 365} years ago"
+
+
+def _summary(prefix: str, text: str) -> str:
+    summary = f"{prefix}{text}"
+    if len(summary) > SUMMARY_MAX:
+        summary = summary[: SUMMARY_MAX - 1].rstrip() + "\u2026"
+    return summary
+
+
+def _study_label(study: dict[str, Any], now: datetime) -> str:
+    modality = "/".join(sorted(imaging_study.modalities(study))) or "chest imaging"
+    return f"Chest radiograph ({modality}) {relative_age(imaging_study.started(study), now)}"
+
+
+def _app_link(study: dict[str, Any], ctx: CardContext) -> dict[str, Any]:
+    app_context: dict[str, str] = {}
+    if study.get("id"):
+        app_context["imagingStudy"] = f"ImagingStudy/{study['id']}"
+    uid = imaging_study.study_uid(study)
+    if uid:
+        app_context["studyInstanceUid"] = uid
+    link: dict[str, Any] = {
+        "label": "Open the AI chest X-ray viewer",
+        "url": ctx.smart_launch_url,
+        "type": "smart",
+    }
+    if app_context:
+        link["appContext"] = json.dumps(app_context, separators=(",", ":"))
+    return link
+
+
+def _card(
+    *,
+    key: str,
+    summary: str,
+    indicator: str,
+    detail_lines: list[str],
+    study: dict[str, Any],
+    ctx: CardContext,
+) -> dict[str, Any]:
+    lines = [SIMULATED_LINE] if ctx.model.simulated else []
+    lines += detail_lines
+    lines += ["", SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
+    return {
+        # Stable per study, model and finding, so feedback on a re-shown card lines up.
+        "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.model.label}|{key}")),
+        "summary": _summary(ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary),
+        "indicator": indicator,
+        "detail": "\n\n".join(line for line in lines if line is not None).strip(),
+        "source": {
+            "label": f"AI chest X-ray: {ctx.model.label}",
+            "topic": {
+                "system": "http://loinc.org",
+                "code": "36643-5",
+                "display": "XR Chest 2 Views",
+            },
+        },
+        "links": [_app_link(study, ctx)],
+    }
+
+
+def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> dict[str, Any]:
+    label = _study_label(status.study, ctx.now)
+    uid = imaging_study.study_uid(status.study) or str(status.study.get("id"))
+    if finding.state == "present":
+        summary = f"{label}: AI flags {finding.display.lower()}"
+        indicator = "critical" if finding.key in CRITICAL_FINDINGS else "warning"
+    else:
+        summary = f"{label}: AI suggests possible {finding.display.lower()}"
+        indicator = "warning"
+    detail = [f"The model's report mentions **{finding.display.lower()}** ({finding.state})."]
+    if finding.evidence:
+        detail.append(f"> {finding.evidence}")
+    if finding.confidence is not None:
+        detail.append(f"Model confidence: {finding.confidence:.2f}")
+    return _card(
+        key=f"{uid}|{finding.key}|{finding.state}",
+        summary=summary,
+        indicator=indicator,
+        detail_lines=detail,
+        study=status.study,
+        ctx=ctx,
+    )
+
+
+def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any]]:
+    """The cards for one study: findings, or 'no major finding', or its processing state."""
+    label = _study_label(status.study, ctx.now)
+    uid = imaging_study.study_uid(status.study) or str(status.study.get("id"))
+    result = status.result
+    if status.state == "completed" and result is not None:
+        flagged = [f for f in result.findings if f.state in ("present", "uncertain")]
+        if flagged:
+            flagged.sort(key=lambda f: (f.state != "present", f.key not in CRITICAL_FINDINGS))
+            return [_finding_card(status, finding, ctx) for finding in flagged]
+        # Never "normal": the model may have missed something.
+        return [
+            _card(
+                key=f"{uid}|no-major-finding",
+                summary=f"{label}: no major finding detected by the model",
+                indicator="info",
+                detail_lines=[
+                    "The model did not report any of the major findings it screens for. "
+                    "This is not a normal study report: findings may have been missed."
+                ],
+                study=status.study,
+                ctx=ctx,
+            )
+        ]
+    if status.state == "in-progress":
+        return [
+            _card(
+                key=f"{uid}|in-progress",
+                summary=f"{label}: AI analysis in progress",
+                indicator="info",
+                detail_lines=["The study is queued for AI analysis; reopen the chart to see it."],
+                study=status.study,
+                ctx=ctx,
+            )
+        ]
+    reason = status.reason or (result.reason if result is not None else "") or "analysis failed"
+    return [
+        _card(
+            key=f"{uid}|not-analysed",
+            summary=f"{label}: not analysed by AI: {reason}",
+            indicator="info",
+            detail_lines=[f"Not analysed: {reason}. No AI findings exist for this study."],
+            study=status.study,
+            ctx=ctx,
+        )
+    ]
+
+
+def build_cards(statuses: list[StudyStatus], ctx: CardContext) -> list[dict[str, Any]]:
+    cards: list[dict[str, Any]] = []
+    for status in statuses:
+        cards.extend(cards_for_study(status, ctx))
+    return cards
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,231 @@
+"""The CDS services: discovery entries and the hook handler (no Flask; called by web/)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cds_service.config import Settings, TrustedIssuer
+from cds_service.errors import BadRequest, NotFound, PreconditionFailed
+from cds_service.fhir import imaging_study
+from cds_service.fhir.client import FhirClient
+from cds_service.fhir.prefetch import (
+    PREFETCH_KEY,
+    PREFETCH_QUERY,
+    DataUnavailable,
+    FhirAccess,
+    recent_chest_studies,
+    resolve_studies,
+)
+from cds_service.fhir_out.cards import CardContext, StudyStatus, build_cards, utcnow
+from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
+from cds_service.orders import chest_orders
+from cds_service.results import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CdsServiceDefinition:
+    id: str
+    hook: str
+    title: str
+    description: str
+
+    def discovery(self) -> dict[str, Any]:
+        return {
+            "hook": self.hook,
+            "id": self.id,
+            "title": self.title,
+            "description": self.description,
+            "prefetch": {PREFETCH_KEY: PREFETCH_QUERY},
+            "usageRequirements": (
+                "Send fhirAuthorization with patient/ImagingStudy.rs (or .read) access, or the "
+                f"'{PREFETCH_KEY}' prefetch. AI output is preliminary and needs review."
+            ),
+        }
+
+
+SERVICES: dict[str, CdsServiceDefinition] = {
+    s.id: s
+    for s in (
+        CdsServiceDefinition(
+            id="cxr-ai-patient-view",
+            hook="patient-view",
+            title="AI findings on recent chest radiographs",
+            description=(
+                "Flags major findings (pneumothorax, effusion, consolidation, ...) that an AI "
+                "model reported on the patient's recent chest radiographs. Preliminary, "
+                "AI-generated, not reviewed by a radiologist."
+            ),
+        ),
+        CdsServiceDefinition(
+            id="cxr-ai-order-select",
+            hook="order-select",
+            title="AI findings on prior chest radiographs when a chest X-ray is ordered",
+            description=(
+                "When a chest radiograph order is selected, shows AI-flagged findings on the "
+                "patient's recent prior chest radiographs. Preliminary, AI-generated."
+            ),
+        ),
+        CdsServiceDefinition(
+            id="cxr-ai-order-sign",
+            hook="order-sign",
+            title="AI findings on prior chest radiographs when a chest X-ray order is signed",
+            description=(
+                "When a chest radiograph order is signed, shows AI-flagged findings on the "
+                "patient's recent prior chest radiographs. Preliminary, AI-generated."
+            ),
+        ),
+    )
+}
+
+
+def discovery_document() -> dict[str, Any]:
+    return {"services": [service.discovery() for service in SERVICES.values()]}
+
+
+def _require_str(obj: dict[str, Any], name: str, where: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{where}.{name} must be a non-empty string")
+    return value
+
+
+class HookHandler:
+    """Turns one verified hook request into a CDS Hooks response."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SqliteStore,
+        model: ModelInfo,
+        client_factory: Callable[[FhirAccess], FhirClient] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.model = model
+        self._client_factory = client_factory or self._default_client
+
+    def _default_client(self, access: FhirAccess) -> FhirClient:
+        return FhirClient(
+            access.fhir_server,
+            access.access_token,
+            timeout=(self.settings.fhir_connect_timeout_s, self.settings.fhir_read_timeout_s),
+        )
+
+    def handle(
+        self, service_id: str, body: Any, issuer: TrustedIssuer | None
+    ) -> dict[str, Any]:
+        service = SERVICES.get(service_id)
+        if service is None:
+            raise NotFound(f"no CDS service with id {service_id!r}")
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        hook = _require_str(body, "hook", "request")
+        if hook != service.hook:
+            raise BadRequest(f"service {service.id} answers the {service.hook} hook, not {hook}")
+        _require_str(body, "hookInstance", "request")
+        context = body.get("context")
+        if not isinstance(context, dict):
+            raise BadRequest("request.context must be an object")
+        patient_id = _require_str(context, "patientId", "context")
+        _require_str(context, "userId", "context")
+        prefix = ""
+        if service.hook in ("order-select", "order-sign"):
+            if not chest_orders(context):
+                return {"cards": []}  # not a chest radiograph order: no guidance
+            prefix = "Prior "
+        access = self._fhir_access(body, issuer)
+        try:
+            studies = resolve_studies(
+                body.get("prefetch"),
+                patient_id,
+                access,
+                self._client_factory,
+                max_pages=self.settings.max_prefetch_pages,
+            )
+        except DataUnavailable as exc:
+            log.info("hook %s: studies unavailable: %s", service.id, exc)
+            if self.settings.on_missing_data == "no-card":
+                return {"cards": []}
+            raise PreconditionFailed(
+                f"could not obtain the '{PREFETCH_KEY}' prefetch: send it, or send fhirServer "
+                "with fhirAuthorization for a FHIR server this service is allowed to query"
+            ) from exc
+        recent = recent_chest_studies(
+            studies,
+            patient_id,
+            lookback_days=self.settings.lookback_days,
+            limit=self.settings.max_studies,
+        )
+        statuses = self._statuses(recent, body.get("fhirServer"))
+        ctx = CardContext(
+            model=self.model,
+            smart_launch_url=self.settings.smart_launch_url(),
+            now=utcnow(),
+            summary_prefix=prefix,
+        )
+        return {"cards": build_cards(statuses, ctx)}
+
+    def _fhir_access(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> FhirAccess | None:
+        server = body.get("fhirServer")
+        auth = body.get("fhirAuthorization")
+        if not isinstance(server, str) or not isinstance(auth, dict):
+            return None
+        token = auth.get("access_token")
+        if not isinstance(token, str) or not token:
+            return None
+        if str(auth.get("token_type", "Bearer")).lower() != "bearer":
+            return None
+        if issuer is None:
+            # Only reachable with authentication off, which only development mode allows.
+            if self.settings.mode != "development":
+                return None
+        elif not issuer.allows_fhir_server(server):
+            # A disallowed fhirServer causes no outbound request at all (SSRF guard).
+            log.warning("fhirServer not allowed for issuer %s; not contacting it", issuer.iss)
+            return None
+        return FhirAccess(fhir_server=server, access_token=token)
+
+    def _statuses(self, studies: list[dict[str, Any]], fhir_server: Any) -> list[StudyStatus]:
+        statuses = [self._status(study, fhir_server) for study in studies]
+        budget = self.settings.hook_wait_ms / 1000.0
+        if budget > 0 and any(s.state == "in-progress" for s in statuses):
+            deadline = time.monotonic() + budget
+            while time.monotonic() < deadline and any(s.state == "in-progress" for s in statuses):
+                time.sleep(0.02)
+                statuses = [
+                    self._status(s.study, fhir_server, enqueue=False)
+                    if s.state == "in-progress"
+                    else s
+                    for s in statuses
+                ]
+        return statuses
+
+    def _status(self, study: dict[str, Any], fhir_server: Any, enqueue: bool = True) -> StudyStatus:
+        uid = imaging_study.study_uid(study)
+        if uid is None:
+            return StudyStatus(
+                study=study, state="not-analysed", reason="no DICOM Study Instance UID in the study"
+            )
+        result = self.store.get_result(uid, self.model)
+        if result is not None:
+            state = "completed" if result.status == "completed" else "not-analysed"
+            return StudyStatus(study=study, state=state, result=result)
+        if self.store.job_state(uid, self.model) is not None:
+            return StudyStatus(study=study, state="in-progress")
+        if enqueue and self.settings.enqueue_on_miss:
+            server = fhir_server if isinstance(fhir_server, str) else None
+            try:
+                self.store.enqueue(uid, self.model, study, server)
+            except QueueFull:
+                log.warning("analysis queue full; study not queued")
+                return StudyStatus(
+                    study=study, state="not-analysed", reason="analysis queue full, try later"
+                )
+            return StudyStatus(study=study, state="in-progress")
+        return StudyStatus(study=study, state="not-analysed", reason="not yet analysed")

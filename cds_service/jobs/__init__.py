@@ -1,0 +1,1 @@
+"""Durable jobs and results: SQLite by default (Celery + Redis + PostgreSQL when scaled out)."""

@@ -1,0 +1,249 @@
+"""Durable job queue, result store, JWT replay cache and feedback log in one SQLite (WAL) file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cds_service.results import AnalysisResult, ModelInfo
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jwt_jti (
+    iss TEXT NOT NULL, jti TEXT NOT NULL, expires_at INTEGER NOT NULL,
+    PRIMARY KEY (iss, jti)
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    fingerprint TEXT PRIMARY KEY, service_id TEXT NOT NULL, card_uuid TEXT NOT NULL,
+    outcome TEXT NOT NULL, body TEXT NOT NULL, received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    fhir_server TEXT, study_resource TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+-- At most one live job per study and model version: enqueueing twice is a no-op.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_live ON jobs (study_uid, model_id, model_version)
+    WHERE status IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS results (
+    study_uid TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    status TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (study_uid, model_id, model_version)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    model: ModelInfo
+    fhir_server: str | None
+    study_resource: dict[str, Any]
+    attempts: int
+
+
+class SqliteStore:
+    """All durable state of the embedded deployment. Safe across threads and processes."""
+
+    def __init__(self, path: str | Path, max_queue: int = 10_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_queue = max_queue
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- JWT replay cache -------------------------------------------------------------------
+    def remember_jti(self, iss: str, jti: str, expires_at: int) -> bool:
+        """Record a token id; False when it was seen before (a replay)."""
+        now = int(time.time())
+        with self._tx() as conn:
+            # Purge entries long expired (exp plus a generous skew) so the table stays small.
+            conn.execute("DELETE FROM jwt_jti WHERE expires_at < ?", (now - 600,))
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO jwt_jti (iss, jti, expires_at) VALUES (?, ?, ?)",
+                (iss, jti, max(expires_at, now)),
+            )
+            return cursor.rowcount == 1
+
+    # -- feedback ---------------------------------------------------------------------------
+    def store_feedback(self, service_id: str, item: dict[str, Any]) -> bool:
+        """Store one feedback item; False when the identical item was stored before."""
+        body = json.dumps(item, sort_keys=True, separators=(",", ":"))
+        fingerprint = hashlib.sha256(f"{service_id}\n{body}".encode()).hexdigest()
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                (fingerprint, service_id, item["card"], item["outcome"], body, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    def feedback_count(self, service_id: str | None = None) -> int:
+        if service_id is None:
+            row = self._conn().execute("SELECT count(*) FROM feedback").fetchone()
+        else:
+            row = self._conn().execute(
+                "SELECT count(*) FROM feedback WHERE service_id = ?", (service_id,)
+            ).fetchone()
+        return int(row[0])
+
+    # -- results ----------------------------------------------------------------------------
+    def put_result(self, result: AnalysisResult) -> None:
+        with self._tx() as conn:
+            _insert_result(conn, result)
+
+    def get_result(self, study_uid: str, model: ModelInfo) -> AnalysisResult | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT body FROM results WHERE study_uid = ? AND model_id = ? AND model_version = ?",
+                (study_uid, model.model_id, model.version),
+            )
+            .fetchone()
+        )
+        return AnalysisResult.from_json(row[0]) if row else None
+
+    # -- job queue --------------------------------------------------------------------------
+    def enqueue(
+        self,
+        study_uid: str,
+        model: ModelInfo,
+        study_resource: dict[str, Any],
+        fhir_server: str | None,
+    ) -> bool:
+        """Queue an analysis; False when one is already queued/running for this study+model."""
+        now = time.time()
+        with self._tx() as conn:
+            depth = conn.execute(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+            ).fetchone()[0]
+            if depth >= self.max_queue:
+                raise QueueFull(f"analysis queue holds {depth} jobs (limit {self.max_queue})")
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO jobs (study_uid, model_id, model_version, fhir_server, "
+                "study_resource, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (
+                    study_uid,
+                    model.model_id,
+                    model.version,
+                    fhir_server,
+                    json.dumps(study_resource),
+                    now,
+                    now,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def job_state(self, study_uid: str, model: ModelInfo) -> str | None:
+        """'queued' or 'running' when a live job exists, else None."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT status FROM jobs WHERE study_uid = ? AND model_id = ? AND model_version = ?"
+                " AND status IN ('queued', 'running')",
+                (study_uid, model.model_id, model.version),
+            )
+            .fetchone()
+        )
+        return str(row[0]) if row else None
+
+    def claim(self, model: ModelInfo, stale_after_s: float = 600.0) -> Job | None:
+        """Take the oldest queued job (or one whose worker died mid-run) for this model."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT id, study_uid, fhir_server, study_resource, attempts FROM jobs "
+                "WHERE model_id = ? AND model_version = ? AND "
+                "(status = 'queued' OR (status = 'running' AND updated_at < ?)) "
+                "ORDER BY id LIMIT 1",
+                (model.model_id, model.version, now - stale_after_s),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ? "
+                "WHERE id = ?",
+                (now, row[0]),
+            )
+        return Job(
+            id=row[0],
+            study_uid=row[1],
+            model=model,
+            fhir_server=row[2],
+            study_resource=json.loads(row[3]),
+            attempts=row[4] + 1,
+        )
+
+    def finish(self, job: Job, result: AnalysisResult) -> None:
+        """Store the result and close the job in one transaction (no lost or double result)."""
+        with self._tx() as conn:
+            _insert_result(conn, result)
+            conn.execute(
+                "UPDATE jobs SET status = 'done', updated_at = ? WHERE id = ?",
+                (time.time(), job.id),
+            )
+
+    def fail(self, job: Job, error: str, retry: bool) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                ("queued" if retry else "failed", error[:500], time.time(), job.id),
+            )
+
+    def queue_depth(self) -> int:
+        row = (
+            self._conn()
+            .execute("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+            .fetchone()
+        )
+        return int(row[0])
+
+
+def _insert_result(conn: sqlite3.Connection, result: AnalysisResult) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            result.study_uid,
+            result.model.model_id,
+            result.model.version,
+            result.status,
+            result.to_json(),
+            time.time(),
+        ),
+    )
+
+
+class QueueFull(Exception):
+    """The analysis queue is at its limit; the caller gets 'in progress' later, not a crash."""

@@ -1,0 +1,65 @@
+"""The inference worker: drains the job queue through one backend; a crash loses no job."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from cds_service.inference.base import Backend
+from cds_service.jobs.sqlite_store import Job, SqliteStore
+from cds_service.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+
+
+def process_one(store: SqliteStore, backend: Backend) -> bool:
+    """Run the oldest queued job; False when the queue was empty."""
+    job = store.claim(backend.model)
+    if job is None:
+        return False
+    try:
+        result = backend.analyse(job.study_uid, job.study_resource)
+    except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
+        _record_failure(store, job, exc)
+        return True
+    store.finish(job, result)
+    log.info("analysed job %s (%s)", job.id, result.status)
+    return True
+
+
+def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
+    retry = job.attempts < MAX_ATTEMPTS
+    log.warning("job %s attempt %s failed: %s", job.id, job.attempts, type(exc).__name__)
+    store.fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
+    if not retry:
+        store.finish(
+            job,
+            AnalysisResult(
+                study_uid=job.study_uid,
+                model=job.model,
+                status="failed",
+                reason="analysis failed after repeated errors",
+                analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            ),
+        )
+
+
+def drain(store: SqliteStore, backend: Backend) -> int:
+    """Process jobs until the queue is empty; returns how many were processed."""
+    count = 0
+    while process_one(store, backend):
+        count += 1
+    return count
+
+
+def run_forever(
+    store: SqliteStore, backend: Backend, stop: threading.Event, poll_s: float = 0.2
+) -> None:
+    log.info("inference worker started for %s", backend.model.label)
+    while not stop.is_set():
+        if not process_one(store, backend):
+            stop.wait(poll_s)
+    log.info("inference worker stopped")
+

@@ -1,0 +1,1 @@
+"""Authentication of CDS clients."""

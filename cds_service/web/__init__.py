@@ -1,0 +1,1 @@
+"""Flask blueprints: CDS Hooks endpoints, health. The only service package that imports Flask."""

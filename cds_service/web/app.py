@@ -1,0 +1,105 @@
+"""Application factory for the CDS service (and the SMART app mounted beside it)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from cds_service.config import Settings
+from cds_service.errors import CdsServiceError, Unauthorized
+from cds_service.hooks import HookHandler
+from cds_service.inference.registry import model_info
+from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.security.client_jwt import ClientJwtVerifier
+from cds_service.web.cds_hooks import create_cds_blueprint
+
+log = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def _error_body(status: int, code: str, description: str) -> Response:
+    response = jsonify({"error": code, "error_description": description})
+    response.status_code = status
+    return response
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: SqliteStore | None = None,
+    handler: HookHandler | None = None,
+    verifier: ClientJwtVerifier | None = None,
+) -> Flask:
+    """Build the WSGI app. Tests pass their own settings; production reads the environment."""
+    settings = settings or Settings.from_env()
+    store = store or SqliteStore(settings.database)
+    handler = handler or HookHandler(settings, store, model_info(settings))
+    if settings.auth_enabled:
+        verifier = verifier or ClientJwtVerifier(
+            settings.trusted_issuers, store, leeway_s=settings.jwt_leeway_s
+        )
+    else:
+        verifier = None
+        log.warning("AUTHENTICATION IS OFF (CXR_CDS_AUTH=off, development mode): any caller is "
+                    "trusted. Never run this way with real patient data.")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["cxr_cds"] = {"settings": settings, "store": store, "handler": handler}
+    app.register_blueprint(create_cds_blueprint(settings, handler, store, verifier))
+
+    from smart_app.web import create_smart_blueprint
+
+    app.register_blueprint(create_smart_blueprint(), url_prefix="/app")
+
+    @app.get("/healthz")
+    def health() -> Response:
+        return jsonify(
+            {
+                "status": "ok",
+                "model": handler.model.label,
+                "simulated": handler.model.simulated,
+                "queueDepth": store.queue_depth(),
+            }
+        )
+
+    @app.after_request
+    def cors(response: Response) -> Response:
+        # CDS Hooks 2.0: browser-based clients need CORS on every endpoint.
+        origin = request.headers.get("Origin")
+        response.headers["Access-Control-Allow-Origin"] = origin or "*"
+        if origin:
+            response.headers.add("Vary", "Origin")
+        for name, value in CORS_HEADERS.items():
+            response.headers[name] = value
+        return response
+
+    @app.errorhandler(CdsServiceError)
+    def service_error(exc: CdsServiceError) -> Response:
+        if isinstance(exc, Unauthorized):
+            return _error_body(401, exc.code, "unauthorized")  # no detail to the caller
+        return _error_body(exc.status, exc.code, exc.description)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _error_body(exc.code or 500, (exc.name or "error").lower().replace(" ", "-"),
+                           exc.description or "")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _error_body(500, "internal-error", "internal error; see the service log")
+
+    return app
+
+
+def app_config(app: Flask) -> dict[str, Any]:
+    return dict(app.extensions["cxr_cds"])

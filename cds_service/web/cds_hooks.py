@@ -1,0 +1,82 @@
+"""CDS Hooks 2.0 endpoints: discovery, one endpoint per service, feedback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from cds_service.config import Settings, TrustedIssuer
+from cds_service.errors import BadRequest, NotFound
+from cds_service.hooks import SERVICES, HookHandler, discovery_document
+from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.security.client_jwt import ClientJwtVerifier
+
+FEEDBACK_OUTCOMES = frozenset({"accepted", "overridden"})
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        raise BadRequest("Content-Type must be application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("the request body is not valid JSON")
+    return body
+
+
+def _validate_feedback(body: Any) -> list[dict[str, Any]]:
+    items = body.get("feedback") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise BadRequest("feedback must be a non-empty array")
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequest("each feedback item must be an object")
+        if not isinstance(item.get("card"), str) or not item["card"]:
+            raise BadRequest("feedback.card must be the card's uuid")
+        if item.get("outcome") not in FEEDBACK_OUTCOMES:
+            raise BadRequest("feedback.outcome must be 'accepted' or 'overridden'")
+        if not isinstance(item.get("outcomeTimestamp"), str):
+            raise BadRequest("feedback.outcomeTimestamp must be an instant")
+    return items
+
+
+def create_cds_blueprint(
+    settings: Settings,
+    handler: HookHandler,
+    store: SqliteStore,
+    verifier: ClientJwtVerifier | None,
+) -> Blueprint:
+    bp = Blueprint("cds_hooks", __name__)
+
+    def authenticate() -> TrustedIssuer | None:
+        if verifier is None:
+            return None
+        # aud must be exactly the URL called (CDS Hooks 2.0 security).
+        audience = settings.public_url + request.path
+        return verifier.verify(request.headers.get("Authorization"), audience).issuer
+
+    @bp.route("/cds-services", methods=["GET", "OPTIONS"])
+    def discovery() -> Response:
+        return jsonify(discovery_document())
+
+    @bp.route("/cds-services/<service_id>", methods=["POST", "OPTIONS"])
+    def call_service(service_id: str) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204)
+        if service_id not in SERVICES:
+            raise NotFound(f"no CDS service with id {service_id!r}")
+        issuer = authenticate()
+        return jsonify(handler.handle(service_id, _json_body(), issuer))
+
+    @bp.route("/cds-services/<service_id>/feedback", methods=["POST", "OPTIONS"])
+    def feedback(service_id: str) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204)
+        if service_id not in SERVICES:
+            raise NotFound(f"no CDS service with id {service_id!r}")
+        authenticate()
+        items = _validate_feedback(_json_body())
+        stored = sum(store.store_feedback(service_id, item) for item in items)
+        return jsonify({"stored": stored, "duplicates": len(items) - stored})
+
+    return bp

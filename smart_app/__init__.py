@@ -1,0 +1,1 @@
+"""SMART on FHIR app: the clinician's viewer for AI chest radiograph results."""

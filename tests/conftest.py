@@ -1,0 +1,151 @@
+"""Shared fixtures: a seeded EHR sandbox and the CDS service, both on real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from cds_service.config import Settings, TrustedIssuer
+from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.web.app import create_app
+from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
+from ehr_sandbox.app import create_app as create_sandbox_app
+from ehr_sandbox.cds_client import CdsHooksClient
+from ehr_sandbox.seed import seed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    def __init__(self, app: Any, port: int) -> None:
+        self.server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class SandboxHandle:
+    base: str
+    sandbox: Sandbox
+    studies: list[dict[str, Any]]
+
+    @property
+    def fhir(self) -> str:
+        return f"{self.base}/fhir"
+
+    def token(self, patient: str = "cxr-demo-1") -> str:
+        return self.sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", patient).token
+
+    def authorization(self, patient: str = "cxr-demo-1") -> dict[str, Any]:
+        return {
+            "access_token": self.token(patient),
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/ImagingStudy.rs",
+            "subject": SANDBOX_CLIENT_ID,
+            "patient": patient,
+        }
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHandle]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    data_dir = tmp_path_factory.mktemp("sandbox")
+    box = Sandbox.open(SandboxSettings(data_dir=data_dir, base_url=base))
+    studies = seed(box.store)
+    server = ServerThread(create_sandbox_app(sandbox=box), port)
+    yield SandboxHandle(base=base, sandbox=box, studies=studies)
+    server.stop()
+
+
+@dataclass
+class ServiceHandle:
+    base: str
+    settings: Settings
+    store: SqliteStore
+    client: CdsHooksClient
+
+    def url(self, service_id: str) -> str:
+        return f"{self.base}/cds-services/{service_id}"
+
+
+def make_service(
+    tmp_path: Path,
+    sandbox: SandboxHandle,
+    extra_fhir_servers: tuple[str, ...] = (),
+    **overrides: Any,
+) -> tuple[ServiceHandle, ServerThread]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    issuer = TrustedIssuer(
+        iss=sandbox.base,
+        jwks=sandbox.sandbox.key.public_jwks(),
+        fhir_servers=(sandbox.fhir, *extra_fhir_servers),
+    )
+    fields: dict[str, Any] = {
+        "mode": "demo",
+        "public_url": base,
+        "trusted_issuers": (issuer,),
+        "database": tmp_path / "cds.sqlite3",
+    }
+    fields.update(overrides)
+    settings = Settings(**fields).validated()
+    store = SqliteStore(settings.database)
+    server = ServerThread(create_app(settings, store=store), port)
+    client = CdsHooksClient(sandbox.base, sandbox.sandbox.key)
+    return ServiceHandle(base=base, settings=settings, store=store, client=client), server
+
+
+@pytest.fixture
+def service(tmp_path: Path, sandbox: SandboxHandle) -> Iterator[ServiceHandle]:
+    handle, server = make_service(tmp_path, sandbox)
+    yield handle
+    server.stop()
+
+
+def sign(
+    key: ECKey | Any,
+    claims: dict[str, Any],
+    header: dict[str, Any] | None = None,
+    alg: str = "ES384",
+) -> str:
+    return jwt.encode(header or {"alg": alg, "typ": "JWT", "kid": key.kid}, claims, key,
+                      algorithms=[alg])
+
+
+def claims_for(iss: str, aud: str, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"iss": iss, "aud": aud, "exp": now + 300, "iat": now,
+                              "jti": str(uuid.uuid4())}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def patient_view_body(patient: str = "cxr-demo-1", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/example", "patientId": patient},
+    }
+    body.update(extra)
+    return body

@@ -1,0 +1,78 @@
+"""Recognising chest radiograph orders by code and text, liberal about loose bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service.orders import chest_orders, draft_order_resources, is_chest_radiograph_order
+
+DATA = Path(__file__).parent / "data" / "cds-hooks"
+
+
+def order(system: str | None = None, code: str | None = None, text: str | None = None) -> dict[str, Any]:
+    concept: dict[str, Any] = {}
+    if code:
+        concept["coding"] = [{"system": system, "code": code}]
+    if text:
+        concept["text"] = text
+    return {"resourceType": "ServiceRequest", "id": "o", "code": concept}
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        order("http://loinc.org", "36643-5"),
+        order("http://loinc.org", "36554-4"),
+        order("http://www.ama-assn.org/go/cpt", "71046"),
+        order("urn:oid:2.16.840.1.113883.6.12", "71045"),
+        order("http://snomed.info/sct", "399208008"),
+        order(text="Chest X-ray PA and lateral"),
+        order(text="XR CHEST 1 VIEW"),
+        order(text="Portable CXR"),
+        order(text="Radiograph of thorax"),
+    ],
+)
+def test_chest_radiograph_orders_are_recognised(resource: dict[str, Any]) -> None:
+    assert is_chest_radiograph_order(resource)
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        order("http://www.ama-assn.org/go/cpt", "73030", "Shoulder x-ray"),
+        order("http://loinc.org", "24627-2", "CT Chest"),
+        order(text="CT chest without contrast"),
+        order(text="Knee X-ray"),
+        order("http://snomed.info/sct", "71045"),  # a CPT code under the wrong system
+        {"resourceType": "MedicationRequest", "id": "m"},
+    ],
+)
+def test_other_orders_are_not(resource: dict[str, Any]) -> None:
+    assert not is_chest_radiograph_order(resource)
+
+
+def test_loose_shapes_of_draft_orders() -> None:
+    cxr = order("http://loinc.org", "36643-5")
+    assert draft_order_resources({"resourceType": "Bundle", "entry": [{"resource": cxr}]}) == [cxr]
+    assert draft_order_resources([{"resource": cxr}]) == [cxr]
+    assert draft_order_resources(cxr) == [cxr]
+    assert draft_order_resources("junk") == []
+    assert draft_order_resources({"resourceType": "Bundle", "entry": [None, {"x": 1}]}) == []
+
+
+def test_selections_narrow_the_orders() -> None:
+    cxr = {**order("http://loinc.org", "36643-5"), "id": "a"}
+    knee = {**order(text="Knee X-ray"), "id": "b"}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": cxr}, {"resource": knee}]}
+    assert chest_orders({"draftOrders": bundle, "selections": ["ServiceRequest/b"]}) == []
+    assert chest_orders({"draftOrders": bundle, "selections": ["ServiceRequest/a"]}) == [cxr]
+
+
+def test_spec_example_order_select_has_no_chest_order() -> None:
+    """The CDS Hooks spec's order-select example (diet + medication) is not a chest order."""
+    request = json.loads((DATA / "order-select-request-R4.json").read_text())
+    assert chest_orders(request["context"]) == []
