@@ -121,42 +121,83 @@ def main() -> int:
     cli = [sys.executable, "-m", "cds_service.cli"]
     procs = []
     try:
-        procs.append(subprocess.Popen(
-            [*cli, "sandbox", "--port", str(sandbox_port), "--data-dir", str(work / "sandbox")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [*cli, "sandbox", "--port", str(sandbox_port), "--data-dir", str(work / "sandbox")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        )
         wait_http(f"{sandbox_base}/fhir/metadata")
         key = SigningKey.load_or_create(work / "sandbox" / "cds-client-key.jwk.json")
         issuers = work / "issuers.json"
-        issuers.write_text(json.dumps([{"iss": sandbox_base, "jwks": key.public_jwks(),
-                                        "fhir_servers": [f"{sandbox_base}/fhir"]}]))
-        env = {**os.environ, "CXR_CDS_MODE": "demo", "CXR_CDS_PUBLIC_URL": service_base,
-               "CXR_CDS_TRUSTED_ISSUERS": str(issuers), "CXR_CDS_DB": str(work / "cds.sqlite3")}
+        issuers.write_text(
+            json.dumps(
+                [
+                    {
+                        "iss": sandbox_base,
+                        "jwks": key.public_jwks(),
+                        "fhir_servers": [f"{sandbox_base}/fhir"],
+                    }
+                ]
+            )
+        )
+        env = {
+            **os.environ,
+            "CXR_CDS_MODE": "demo",
+            "CXR_CDS_PUBLIC_URL": service_base,
+            "CXR_CDS_TRUSTED_ISSUERS": str(issuers),
+            "CXR_CDS_DB": str(work / "cds.sqlite3"),
+        }
         # Precompute results for every seeded study (what the worker would have done).
         store = SqliteStore(work / "cds.sqlite3")
         backend = SimulatedBackend()
-        bundle = requests.get(f"{sandbox_base}/fhir/ImagingStudy", params={"_count": "100"},
-                              timeout=10).json()
+        bundle = requests.get(
+            f"{sandbox_base}/fhir/ImagingStudy", params={"_count": "100"}, timeout=10
+        ).json()
         for entry in bundle.get("entry", []):
             study = entry["resource"]
             uid = imaging_study.study_uid(study)
             if uid:
                 store.put_result(backend.analyse(uid, study))
-        procs.append(subprocess.Popen(
-            [*cli, "serve", "--port", str(service_port), "--workers", str(args.workers),
-             "--no-worker"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    *cli,
+                    "serve",
+                    "--port",
+                    str(service_port),
+                    "--workers",
+                    str(args.workers),
+                    "--no-worker",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        )
         wait_http(f"{service_base}/cds-services")
 
-        token = TokenStore(work / "sandbox" / "ehr.sqlite3").issue(
-            "bench", "patient/ImagingStudy.rs", PATIENT, lifetime_s=3600).token
-        authorization = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
-                         "scope": "patient/ImagingStudy.rs", "subject": "bench"}
+        token = (
+            TokenStore(work / "sandbox" / "ehr.sqlite3")
+            .issue("bench", "patient/ImagingStudy.rs", PATIENT, lifetime_s=3600)
+            .token
+        )
+        authorization = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "scope": "patient/ImagingStudy.rs",
+            "subject": "bench",
+        }
         client = CdsHooksClient(sandbox_base, key)
         service = next(s for s in client.discover(service_base) if s["id"] == SERVICE_ID)
         context = hook_context("patient-view", PATIENT, "Practitioner/example")
-        with_prefetch = client.build_request(service, context, f"{sandbox_base}/fhir", authorization)
+        with_prefetch = client.build_request(
+            service, context, f"{sandbox_base}/fhir", authorization
+        )
         without_prefetch = {k: v for k, v in with_prefetch.items() if k != "prefetch"}
         url = f"{service_base}/cds-services/{SERVICE_ID}"
         check = client.call(service_base, SERVICE_ID, with_prefetch)
@@ -172,8 +213,9 @@ def main() -> int:
                 with lock:
                     jwt = next(iterator)
                 payload = {**body, "hookInstance": str(uuid.uuid4())}
-                return session.post(url, json=payload, timeout=10,
-                                    headers={"Authorization": f"Bearer {jwt}"})
+                return session.post(
+                    url, json=payload, timeout=10, headers={"Authorization": f"Bearer {jwt}"}
+                )
 
             return send
 
@@ -185,10 +227,15 @@ def main() -> int:
             ("patient-view, prefetch sent", lambda: hook(with_prefetch)),
             ("patient-view, service fetches FHIR", lambda: hook(without_prefetch)),
         ]
-        print(f"# hooks benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"gunicorn workers={args.workers} threads=4, {args.requests} requests/scenario")
-        print("| scenario | clients | p50 ms | p95 ms | p99 ms | req/s | errors | p95 / discovery p95 |")
+        print(
+            f"# hooks benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"gunicorn workers={args.workers} threads=4, {args.requests} requests/scenario"
+        )
+        print(
+            "| scenario | clients | p50 ms | p95 ms | p99 ms | req/s | errors "
+            "| p95 / discovery p95 |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         baseline: dict[int, float] = {}
         for clients in (1, 8):
@@ -200,9 +247,11 @@ def main() -> int:
                 if name.startswith("discovery"):
                     baseline[clients] = stats["p95"]
                 ratio = stats["p95"] / baseline[clients]
-                print(f"| {name} | {clients} | {stats['p50']:.1f} | {stats['p95']:.1f} | "
-                      f"{stats['p99']:.1f} | {stats['rps']:.0f} | {int(stats['errors'])} | "
-                      f"{ratio:.1f}x |")
+                print(
+                    f"| {name} | {clients} | {stats['p50']:.1f} | {stats['p95']:.1f} | "
+                    f"{stats['p99']:.1f} | {stats['rps']:.0f} | {int(stats['errors'])} | "
+                    f"{ratio:.1f}x |"
+                )
     finally:
         for proc in procs:
             proc.terminate()

@@ -120,7 +120,9 @@ def cmd_hook(args: argparse.Namespace) -> int:
         if sandbox_settings.database.exists():
             token = (
                 TokenStore(sandbox_settings.database)
-                .issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs patient/Patient.rs", args.patient)
+                .issue(
+                    SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs patient/Patient.rs", args.patient
+                )
                 .token
             )
     if token and fhir:
@@ -135,7 +137,12 @@ def cmd_hook(args: argparse.Namespace) -> int:
     client = CdsHooksClient(issuer, key, jku=args.jku)
     try:
         calls = client.fire(
-            args.service, args.hook, context, fhir, authorization, with_prefetch=not args.no_prefetch
+            args.service,
+            args.hook,
+            context,
+            fhir,
+            authorization,
+            with_prefetch=not args.no_prefetch,
         )
     except CdsClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -144,8 +151,12 @@ def cmd_hook(args: argparse.Namespace) -> int:
         print(f"error: {args.service} offers no service for {args.hook}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([{"url": c.service_url, "status": c.status, "response": c.response}
-                          for c in calls], indent=2))
+        print(
+            json.dumps(
+                [{"url": c.service_url, "status": c.status, "response": c.response} for c in calls],
+                indent=2,
+            )
+        )
     else:
         for call in calls:
             print_cards(call.service_url, call.status, call.response)
@@ -203,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.set_defaults(func=cmd_sandbox)
 
     hook = sub.add_parser("hook", help="fire a CDS hook at any CDS service, as an EHR would")
-    hook.add_argument("--service", required=True, help="CDS service base URL (before /cds-services)")
-    hook.add_argument("--hook", required=True, choices=["patient-view", "order-select", "order-sign"])
+    hook.add_argument(
+        "--service", required=True, help="CDS service base URL (before /cds-services)"
+    )
+    hook.add_argument(
+        "--hook", required=True, choices=["patient-view", "order-select", "order-sign"]
+    )
     hook.add_argument("--patient", required=True, help="Patient id")
     hook.add_argument("--fhir", help="FHIR base URL sent as fhirServer and used for prefetch")
     hook.add_argument("--order-code", help="draft order code: LOINC, CPT or SNOMED CT")
@@ -214,8 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--jku", help="jku header to put in the JWT")
     hook.add_argument("--key", default="var/sandbox/cds-client-key.jwk.json", help="ES384 JWK file")
     hook.add_argument("--access-token", help="FHIR access token sent in fhirAuthorization")
-    hook.add_argument("--sandbox-dir", default="var/sandbox",
-                      help="mint an access token from this local sandbox when none is given")
+    hook.add_argument(
+        "--sandbox-dir",
+        default="var/sandbox",
+        help="mint an access token from this local sandbox when none is given",
+    )
     hook.add_argument("--no-prefetch", action="store_true")
     hook.add_argument("--json", action="store_true")
     hook.set_defaults(func=cmd_hook)
@@ -236,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # werkzeug's access log prints query strings (patient ids): keep it off INFO.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except ConfigurationError as exc:

@@ -47,7 +47,9 @@ class TrustedIssuer:
             raise ConfigurationError(
                 f"trusted issuer {item['iss']!r}: give exactly one of 'jwks' or 'jwks_url'"
             )
-        if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
+        if jwks is not None and not (
+            isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)
+        ):
             raise ConfigurationError(f"trusted issuer {item['iss']!r}: 'jwks' must be a JWK Set")
         allowed_jku = item.get("allowed_jku", [])
         fhir_servers = item.get("fhir_servers", [])
@@ -146,7 +148,8 @@ class Settings:
                 insecure = [u for u in issuer.fhir_servers if not u.startswith("https://")]
                 if insecure or (issuer.jwks_url and not issuer.jwks_url.startswith("https://")):
                     raise ConfigurationError(
-                        f"issuer {issuer.iss!r}: http:// FHIR or JWKS URLs are refused in production"
+                        f"issuer {issuer.iss!r}: http:// FHIR or JWKS URLs are refused in "
+                        "production"
                     )
         if self.lookback_days < 1 or self.max_studies < 1 or self.max_prefetch_pages < 1:
             raise ConfigurationError("lookback_days, max_studies, max_prefetch_pages must be >= 1")

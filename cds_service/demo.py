@@ -1,4 +1,4 @@
-"""`cxr-cds demo`: sandbox + service on localhost, seeded studies analysed, a patient-view hook fired."""
+"""`cxr-cds demo`: sandbox and service on localhost, seeded studies analysed, a hook fired."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def run_demo(
     service_base = f"http://{host}:{service_port}"
     sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", base_url=sandbox_base))
     studies = seed(sandbox.store)
-    sandbox_server = make_server(host, sandbox_port, create_sandbox_app(sandbox=sandbox), threaded=True)
+    sandbox_server = make_server(
+        host, sandbox_port, create_sandbox_app(sandbox=sandbox), threaded=True
+    )
     _serve(sandbox_server, "ehr-sandbox")
 
     # The demo trusts exactly one CDS client: the sandbox, with its JWKS inline.
@@ -56,8 +58,10 @@ def run_demo(
         iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(f"{sandbox_base}/fhir",)
     )
     (data_dir / "trusted-issuers.json").write_text(
-        json.dumps([{"iss": issuer.iss, "jwks": issuer.jwks, "fhir_servers": [f"{sandbox_base}/fhir"]}],
-                   indent=2),
+        json.dumps(
+            [{"iss": issuer.iss, "jwks": issuer.jwks, "fhir_servers": [f"{sandbox_base}/fhir"]}],
+            indent=2,
+        ),
         encoding="utf-8",
     )
     settings = Settings(
@@ -71,11 +75,14 @@ def run_demo(
     backend = load_backend(settings)
     if backend.model.simulated:
         _banner([SIMULATED_WARNING[i : i + 90] for i in range(0, len(SIMULATED_WARNING), 90)])
-    service_server = make_server(host, service_port, create_service_app(settings, store=store),
-                                 threaded=True)
+    service_server = make_server(
+        host, service_port, create_service_app(settings, store=store), threaded=True
+    )
     _serve(service_server, "cds-service")
     stop = threading.Event()
-    threading.Thread(target=run_forever, args=(store, backend, stop), name="worker", daemon=True).start()
+    threading.Thread(
+        target=run_forever, args=(store, backend, stop), name="worker", daemon=True
+    ).start()
 
     # Image arrival: each seeded study is queued for analysis, as a notification would do.
     pending = []
@@ -101,7 +108,9 @@ def run_demo(
     }
     client = CdsHooksClient(sandbox_base, sandbox.key)
     context = hook_context("patient-view", DEMO_PATIENT, "Practitioner/example")
-    calls = client.fire(service_base, "patient-view", context, f"{sandbox_base}/fhir", authorization)
+    calls = client.fire(
+        service_base, "patient-view", context, f"{sandbox_base}/fhir", authorization
+    )
     print(f"\npatient-view hook for Patient/{DEMO_PATIENT}:")
     for call in calls:
         print_cards(call.service_url, call.status, call.response)
@@ -109,9 +118,11 @@ def run_demo(
     print(f"CDS service discovery: {service_base}/cds-services")
     print(f"EHR sandbox FHIR base: {sandbox_base}/fhir")
     print(f"SMART app launch:      {service_base}/app/launch")
-    print("Fire another hook:     .venv/bin/cxr-cds hook --service "
-          f"{service_base} --hook patient-view --patient cxr-demo-2 --fhir {sandbox_base}/fhir "
-          f"--key {sandbox.settings.signing_key_file} --sandbox-dir {sandbox.settings.data_dir}")
+    print(
+        "Fire another hook:     .venv/bin/cxr-cds hook --service "
+        f"{service_base} --hook patient-view --patient cxr-demo-2 --fhir {sandbox_base}/fhir "
+        f"--key {sandbox.settings.signing_key_file} --sandbox-dir {sandbox.settings.data_dir}"
+    )
     ok = bool(calls) and all(call.status == 200 for call in calls)
     if keep_running:
         print("\nServers keep running; press Ctrl-C to stop.")

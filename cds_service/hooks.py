@@ -117,9 +117,7 @@ class HookHandler:
             timeout=(self.settings.fhir_connect_timeout_s, self.settings.fhir_read_timeout_s),
         )
 
-    def handle(
-        self, service_id: str, body: Any, issuer: TrustedIssuer | None
-    ) -> dict[str, Any]:
+    def handle(self, service_id: str, body: Any, issuer: TrustedIssuer | None) -> dict[str, Any]:
         service = SERVICES.get(service_id)
         if service is None:
             raise NotFound(f"no CDS service with id {service_id!r}")
@@ -214,8 +212,9 @@ class HookHandler:
             )
         result = self.store.get_result(uid, self.model)
         if result is not None:
-            state = "completed" if result.status == "completed" else "not-analysed"
-            return StudyStatus(study=study, state=state, result=result)
+            if result.status == "completed":
+                return StudyStatus(study=study, state="completed", result=result)
+            return StudyStatus(study=study, state="not-analysed", result=result)
         if self.store.job_state(uid, self.model) is not None:
             return StudyStatus(study=study, state="in-progress")
         if enqueue and self.settings.enqueue_on_miss:

@@ -1,4 +1,4 @@
-"""Decide whether a hook's draft orders include a chest radiograph order (codes first, then text)."""
+"""Decide whether a hook's draft orders include a chest radiograph order (codes, then text)."""
 
 from __future__ import annotations
 

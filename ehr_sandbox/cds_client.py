@@ -164,10 +164,10 @@ class CdsHooksClient:
                 continue
             if response.status_code == 404:
                 result[key] = None
-            elif response.status_code == 200 and isinstance(body, dict):
-                result[key] = body
-            elif isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-                result[key] = body
+            elif isinstance(body, dict) and (
+                response.status_code == 200 or body.get("resourceType") == "OperationOutcome"
+            ):
+                result[key] = body  # a result, or the error as an OperationOutcome
         return result
 
     def build_request(

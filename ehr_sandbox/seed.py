@@ -19,7 +19,10 @@ SEED_DIR = Path(__file__).parent / "seed" / "dicom"
 MRN_SYSTEM = "urn:cxr-cds:sandbox:mrn"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
-BODY_SITES = {"CHEST": ("51185008", "Thoracic structure"), "THORAX": ("51185008", "Thoracic structure")}
+BODY_SITES = {
+    "CHEST": ("51185008", "Thoracic structure"),
+    "THORAX": ("51185008", "Thoracic structure"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,27 @@ class SeedStudy:
 
 
 PATIENTS = (
-    {"id": "cxr-demo-1", "family": "Lindqvist", "given": "Ada", "gender": "female", "birthDate": "1951-03-14"},
-    {"id": "cxr-demo-2", "family": "Okafor", "given": "Ben", "gender": "male", "birthDate": "1968-11-02"},
-    {"id": "cxr-demo-3", "family": "Moreau", "given": "Cleo", "gender": "female", "birthDate": "1990-07-21"},
+    {
+        "id": "cxr-demo-1",
+        "family": "Lindqvist",
+        "given": "Ada",
+        "gender": "female",
+        "birthDate": "1951-03-14",
+    },
+    {
+        "id": "cxr-demo-2",
+        "family": "Okafor",
+        "given": "Ben",
+        "gender": "male",
+        "birthDate": "1968-11-02",
+    },
+    {
+        "id": "cxr-demo-3",
+        "family": "Moreau",
+        "given": "Cleo",
+        "gender": "female",
+        "birthDate": "1990-07-21",
+    },
 )
 STUDIES = (
     SeedStudy("nih-cxr14-00000002_000-no-finding-dx.dcm", "cxr-demo-1", 2, "nih-00000002"),
@@ -66,7 +87,10 @@ def imaging_study_resource(
         "instance": [
             {
                 "uid": str(dataset.SOPInstanceUID),
-                "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{dataset.SOPClassUID}"},
+                "sopClass": {
+                    "system": "urn:ietf:rfc:3986",
+                    "code": f"urn:oid:{dataset.SOPClassUID}",
+                },
                 "number": int(dataset.get("InstanceNumber") or 1),
             }
         ],
@@ -76,7 +100,9 @@ def imaging_study_resource(
         code, display = BODY_SITES[body_part]
         series["bodySite"] = {"system": SNOMED, "code": code, "display": display}
     description = " ".join(
-        part for part in (modality, body_part or "CHEST", str(dataset.get("ViewPosition") or "")) if part
+        part
+        for part in (modality, body_part or "CHEST", str(dataset.get("ViewPosition") or ""))
+        if part
     )
     return {
         "resourceType": "ImagingStudy",

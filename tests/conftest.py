@@ -53,7 +53,9 @@ class SandboxHandle:
         return f"{self.base}/fhir"
 
     def token(self, patient: str = "cxr-demo-1") -> str:
-        return self.sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", patient).token
+        return self.sandbox.tokens.issue(
+            SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", patient
+        ).token
 
     def authorization(self, patient: str = "cxr-demo-1") -> dict[str, Any]:
         return {
@@ -129,14 +131,20 @@ def sign(
     header: dict[str, Any] | None = None,
     alg: str = "ES384",
 ) -> str:
-    return jwt.encode(header or {"alg": alg, "typ": "JWT", "kid": key.kid}, claims, key,
-                      algorithms=[alg])
+    return jwt.encode(
+        header or {"alg": alg, "typ": "JWT", "kid": key.kid}, claims, key, algorithms=[alg]
+    )
 
 
 def claims_for(iss: str, aud: str, **changes: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims: dict[str, Any] = {"iss": iss, "aud": aud, "exp": now + 300, "iat": now,
-                              "jti": str(uuid.uuid4())}
+    claims: dict[str, Any] = {
+        "iss": iss,
+        "aud": aud,
+        "exp": now + 300,
+        "iat": now,
+        "jti": str(uuid.uuid4()),
+    }
     claims.update(changes)
     return {k: v for k, v in claims.items() if v is not None}
 

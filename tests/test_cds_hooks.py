@@ -1,7 +1,7 @@
 """CDS Hooks 2.0 behaviour of the service, driven over real sockets by the sandbox's CDS client.
 
-Requirement IDs in test docstrings refer to ../shared/standards/cds-hooks-2.0-service-requirements.csv
-(see docs/conformance.md).
+Requirement IDs in test docstrings refer to the CDS Hooks 2.0 service requirements
+(../shared/standards/cds-hooks-2.0-service-requirements.csv; see docs/conformance.md).
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ OSIGN = "cxr-ai-order-sign"
 ALLOWED_INDICATORS = {"info", "warning", "critical"}
 
 
-def call(service: ServiceHandle, sandbox: SandboxHandle, service_id: str, body: Any,
-         **kwargs: Any) -> requests.Response:
+def call(
+    service: ServiceHandle, sandbox: SandboxHandle, service_id: str, body: Any, **kwargs: Any
+) -> requests.Response:
     token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, service.url(service_id)))
     return requests.post(
-        service.url(service_id), json=body, headers={"Authorization": f"Bearer {token}"},
-        timeout=10, **kwargs
+        service.url(service_id),
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+        **kwargs,
     )
 
 
@@ -128,8 +132,9 @@ def test_cors_preflight_needs_no_jwt(service: ServiceHandle) -> None:
         assert response.headers["Access-Control-Allow-Origin"] == "https://sandbox.cds-hooks.org"
         allowed = response.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed and "content-type" in allowed
-    discovery = requests.get(service.base + "/cds-services", headers={"Origin": "https://x.org"},
-                             timeout=10)
+    discovery = requests.get(
+        service.base + "/cds-services", headers={"Origin": "https://x.org"}, timeout=10
+    )
     assert discovery.headers["Access-Control-Allow-Origin"] == "https://x.org"
 
 
@@ -140,8 +145,9 @@ def test_patient_view_with_client_prefetch_gives_finding_cards(
     """The sandbox client computes prefetch from discovery; results exist: finding cards."""
     analyse_all(service, sandbox)
     context = hook_context("patient-view", "cxr-demo-1", "Practitioner/example")
-    calls = service.client.fire(service.base, "patient-view", context, sandbox.fhir,
-                                sandbox.authorization())
+    calls = service.client.fire(
+        service.base, "patient-view", context, sandbox.fhir, sandbox.authorization()
+    )
     assert len(calls) == 1
     assert PREFETCH_KEY in calls[0].request["prefetch"]
     assert calls[0].status == 200
@@ -162,23 +168,42 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
     uid = imaging_study.study_uid(study)
     assert uid
     model = SimulatedBackend.model
-    service.store.put_result(AnalysisResult(
-        study_uid=uid, model=model, status="completed", report_text="x",
-        findings=(Finding("pneumothorax", "present", "Right pneumothorax."),
-                  Finding("pleural-effusion", "present", "Small effusion."),
-                  Finding("cardiomegaly", "absent", "Heart size is normal.")),
-    ))
-    body = patient_view_body(prefetch={PREFETCH_KEY: {"resourceType": "Bundle", "type": "searchset",
-                                                       "entry": [{"resource": study}]}})
+    service.store.put_result(
+        AnalysisResult(
+            study_uid=uid,
+            model=model,
+            status="completed",
+            report_text="x",
+            findings=(
+                Finding("pneumothorax", "present", "Right pneumothorax."),
+                Finding("pleural-effusion", "present", "Small effusion."),
+                Finding("cardiomegaly", "absent", "Heart size is normal."),
+            ),
+        )
+    )
+    body = patient_view_body(
+        prefetch={
+            PREFETCH_KEY: {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [{"resource": study}],
+            }
+        }
+    )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert [c["indicator"] for c in cards] == ["critical", "warning"]
     assert "pneumothorax" in cards[0]["summary"] and "effusion" in cards[1]["summary"]
     assert "> Right pneumothorax." in cards[0]["detail"]
 
-    service.store.put_result(AnalysisResult(
-        study_uid=uid, model=model, status="completed", report_text="x",
-        findings=(Finding("pneumothorax", "absent", "No pneumothorax."),),
-    ))
+    service.store.put_result(
+        AnalysisResult(
+            study_uid=uid,
+            model=model,
+            status="completed",
+            report_text="x",
+            findings=(Finding("pneumothorax", "absent", "No pneumothorax."),),
+        )
+    )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len(cards) == 1 and cards[0]["indicator"] == "info"
     assert "no major finding detected by the model" in cards[0]["summary"]
@@ -187,8 +212,9 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
 def test_missing_result_enqueues_and_says_in_progress(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
-    body = patient_view_body("cxr-demo-2", fhirServer=sandbox.fhir,
-                             fhirAuthorization=sandbox.authorization("cxr-demo-2"))
+    body = patient_view_body(
+        "cxr-demo-2", fhirServer=sandbox.fhir, fhirAuthorization=sandbox.authorization("cxr-demo-2")
+    )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len(cards) == 1 and "in progress" in cards[0]["summary"]
     assert service.store.queue_depth() == 1
@@ -220,10 +246,15 @@ def test_operation_outcome_prefetch_falls_back_to_fetch(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """Req 52: an OperationOutcome in prefetch is an error: fetch instead, or 412."""
-    outcome = {"resourceType": "OperationOutcome",
-               "issue": [{"severity": "error", "code": "timeout"}]}
-    with_access = patient_view_body(prefetch={PREFETCH_KEY: outcome}, fhirServer=sandbox.fhir,
-                                    fhirAuthorization=sandbox.authorization())
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout"}],
+    }
+    with_access = patient_view_body(
+        prefetch={PREFETCH_KEY: outcome},
+        fhirServer=sandbox.fhir,
+        fhirAuthorization=sandbox.authorization(),
+    )
     response = call(service, sandbox, PV, with_access)
     assert response.status_code == 200 and response.json()["cards"]
     without_access = patient_view_body(prefetch={PREFETCH_KEY: outcome})
@@ -239,16 +270,15 @@ def test_412_when_data_can_be_neither_prefetched_nor_fetched(
     assert PREFETCH_KEY in response.json()["error_description"]
 
 
-def test_unreachable_fhir_server_gives_412_not_500(
-    tmp_path: Path, sandbox: SandboxHandle
-) -> None:
+def test_unreachable_fhir_server_gives_412_not_500(tmp_path: Path, sandbox: SandboxHandle) -> None:
     dead = "http://127.0.0.1:9/fhir"
     handle, server = make_service(tmp_path, sandbox, extra_fhir_servers=(dead,))
     try:
         body = patient_view_body(fhirServer=dead, fhirAuthorization=sandbox.authorization())
         assert call(handle, sandbox, PV, body).status_code == 412
-        no_card, server2 = make_service(tmp_path / "b", sandbox, extra_fhir_servers=(dead,),
-                                        on_missing_data="no-card")
+        no_card, server2 = make_service(
+            tmp_path / "b", sandbox, extra_fhir_servers=(dead,), on_missing_data="no-card"
+        )
         response = call(no_card, sandbox, PV, body)
         server2.stop()
         assert response.status_code == 200 and response.json() == {"cards": []}
@@ -259,12 +289,17 @@ def test_unreachable_fhir_server_gives_412_not_500(
 def test_paginated_prefetch_is_followed(service: ServiceHandle, sandbox: SandboxHandle) -> None:
     """A prefetched first page with a next link: the service reads the next page itself."""
     analyse_all(service, sandbox)
-    first = requests.get(f"{sandbox.fhir}/ImagingStudy",
-                         params={"patient": "cxr-demo-1", "_count": "1", "_sort": "-started"},
-                         timeout=10).json()
+    first = requests.get(
+        f"{sandbox.fhir}/ImagingStudy",
+        params={"patient": "cxr-demo-1", "_count": "1", "_sort": "-started"},
+        timeout=10,
+    ).json()
     assert any(link["relation"] == "next" for link in first["link"])
-    body = patient_view_body(prefetch={PREFETCH_KEY: first}, fhirServer=sandbox.fhir,
-                             fhirAuthorization=sandbox.authorization())
+    body = patient_view_body(
+        prefetch={PREFETCH_KEY: first},
+        fhirServer=sandbox.fhir,
+        fhirAuthorization=sandbox.authorization(),
+    )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len({c["links"][0]["appContext"] for c in cards}) == 2
 
@@ -274,8 +309,15 @@ def test_prefetched_studies_of_another_patient_are_ignored(
 ) -> None:
     analyse_all(service, sandbox)
     other = next(s for s in sandbox.studies if s["subject"]["reference"] == "Patient/cxr-demo-2")
-    body = patient_view_body(prefetch={PREFETCH_KEY: {"resourceType": "Bundle", "type": "searchset",
-                                                       "entry": [{"resource": other}]}})
+    body = patient_view_body(
+        prefetch={
+            PREFETCH_KEY: {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [{"resource": other}],
+            }
+        }
+    )
     assert call(service, sandbox, PV, body).json() == {"cards": []}
 
 
@@ -302,15 +344,24 @@ def test_disallowed_fhir_server_gets_no_outbound_request(
     CountingHandler.hits = []
     try:
         trap_url = f"http://127.0.0.1:{trap.server_address[1]}/fhir"
-        page = {"resourceType": "Bundle", "type": "searchset",
-                "link": [{"relation": "next", "url": f"{trap_url}/ImagingStudy?page=2"}]}
+        page = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "next", "url": f"{trap_url}/ImagingStudy?page=2"}],
+        }
         for body in (
             patient_view_body(fhirServer=trap_url, fhirAuthorization=sandbox.authorization()),
-            patient_view_body(fhirServer=trap_url, fhirAuthorization=sandbox.authorization(),
-                              prefetch={PREFETCH_KEY: page}),
+            patient_view_body(
+                fhirServer=trap_url,
+                fhirAuthorization=sandbox.authorization(),
+                prefetch={PREFETCH_KEY: page},
+            ),
             # Allowed server, but a next link pointing elsewhere is not followed either.
-            patient_view_body(fhirServer=sandbox.fhir, fhirAuthorization=sandbox.authorization(),
-                              prefetch={PREFETCH_KEY: page}),
+            patient_view_body(
+                fhirServer=sandbox.fhir,
+                fhirAuthorization=sandbox.authorization(),
+                prefetch={PREFETCH_KEY: page},
+            ),
         ):
             call(service, sandbox, PV, body)
         assert CountingHandler.hits == []
@@ -324,8 +375,12 @@ def test_chest_radiograph_order_gets_prior_findings(
     hook: str, service_id: str, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     analyse_all(service, sandbox)
-    order = draft_imaging_order("cxr-demo-1", "71046", "http://www.ama-assn.org/go/cpt",
-                                "Radiologic examination, chest; 2 views")
+    order = draft_imaging_order(
+        "cxr-demo-1",
+        "71046",
+        "http://www.ama-assn.org/go/cpt",
+        "Radiologic examination, chest; 2 views",
+    )
     context = hook_context(hook, "cxr-demo-1", "Practitioner/example", order)
     calls = service.client.fire(service.base, hook, context, sandbox.fhir, sandbox.authorization())
     cards = assert_valid_cards(calls[0].response)
@@ -333,23 +388,39 @@ def test_chest_radiograph_order_gets_prior_findings(
 
 
 def test_non_chest_order_gets_no_cards(service: ServiceHandle, sandbox: SandboxHandle) -> None:
-    order = draft_imaging_order("cxr-demo-1", "73030", "http://www.ama-assn.org/go/cpt",
-                                "Radiologic examination, shoulder")
+    order = draft_imaging_order(
+        "cxr-demo-1", "73030", "http://www.ama-assn.org/go/cpt", "Radiologic examination, shoulder"
+    )
     context = hook_context("order-select", "cxr-demo-1", "Practitioner/example", order)
     body = {"hook": "order-select", "hookInstance": "6f1e", "context": context}
     response = call(service, sandbox, OS, body)
     assert response.status_code == 200 and response.json() == {"cards": []}
 
 
-def test_loose_draft_orders_bundle_without_type(service: ServiceHandle, sandbox: SandboxHandle) -> None:
+def test_loose_draft_orders_bundle_without_type(
+    service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
     analyse_all(service, sandbox)
-    order = {"resourceType": "ServiceRequest", "id": "o1", "status": "draft", "intent": "order",
-             "code": {"text": "CXR PA and lateral"}}
-    context = {"userId": "Practitioner/COREPRACTITIONER1", "patientId": "cxr-demo-1",
-               "selections": ["ServiceRequest/o1"],
-               "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": order}]}}
-    body = {"hook": "order-select", "hookInstance": "x1", "context": context,
-            "fhirServer": sandbox.fhir, "fhirAuthorization": sandbox.authorization()}
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "o1",
+        "status": "draft",
+        "intent": "order",
+        "code": {"text": "CXR PA and lateral"},
+    }
+    context = {
+        "userId": "Practitioner/COREPRACTITIONER1",
+        "patientId": "cxr-demo-1",
+        "selections": ["ServiceRequest/o1"],
+        "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": order}]},
+    }
+    body = {
+        "hook": "order-select",
+        "hookInstance": "x1",
+        "context": context,
+        "fhirServer": sandbox.fhir,
+        "fhirAuthorization": sandbox.authorization(),
+    }
     assert assert_valid_cards(call(service, sandbox, OS, body).json())
 
 
@@ -360,8 +431,11 @@ def test_loose_draft_orders_bundle_without_type(service: ServiceHandle, sandbox:
         (b"{not json", 400),
         (b"[]", 400),
         (b'{"hook": "patient-view"}', 400),
-        (b'{"hook": "order-sign", "hookInstance": "a", "context": {"patientId": "p", "userId": "u"}}',
-         400),
+        (
+            b'{"hook": "order-sign", "hookInstance": "a", '
+            b'"context": {"patientId": "p", "userId": "u"}}',
+            400,
+        ),
         (b'{"hook": "patient-view", "hookInstance": "a", "context": {"userId": "u"}}', 400),
     ],
 )
@@ -369,8 +443,12 @@ def test_malformed_requests_get_clear_400(
     raw: bytes, expected: int, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, service.url(PV)))
-    response = requests.post(service.url(PV), data=raw, timeout=10, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    response = requests.post(
+        service.url(PV),
+        data=raw,
+        timeout=10,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     assert response.status_code == expected
     assert response.json()["error_description"]
     assert "Traceback" not in response.text
@@ -389,10 +467,14 @@ def test_oversized_body_is_413(service: ServiceHandle, sandbox: SandboxHandle) -
 # -- feedback ---------------------------------------------------------------------------------
 def test_feedback_is_stored_once(service: ServiceHandle, sandbox: SandboxHandle) -> None:
     """Req 148: feedback endpoint; the same feedback sent twice is stored once."""
-    item = {"card": "9f6b5a36-0d2e-4ad4-a0b1-2cde0c7a3b10", "outcome": "overridden",
-            "overrideReason": {"reason": {"code": "not-relevant", "system": "http://x.org",
-                                          "display": "Not relevant"}},
-            "outcomeTimestamp": "2026-11-27T10:00:00Z"}
+    item = {
+        "card": "9f6b5a36-0d2e-4ad4-a0b1-2cde0c7a3b10",
+        "outcome": "overridden",
+        "overrideReason": {
+            "reason": {"code": "not-relevant", "system": "http://x.org", "display": "Not relevant"}
+        },
+        "outcomeTimestamp": "2026-11-27T10:00:00Z",
+    }
     url_id = PV + "/feedback"
     first = call(service, sandbox, url_id, {"feedback": [item]})
     second = call(service, sandbox, url_id, {"feedback": [copy.deepcopy(item)]})

@@ -24,10 +24,12 @@ def test_production_needs_https_public_url_and_issuers(tmp_path: Path) -> None:
         Settings.from_env({"CXR_CDS_PUBLIC_URL": "http://cds.example"})
     with pytest.raises(ConfigurationError, match="CXR_CDS_TRUSTED_ISSUERS"):
         Settings.from_env({"CXR_CDS_PUBLIC_URL": "https://cds.example"})
-    path = issuers_file(tmp_path, [{"iss": "https://ehr", "jwks": JWKS,
-                                    "fhir_servers": ["https://ehr/fhir"]}])
-    settings = Settings.from_env({"CXR_CDS_PUBLIC_URL": "https://cds.example/",
-                                  "CXR_CDS_TRUSTED_ISSUERS": path})
+    path = issuers_file(
+        tmp_path, [{"iss": "https://ehr", "jwks": JWKS, "fhir_servers": ["https://ehr/fhir"]}]
+    )
+    settings = Settings.from_env(
+        {"CXR_CDS_PUBLIC_URL": "https://cds.example/", "CXR_CDS_TRUSTED_ISSUERS": path}
+    )
     assert settings.public_url == "https://cds.example"
     assert settings.trusted_issuers[0].allows_fhir_server("https://ehr/fhir/")
     assert not settings.trusted_issuers[0].allows_fhir_server("https://ehr/fhir2")
@@ -36,18 +38,25 @@ def test_production_needs_https_public_url_and_issuers(tmp_path: Path) -> None:
 def test_auth_off_only_in_development(tmp_path: Path) -> None:
     path = issuers_file(tmp_path, [{"iss": "https://ehr", "jwks": JWKS}])
     with pytest.raises(ConfigurationError, match="development"):
-        Settings.from_env({"CXR_CDS_PUBLIC_URL": "https://cds.example",
-                           "CXR_CDS_TRUSTED_ISSUERS": path, "CXR_CDS_AUTH": "off"})
+        Settings.from_env(
+            {
+                "CXR_CDS_PUBLIC_URL": "https://cds.example",
+                "CXR_CDS_TRUSTED_ISSUERS": path,
+                "CXR_CDS_AUTH": "off",
+            }
+        )
     dev = Settings.from_env({"CXR_CDS_MODE": "development", "CXR_CDS_AUTH": "off"})
     assert not dev.auth_enabled
 
 
 def test_http_fhir_servers_refused_in_production(tmp_path: Path) -> None:
-    path = issuers_file(tmp_path, [{"iss": "https://ehr", "jwks": JWKS,
-                                    "fhir_servers": ["http://ehr/fhir"]}])
+    path = issuers_file(
+        tmp_path, [{"iss": "https://ehr", "jwks": JWKS, "fhir_servers": ["http://ehr/fhir"]}]
+    )
     with pytest.raises(ConfigurationError, match="http://"):
-        Settings.from_env({"CXR_CDS_PUBLIC_URL": "https://cds.example",
-                           "CXR_CDS_TRUSTED_ISSUERS": path})
+        Settings.from_env(
+            {"CXR_CDS_PUBLIC_URL": "https://cds.example", "CXR_CDS_TRUSTED_ISSUERS": path}
+        )
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,22 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from joserfc.jwk import ECKey
 
-from tests.conftest import ServiceHandle, SandboxHandle, claims_for, patient_view_body, sign
+from cds_service.config import TrustedIssuer
+from tests.conftest import (
+    SandboxHandle,
+    ServiceHandle,
+    claims_for,
+    make_service,
+    patient_view_body,
+    sign,
+)
 
 SERVICE = "cxr-ai-patient-view"
 BARE_401 = {"error": "unauthorized", "error_description": "unauthorized"}
@@ -47,7 +56,9 @@ def test_aud_as_array_is_accepted(service: ServiceHandle, sandbox: SandboxHandle
     assert post(service, sign(sandbox.sandbox.key.key, claims), sandbox).status_code == 200
 
 
-def test_extra_claims_sub_and_nbf_are_accepted(service: ServiceHandle, sandbox: SandboxHandle) -> None:
+def test_extra_claims_sub_and_nbf_are_accepted(
+    service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
     claims = valid_claims(service, sandbox, sub="some-ehr", nbf=int(time.time()), tenant="t1")
     assert post(service, sign(sandbox.sandbox.key.key, claims), sandbox).status_code == 200
 
@@ -71,7 +82,9 @@ def attack_tokens(service: ServiceHandle, sandbox: SandboxHandle) -> dict[str, s
     head, body, signature = valid.split(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     tampered_signature = f"{head}.{body}.{flipped}"
-    tampered_payload = f"{head}.{b64(json.dumps({**good, 'iss': sandbox.base + '/x'}).encode())}.{signature}"
+    tampered_payload = (
+        f"{head}.{b64(json.dumps({**good, 'iss': sandbox.base + '/x'}).encode())}.{signature}"
+    )
 
     attacker = ECKey.generate_key("P-384", auto_kid=True)
     now = int(time.time())
@@ -80,12 +93,20 @@ def attack_tokens(service: ServiceHandle, sandbox: SandboxHandle) -> dict[str, s
         "HS256 with the public key as secret": hs256,
         "wrong aud": sign(key, valid_claims(service, sandbox, aud=service.base + "/cds-services")),
         "expired": sign(key, valid_claims(service, sandbox, iat=now - 900, exp=now - 600)),
-        "iat in the future": sign(key, valid_claims(service, sandbox, iat=now + 600, exp=now + 900)),
+        "iat in the future": sign(
+            key, valid_claims(service, sandbox, iat=now + 600, exp=now + 900)
+        ),
         "unknown iss": sign(key, valid_claims(service, sandbox, iss="https://evil.example")),
         "unknown kid": sign(key, good, header={"alg": "ES384", "typ": "JWT", "kid": "nope"}),
         "jku not allowlisted": sign(
-            key, good, header={"alg": "ES384", "typ": "JWT", "kid": kid,
-                               "jku": "http://127.0.0.1:9/jwks.json"}
+            key,
+            good,
+            header={
+                "alg": "ES384",
+                "typ": "JWT",
+                "kid": kid,
+                "jku": "http://127.0.0.1:9/jwks.json",
+            },
         ),
         "tampered signature": tampered_signature,
         "tampered payload": tampered_payload,
@@ -100,9 +121,20 @@ def attack_tokens(service: ServiceHandle, sandbox: SandboxHandle) -> dict[str, s
 
 
 ATTACKS = [
-    "alg none", "HS256 with the public key as secret", "wrong aud", "expired", "iat in the future",
-    "unknown iss", "unknown kid", "jku not allowlisted", "tampered signature", "tampered payload",
-    "attacker key with the issuer's kid", "missing jti", "missing exp", "garbage token",
+    "alg none",
+    "HS256 with the public key as secret",
+    "wrong aud",
+    "expired",
+    "iat in the future",
+    "unknown iss",
+    "unknown kid",
+    "jku not allowlisted",
+    "tampered signature",
+    "tampered payload",
+    "attacker key with the issuer's kid",
+    "missing jti",
+    "missing exp",
+    "garbage token",
     "missing header",
 ]
 
@@ -130,13 +162,40 @@ def test_clock_skew_within_60s_is_tolerated(service: ServiceHandle, sandbox: San
     claims = valid_claims(service, sandbox, iat=now + 30, exp=now - 30 + 300)
     assert post(service, sign(sandbox.sandbox.key.key, claims), sandbox).status_code == 200
     expired_recently = valid_claims(service, sandbox, iat=now - 400, exp=now - 30)
-    assert post(service, sign(sandbox.sandbox.key.key, expired_recently), sandbox).status_code == 200
+    assert (
+        post(service, sign(sandbox.sandbox.key.key, expired_recently), sandbox).status_code == 200
+    )
 
 
 def test_feedback_endpoint_needs_a_token_too(service: ServiceHandle) -> None:
     response = requests.post(
         service.url(SERVICE) + "/feedback",
-        json={"feedback": [{"card": "x", "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]},
+        json={
+            "feedback": [
+                {"card": "x", "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}
+            ]
+        },
         timeout=10,
     )
     assert response.status_code == 401
+
+
+def test_remote_jwks_and_allowlisted_jku_are_used(tmp_path: Path, sandbox: SandboxHandle) -> None:
+    """Keys fetched from the issuer's jwks_url, and from a jku on its allowlist."""
+    jwks_url = f"{sandbox.base}/.well-known/jwks.json"
+    remote = TrustedIssuer(
+        iss=sandbox.base, jwks_url=jwks_url, allowed_jku=(jwks_url,), fhir_servers=(sandbox.fhir,)
+    )
+    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(remote,))
+    try:
+        key = sandbox.sandbox.key
+        plain = sign(key.key, valid_claims(handle, sandbox))
+        assert post(handle, plain, sandbox).status_code == 200
+        with_jku = sign(
+            key.key,
+            valid_claims(handle, sandbox),
+            header={"alg": "ES384", "typ": "JWT", "kid": key.kid, "jku": jwks_url},
+        )
+        assert post(handle, with_jku, sandbox).status_code == 200
+    finally:
+        server.stop()

@@ -13,7 +13,9 @@ from cds_service.orders import chest_orders, draft_order_resources, is_chest_rad
 DATA = Path(__file__).parent / "data" / "cds-hooks"
 
 
-def order(system: str | None = None, code: str | None = None, text: str | None = None) -> dict[str, Any]:
+def order(
+    system: str | None = None, code: str | None = None, text: str | None = None
+) -> dict[str, Any]:
     concept: dict[str, Any] = {}
     if code:
         concept["coding"] = [{"system": system, "code": code}]

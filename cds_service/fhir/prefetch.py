@@ -1,4 +1,4 @@
-"""Resolve the patient's recent chest ImagingStudies from prefetch, or fetch them (CDS Hooks 2.0)."""
+"""Resolve the patient's recent chest ImagingStudies from prefetch, or fetch them (CDS Hooks)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 PREFETCH_KEY = "chestStudies"
 # 2.0 token syntax: only root-level primitive context fields may be tokens.
-PREFETCH_QUERY = "ImagingStudy?patient={{context.patientId}}&modality=CR,DX&_sort=-started&_count=10"
+PREFETCH_QUERY = (
+    "ImagingStudy?patient={{context.patientId}}&modality=CR,DX&_sort=-started&_count=10"
+)
 SEARCH_PARAMS = (("modality", "CR,DX"), ("_sort", "-started"), ("_count", "10"))
 
 

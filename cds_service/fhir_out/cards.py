@@ -105,7 +105,9 @@ def _card(
     return {
         # Stable per study, model and finding, so feedback on a re-shown card lines up.
         "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.model.label}|{key}")),
-        "summary": _summary(ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary),
+        "summary": _summary(
+            ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary
+        ),
         "indicator": indicator,
         "detail": "\n\n".join(line for line in lines if line is not None).strip(),
         "source": {

@@ -113,9 +113,11 @@ class SqliteStore:
         if service_id is None:
             row = self._conn().execute("SELECT count(*) FROM feedback").fetchone()
         else:
-            row = self._conn().execute(
-                "SELECT count(*) FROM feedback WHERE service_id = ?", (service_id,)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute("SELECT count(*) FROM feedback WHERE service_id = ?", (service_id,))
+                .fetchone()
+            )
         return int(row[0])
 
     # -- results ----------------------------------------------------------------------------
@@ -127,7 +129,8 @@ class SqliteStore:
         row = (
             self._conn()
             .execute(
-                "SELECT body FROM results WHERE study_uid = ? AND model_id = ? AND model_version = ?",
+                "SELECT body FROM results "
+                "WHERE study_uid = ? AND model_id = ? AND model_version = ?",
                 (study_uid, model.model_id, model.version),
             )
             .fetchone()

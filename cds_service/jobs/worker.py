@@ -62,4 +62,3 @@ def run_forever(
         if not process_one(store, backend):
             stop.wait(poll_s)
     log.info("inference worker stopped")
-

@@ -176,7 +176,9 @@ class ClientJwtVerifier:
             if isinstance(jwk_dict, dict) and jwk_dict.get("kid") == kid:
                 if jwk_dict.get("kty") not in ("EC", "RSA"):
                     return None
-                public = {k: v for k, v in jwk_dict.items() if k not in {"d", "p", "q", "dp", "dq", "qi"}}
+                public = {
+                    k: v for k, v in jwk_dict.items() if k not in {"d", "p", "q", "dp", "dq", "qi"}
+                }
                 try:
                     imported = KeySet.import_key_set({"keys": [public]}).keys[0]
                 except (JoseError, ValueError, TypeError, KeyError):
@@ -201,8 +203,8 @@ class ClientJwtVerifier:
             raise _deny("expired")
         if iat > now + self._leeway:
             raise _deny("iat in the future")
-        if "nbf" in claims and isinstance(claims["nbf"], int | float):
-            if claims["nbf"] > now + self._leeway:
-                raise _deny("not yet valid")
+        nbf = claims.get("nbf")
+        if isinstance(nbf, int | float) and nbf > now + self._leeway:
+            raise _deny("not yet valid")
         if not isinstance(claims["jti"], str) or not claims["jti"]:
             raise _deny("jti empty")

@@ -48,8 +48,10 @@ def create_app(
         )
     else:
         verifier = None
-        log.warning("AUTHENTICATION IS OFF (CXR_CDS_AUTH=off, development mode): any caller is "
-                    "trusted. Never run this way with real patient data.")
+        log.warning(
+            "AUTHENTICATION IS OFF (CXR_CDS_AUTH=off, development mode): any caller is "
+            "trusted. Never run this way with real patient data."
+        )
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -90,8 +92,9 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        return _error_body(exc.code or 500, (exc.name or "error").lower().replace(" ", "-"),
-                           exc.description or "")
+        return _error_body(
+            exc.code or 500, (exc.name or "error").lower().replace(" ", "-"), exc.description or ""
+        )
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -1,4 +1,4 @@
-"""Run the service under gunicorn from Python (`cxr-cds serve`), config in deploy/gunicorn.conf.py."""
+"""Run the service under gunicorn from Python (`cxr-cds serve`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cds_service.config import Settings
 from cds_service.web.app import create_app
 
 
-class _Application(BaseApplication):  # type: ignore[misc]
+class _Application(BaseApplication):
     def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
         self._settings = settings
         self._options = options

@@ -1,0 +1,169 @@
+"""The `cxr-cds` command as a user runs it: demo end to end, and hook against a running service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import SandboxHandle, ServiceHandle, free_port
+
+CLI = [sys.executable, "-m", "cds_service.cli"]
+
+
+def test_demo_prints_simulated_cards_and_urls(tmp_path: Path) -> None:
+    service_port, sandbox_port = free_port(), free_port()
+    run = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "--once",
+            "--port",
+            str(service_port),
+            "--sandbox-port",
+            str(sandbox_port),
+            "--data-dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "NO MODEL CONFIGURED" in out and "SIMULATED backend" in out
+    assert "-> HTTP 200" in out
+    card_lines = [line for line in out.splitlines() if line.strip().startswith("[")]
+    assert card_lines and all("SIMULATED:" in line for line in card_lines)
+    assert f"http://127.0.0.1:{service_port}/cds-services" in out
+    assert f"http://127.0.0.1:{sandbox_port}/fhir" in out
+    # PHI stays out of INFO logs: the access log with patient ids is not printed.
+    assert "patient=cxr-demo-1" not in run.stderr
+
+
+def test_hook_command_against_a_running_service(
+    service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    key_file = sandbox.sandbox.settings.signing_key_file
+    base = [
+        *CLI,
+        "hook",
+        "--service",
+        service.base,
+        "--patient",
+        "cxr-demo-2",
+        "--fhir",
+        sandbox.fhir,
+        "--key",
+        str(key_file),
+        "--sandbox-dir",
+        str(sandbox.sandbox.settings.data_dir),
+        "--json",
+    ]
+    run = subprocess.run(
+        [*base, "--hook", "patient-view"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    [result] = json.loads(run.stdout)
+    assert result["status"] == 200
+    assert "in progress" in result["response"]["cards"][0]["summary"]
+
+    order = subprocess.run(
+        [*base, "--hook", "order-sign", "--order-code", "71046"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    [signed] = json.loads(order.stdout)
+    assert signed["status"] == 200 and signed["response"]["cards"]
+
+    other = subprocess.run(
+        [
+            *base,
+            "--hook",
+            "order-select",
+            "--order-code",
+            "73030",
+            "--order-text",
+            "Shoulder X-ray",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(other.stdout)[0]["response"] == {"cards": []}
+
+
+def test_hook_command_reports_unreachable_service(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            *CLI,
+            "hook",
+            "--service",
+            f"http://127.0.0.1:{free_port()}",
+            "--hook",
+            "patient-view",
+            "--patient",
+            "p",
+            "--key",
+            str(tmp_path / "k.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "discovery" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_serve_refuses_unsafe_production_settings(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CXR_CDS_DB": str(tmp_path / "x.sqlite3")},
+    )
+    assert run.returncode == 2
+    assert "configuration error" in run.stderr and "CXR_CDS_PUBLIC_URL" in run.stderr
+
+
+def test_serve_runs_gunicorn_and_answers_discovery(tmp_path: Path) -> None:
+    """`cxr-cds serve` as deployed: gunicorn workers plus the inference worker process."""
+    import os
+    import time
+
+    import requests
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "CXR_CDS_MODE": "development",
+        "CXR_CDS_AUTH": "off",
+        "CXR_CDS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "CXR_CDS_DB": str(tmp_path / "cds.sqlite3"),
+    }
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        body = None
+        while time.monotonic() < deadline and body is None:
+            try:
+                body = requests.get(f"http://127.0.0.1:{port}/cds-services", timeout=1).json()
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert body is not None and len(body["services"]) == 3
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+        assert health["simulated"] is True
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=20)
+    assert "AUTHENTICATION IS OFF" in output
+    assert "SIMULATED backend" in output
