@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.errors import ConfigurationError
+from cds_service.inference.registry import SIMULATED_WARNING
 
 log = logging.getLogger("cxr_cds")
 
@@ -37,25 +39,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cds_service.web.gunicorn_app import run_gunicorn
 
     settings = Settings.from_env()
+    if settings.simulated:
+        log.warning(SIMULATED_WARNING)
     worker = None
     if not args.no_worker:
-        import multiprocessing
-
-        worker = multiprocessing.get_context("spawn").Process(
-            target=_worker_main, name="cxr-cds-inference", daemon=True
-        )
-        worker.start()
+        # A separate process (not multiprocessing): gunicorn forks its workers after this.
+        worker = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "worker"])
     try:
         run_gunicorn(settings, bind=f"{args.host}:{args.port}", workers=args.workers)
     finally:
         if worker is not None:
             worker.terminate()
+            worker.wait(10)
     return 0
-
-
-def _worker_main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cmd_worker(argparse.Namespace())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import requests
 
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.errors import BadRequest, NotFound, PreconditionFailed
@@ -109,12 +112,18 @@ class HookHandler:
         self.store = store
         self.model = model
         self._client_factory = client_factory or self._default_client
+        self._sessions = threading.local()
 
     def _default_client(self, access: FhirAccess) -> FhirClient:
+        # One keep-alive session per thread: no new TCP connection per hook call.
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = requests.Session()
         return FhirClient(
             access.fhir_server,
             access.access_token,
             timeout=(self.settings.fhir_connect_timeout_s, self.settings.fhir_read_timeout_s),
+            session=session,
         )
 
     def handle(self, service_id: str, body: Any, issuer: TrustedIssuer | None) -> dict[str, Any]:

@@ -119,29 +119,39 @@ def imaging_study_resource(
     }
 
 
+def _put(store: FhirStore, resource: dict[str, Any]) -> None:
+    """Write unless an identical resource is stored already (re-seeding adds no versions)."""
+    existing = store.read(resource["resourceType"], resource["id"])
+    if existing is not None and {k: v for k, v in existing.items() if k != "meta"} == resource:
+        return
+    store.update(resource)
+
+
 def seed(store: FhirStore, now: datetime | None = None) -> list[dict[str, Any]]:
     """Write patients, DICOM Binaries, Media and ImagingStudies; idempotent (fixed ids)."""
     now = now or datetime.now(UTC)
     for spec in PATIENTS:
-        store.update(patient_resource(spec))
+        _put(store, patient_resource(spec))
     studies = []
     for item in STUDIES:
         raw = (SEED_DIR / item.file).read_bytes()
         dataset = pydicom.dcmread(SEED_DIR / item.file, stop_before_pixels=True)
         binary_id = f"dicom-{item.key}"
-        store.update(
+        _put(
+            store,
             {
                 "resourceType": "Binary",
                 "id": binary_id,
                 "contentType": "application/dicom",
                 "data": base64.b64encode(raw).decode("ascii"),
-            }
+            },
         )
         study = imaging_study_resource(
             dataset, f"cxr-{item.key}", item.patient_id, now - timedelta(days=item.days_ago)
         )
-        store.update(study)
-        store.update(
+        _put(store, study)
+        _put(
+            store,
             {
                 "resourceType": "Media",
                 "id": f"media-{item.key}",
@@ -153,7 +163,7 @@ def seed(store: FhirStore, now: datetime | None = None) -> list[dict[str, Any]]:
                     "url": f"Binary/{binary_id}",
                     "title": item.file,
                 },
-            }
+            },
         )
         studies.append(study)
     log.info("seeded %d patients and %d studies", len(PATIENTS), len(studies))

@@ -1,0 +1,1 @@
+"""Flask web layer of the EHR sandbox."""
