@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the project needs at run or test time (installed only when missing).
-SYSTEM_PACKAGES := python3-venv
+# Debian packages the project needs at run or test time, as COMMAND=PACKAGE: installed only
+# when the command is missing. node/npm run the independent CDS client in tests/interop.
+SYSTEM_PACKAGES := node=nodejs npm=npm
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench-hooks clean system-packages
 
 $(STAMP): pyproject.toml
 	@scripts/ensure-system-packages.sh $(SYSTEM_PACKAGES)
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || scripts/ensure-system-packages.sh venv-missing=python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages named on the command line that are not installed yet.
-# Used by the Makefile so that `make run` / `make test` work on a fresh Debian machine.
+# Install Debian packages for the commands that are missing, so that `make run` / `make test`
+# work on a fresh Debian machine. Arguments: COMMAND=PACKAGE pairs; a package is installed only
+# when its command is not on PATH (a command that came another way, e.g. nodesource, is kept).
 set -euo pipefail
 missing=()
-for pkg in "$@"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+for pair in "$@"; do
+  cmd="${pair%%=*}"
+  pkg="${pair#*=}"
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${missing[*]}"

@@ -101,7 +101,7 @@ def _card(
 ) -> dict[str, Any]:
     lines = [SIMULATED_LINE] if ctx.model.simulated else []
     lines += detail_lines
-    lines += ["", SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
+    lines += [SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
     return {
         # Stable per study, model and finding, so feedback on a re-shown card lines up.
         "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.model.label}|{key}")),
@@ -109,7 +109,7 @@ def _card(
             ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary
         ),
         "indicator": indicator,
-        "detail": "\n\n".join(line for line in lines if line is not None).strip(),
+        "detail": "\n\n".join(lines),
         "source": {
             "label": f"AI chest X-ray: {ctx.model.label}",
             "topic": {

@@ -57,6 +57,8 @@ def create_cds_blueprint(
 
     @bp.route("/cds-services", methods=["GET", "OPTIONS"])
     def discovery() -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204)
         return jsonify(discovery_document())
 
     @bp.route("/cds-services/<service_id>", methods=["POST", "OPTIONS"])

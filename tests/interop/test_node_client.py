@@ -1,0 +1,163 @@
+"""Interoperability: an independent Node.js CDS Hooks 2.0 client against the real service.
+
+The client (tests/interop/node_cds_client/client.mjs) is written from the CDS Hooks 2.0 spec
+with the `jose` npm package and shares no code with the project: it signs its own ES384 JWTs,
+computes prefetch from the discovery templates, and validates responses by itself. Requirement
+IDs refer to ../shared/standards/cds-hooks-2.0-service-requirements.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service.fhir import imaging_study
+from cds_service.inference.simulated import SimulatedBackend
+from cds_service.jobs.worker import drain
+from ehr_sandbox.app import SANDBOX_CLIENT_ID
+from tests.conftest import SandboxHandle, ServiceHandle
+
+CLIENT_DIR = Path(__file__).parent / "node_cds_client"
+PATIENT = "cxr-demo-1"
+NPM_TIMEOUT_S = 180
+NODE_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    """The client with its locked dependencies installed (`npm ci` on a fresh clone)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail(
+            "node and npm are required for the CDS Hooks interoperability tests; "
+            "`make test` installs nodejs/npm (Debian packages) when they are missing"
+        )
+    if not (CLIENT_DIR / "node_modules" / "jose" / "package.json").exists():
+        run = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=CLIENT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT_S,
+        )
+        assert run.returncode == 0, f"npm ci failed:\n{run.stdout}\n{run.stderr}"
+    return CLIENT_DIR / "client.mjs"
+
+
+def run_client(
+    client: Path, scenario: str, service: ServiceHandle, sandbox: SandboxHandle
+) -> dict[str, Any]:
+    node = shutil.which("node")
+    assert node
+    args = [
+        node,
+        str(client),
+        "--scenario",
+        scenario,
+        "--service",
+        service.base,
+        "--fhir",
+        sandbox.fhir,
+        "--patient",
+        PATIENT,
+        "--key",
+        str(sandbox.sandbox.settings.signing_key_file),
+        "--iss",
+        sandbox.base,
+        "--token",
+        sandbox.token(PATIENT),
+        "--subject",
+        SANDBOX_CLIENT_ID,
+        "--scope",
+        "patient/ImagingStudy.rs",
+    ]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=NODE_TIMEOUT_S)
+    assert run.returncode == 0, f"client failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
+    result: dict[str, Any] = json.loads(run.stdout)
+    assert result["scenario"] == scenario
+    return result
+
+
+def store_simulated_results(service: ServiceHandle, sandbox: SandboxHandle) -> None:
+    """Analyse every seeded study so that hooks have findings to show."""
+    backend = SimulatedBackend()
+    for study in sandbox.studies:
+        uid = imaging_study.study_uid(study)
+        assert uid
+        service.store.enqueue(uid, backend.model, study, sandbox.fhir)
+    drain(service.store, backend)
+
+
+def test_discovery_is_valid_for_an_independent_client(
+    node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    """Reqs 3-13, 36, 55-59, checked by the Node client's own validator."""
+    result = run_client(node_client, "discovery", service, sandbox)
+    assert result["status"] == 200
+    assert result["problems"] == []
+    assert result["valid"] is True
+    hooks = sorted(s["hook"] for s in result["services"])
+    assert hooks == ["order-select", "order-sign", "patient-view"]
+
+
+def test_patient_view_cards_pass_the_independent_validator(
+    node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    """Reqs 3, 74, 80-147: cards computed from the client's own prefetch."""
+    store_simulated_results(service, sandbox)
+    result = run_client(node_client, "patient-view", service, sandbox)
+    assert result["status"] == 200, result
+    assert result["problems"] == []
+    assert result["sentPrefetchKeys"], result["prefetch"]
+    assert all(p["status"] == 200 for p in result["prefetch"].values())
+    assert len(result["cards"]) >= 1
+    assert all(card["summary"].startswith("SIMULATED") for card in result["cards"])
+
+
+def test_order_select_with_a_cpt_coded_draft_order(
+    node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    """A CPT 71046 ServiceRequest in draftOrders (Bundle, type collection) gets prior findings."""
+    store_simulated_results(service, sandbox)
+    result = run_client(node_client, "order-select", service, sandbox)
+    assert result["status"] == 200, result
+    assert result["problems"] == []
+    assert len(result["cards"]) >= 1
+    assert all(card["summary"].startswith("Prior ") for card in result["cards"])
+
+
+def test_forged_and_replayed_client_jwts_are_refused(
+    node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    """Reqs 176, 195, 201, 203: JWTs made by another JOSE library."""
+    result = run_client(node_client, "attacks", service, sandbox)
+    assert result["results"], result
+    refused = {name: status for name, status in result["results"].items() if status == 401}
+    assert refused == result["results"]
+    assert {
+        "no_authorization",
+        "alg_none",
+        "hs256_public_jwk_as_secret",
+        "wrong_aud_discovery_url",
+        "expired",
+        "foreign_key_same_kid",
+    } <= set(refused)
+    assert result["replay"] == {"first": 200, "second": 401}
+
+
+def test_cors_preflight_without_a_jwt(
+    node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
+) -> None:
+    """Req 208: a browser-based client's preflight succeeds without Authorization."""
+    result = run_client(node_client, "cors", service, sandbox)
+    assert result["problems"] == []
+    assert len(result["results"]) == 3
+    for preflight in result["results"]:
+        assert 200 <= preflight["status"] < 300, preflight
+        allowed = preflight["headers"]["access-control-allow-headers"].lower()
+        assert "authorization" in allowed and "content-type" in allowed
