@@ -125,10 +125,15 @@ class Settings:
             raise ConfigurationError(f"CXR_CDS_MODE must be one of {MODES}, not {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ConfigurationError(f"CXR_CDS_BACKEND must be one of {BACKENDS}")
-        if self.public_url:
-            parts = urlsplit(self.public_url)
+        for name, url in (
+            ("CXR_CDS_PUBLIC_URL", self.public_url),
+            ("CXR_CDS_SMART_APP_URL", self.smart_launch_url()),
+        ):
+            parts = urlsplit(url)
             if parts.scheme not in {"http", "https"} or not parts.netloc:
-                raise ConfigurationError("CXR_CDS_PUBLIC_URL must be an absolute http(s) URL")
+                raise ConfigurationError(
+                    f"{name} must be an absolute http(s) URL (JWT aud and card links use it)"
+                )
         if self.mode == "production":
             if not self.auth_enabled:
                 raise ConfigurationError(
@@ -139,16 +144,20 @@ class Settings:
                     "production needs CXR_CDS_PUBLIC_URL with https:// (JWT aud is checked "
                     "against it; CDS Hooks requires TLS)"
                 )
+            if not self.smart_launch_url().startswith("https://"):
+                raise ConfigurationError("production needs an https:// CXR_CDS_SMART_APP_URL")
             if not self.trusted_issuers:
                 raise ConfigurationError(
                     "production needs CXR_CDS_TRUSTED_ISSUERS: a JSON file listing the CDS "
                     "clients to trust; there is no open default"
                 )
             for issuer in self.trusted_issuers:
-                insecure = [u for u in issuer.fhir_servers if not u.startswith("https://")]
-                if insecure or (issuer.jwks_url and not issuer.jwks_url.startswith("https://")):
+                urls = [*issuer.fhir_servers, *issuer.allowed_jku]
+                if issuer.jwks_url:
+                    urls.append(issuer.jwks_url)
+                if any(not url.startswith("https://") for url in urls):
                     raise ConfigurationError(
-                        f"issuer {issuer.iss!r}: http:// FHIR or JWKS URLs are refused in "
+                        f"issuer {issuer.iss!r}: http:// FHIR, JWKS or jku URLs are refused in "
                         "production"
                     )
         if self.lookback_days < 1 or self.max_studies < 1 or self.max_prefetch_pages < 1:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 import requests
@@ -119,6 +120,8 @@ class HookHandler:
         session = getattr(self._sessions, "session", None)
         if session is None:
             session = self._sessions.session = requests.Session()
+            # Shared by every caller's requests: never carry one caller's cookies to another.
+            session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         return FhirClient(
             access.fhir_server,
             access.access_token,

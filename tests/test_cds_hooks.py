@@ -483,3 +483,90 @@ def test_feedback_is_stored_once(service: ServiceHandle, sandbox: SandboxHandle)
     assert service.store.feedback_count(PV) == 1
     bad = call(service, sandbox, url_id, {"feedback": [{"card": "x", "outcome": "maybe"}]})
     assert bad.status_code == 400
+
+
+class RecordingFhir(BaseHTTPRequestHandler):
+    """A FHIR server stub that records each request's Authorization header and pages once."""
+
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        RecordingFhir.seen.append(
+            (self.path, self.headers.get("Authorization"), self.headers.get("Cookie"))
+        )
+        base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if "page=2" not in self.path:
+            bundle["link"] = [{"relation": "next", "url": f"{base}/ImagingStudy?page=2"}]
+        body = json.dumps(bundle).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Set-Cookie", "session=caller-a; Path=/")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_every_fhir_call_carries_the_hook_access_token(
+    tmp_path: Path, sandbox: SandboxHandle
+) -> None:
+    """Req 61: the fhirAuthorization token on every FHIR call, next pages included; no cookies."""
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), RecordingFhir)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    stub_url = f"http://127.0.0.1:{stub.server_address[1]}/fhir"
+    handle, server = make_service(tmp_path, sandbox, extra_fhir_servers=(stub_url,))
+    RecordingFhir.seen = []
+    try:
+        for token in ("token-one", "token-two"):
+            auth = {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": 300,
+                "scope": "patient/ImagingStudy.rs",
+                "subject": "ehr",
+            }
+            body = patient_view_body(fhirServer=stub_url, fhirAuthorization=auth)
+            assert call(handle, sandbox, PV, body).status_code == 200
+        assert len(RecordingFhir.seen) == 4  # search + next page, twice
+        assert [auth for _, auth, _ in RecordingFhir.seen] == [
+            "Bearer token-one",
+            "Bearer token-one",
+            "Bearer token-two",
+            "Bearer token-two",
+        ]
+        assert [cookie for _, _, cookie in RecordingFhir.seen] == [None] * 4
+        assert RecordingFhir.seen[0][0].startswith("/fhir/ImagingStudy?patient=cxr-demo-1")
+    finally:
+        server.stop()
+        stub.shutdown()
+
+
+# FHIR search parameters CDS Hooks 2.0 recommends prefetch queries stick to (Req 58).
+RECOMMENDED_SEARCH = {
+    "patient",
+    "subject",
+    "_id",
+    "code",
+    "date",
+    "status",
+    "modality",
+    "_count",
+    "_sort",
+    "category",
+    "encounter",
+}
+
+
+def test_prefetch_template_uses_the_recommended_subset() -> None:
+    """Req 55-59: tokens {{context.x}} on primitive fields; simple search parameters only."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from cds_service.fhir.prefetch import PREFETCH_QUERY
+
+    parts = urlsplit(PREFETCH_QUERY)
+    assert parts.path == "ImagingStudy"
+    params = dict(parse_qsl(parts.query))
+    assert set(params) <= RECOMMENDED_SEARCH
+    assert params["patient"] == "{{context.patientId}}"

@@ -45,7 +45,13 @@ def test_auth_off_only_in_development(tmp_path: Path) -> None:
                 "CXR_CDS_AUTH": "off",
             }
         )
-    dev = Settings.from_env({"CXR_CDS_MODE": "development", "CXR_CDS_AUTH": "off"})
+    dev = Settings.from_env(
+        {
+            "CXR_CDS_MODE": "development",
+            "CXR_CDS_AUTH": "off",
+            "CXR_CDS_PUBLIC_URL": "http://127.0.0.1:8080",
+        }
+    )
     assert not dev.auth_enabled
 
 
@@ -79,6 +85,37 @@ def test_malformed_issuer_files_are_refused(tmp_path: Path, items: object, messa
 
 def test_unknown_mode_and_bad_numbers() -> None:
     with pytest.raises(ConfigurationError):
-        Settings.from_env({"CXR_CDS_MODE": "yolo"})
+        Settings.from_env({"CXR_CDS_MODE": "yolo", "CXR_CDS_PUBLIC_URL": "http://x"})
     with pytest.raises(ConfigurationError, match="number"):
         Settings.from_env({"CXR_CDS_MODE": "development", "CXR_CDS_LOOKBACK_DAYS": "many"})
+
+
+def test_urls_must_be_absolute_and_https_in_production(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="CXR_CDS_PUBLIC_URL"):
+        Settings.from_env({"CXR_CDS_MODE": "development", "CXR_CDS_AUTH": "off"})
+    with pytest.raises(ConfigurationError, match="CXR_CDS_SMART_APP_URL"):
+        Settings.from_env(
+            {
+                "CXR_CDS_MODE": "demo",
+                "CXR_CDS_PUBLIC_URL": "http://127.0.0.1:1",
+                "CXR_CDS_SMART_APP_URL": "viewer",
+            }
+        )
+    path = issuers_file(
+        tmp_path, [{"iss": "https://ehr", "jwks": JWKS, "fhir_servers": ["https://ehr/fhir"]}]
+    )
+    with pytest.raises(ConfigurationError, match="SMART_APP_URL"):
+        Settings.from_env(
+            {
+                "CXR_CDS_PUBLIC_URL": "https://cds.example",
+                "CXR_CDS_TRUSTED_ISSUERS": path,
+                "CXR_CDS_SMART_APP_URL": "http://viewer.example/launch",
+            }
+        )
+    jku = issuers_file(
+        tmp_path, [{"iss": "https://ehr", "jwks": JWKS, "allowed_jku": ["http://ehr/jwks.json"]}]
+    )
+    with pytest.raises(ConfigurationError, match="jku"):
+        Settings.from_env(
+            {"CXR_CDS_PUBLIC_URL": "https://cds.example", "CXR_CDS_TRUSTED_ISSUERS": jku}
+        )

@@ -199,3 +199,35 @@ def test_remote_jwks_and_allowlisted_jku_are_used(tmp_path: Path, sandbox: Sandb
         assert post(handle, with_jku, sandbox).status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("alg", ["RS384", "RS256", "ES256"])
+def test_other_allowed_algorithms_are_accepted(
+    alg: str, tmp_path: Path, sandbox: SandboxHandle
+) -> None:
+    """ES384 and RS384 are recommended (Req 205); ES256 and RS256 are also allowed."""
+    from joserfc.jwk import RSAKey
+
+    key = (
+        RSAKey.generate_key(2048, auto_kid=True)
+        if alg.startswith("RS")
+        else ECKey.generate_key("P-256", auto_kid=True)
+    )
+    jwks = {"keys": [{**key.as_dict(private=False), "kid": key.kid}]}
+    issuer = TrustedIssuer(iss="https://rsa-ehr.example", jwks=jwks, fhir_servers=(sandbox.fhir,))
+    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(issuer,))
+    try:
+        claims = claims_for("https://rsa-ehr.example", handle.url(SERVICE))
+        token = sign(key, claims, header={"alg": alg, "typ": "JWT", "kid": key.kid}, alg=alg)
+        assert post(handle, token, sandbox).status_code == 200
+        # The same key under an algorithm outside the allowlist (PS384) is refused.
+        if alg.startswith("RS"):
+            bad = sign(
+                key,
+                claims_for("https://rsa-ehr.example", handle.url(SERVICE)),
+                header={"alg": "PS384", "typ": "JWT", "kid": key.kid},
+                alg="PS384",
+            )
+            assert post(handle, bad, sandbox).status_code == 401
+    finally:
+        server.stop()

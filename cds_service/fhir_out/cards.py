@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,6 +60,17 @@ def relative_age(when: datetime | None, now: datetime) -> str:
     if days < 730:
         return f"{days // 30} months ago"
     return f"{days // 365} years ago"
+
+
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>|~])")
+_MARKDOWN_BLOCK_START = re.compile(r"^(\d*)([#>+\-=]|(?<=\d)[.)])")
+
+
+def markdown_text(text: str) -> str:
+    """Model text as literal GitHub Flavored Markdown: one line, no emphasis, links or HTML."""
+    escaped = _MARKDOWN_INLINE.sub(r"\\\1", " ".join(text.split()))
+    # A leading '#', '-', '1.' ... would start a heading or list: escape its punctuation.
+    return _MARKDOWN_BLOCK_START.sub(r"\1\\\2", escaped)
 
 
 def _summary(prefix: str, text: str) -> str:
@@ -133,7 +145,7 @@ def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> di
         indicator = "warning"
     detail = [f"The model's report mentions **{finding.display.lower()}** ({finding.state})."]
     if finding.evidence:
-        detail.append(f"> {finding.evidence}")
+        detail.append(f"> {markdown_text(finding.evidence)}")
     if finding.confidence is not None:
         detail.append(f"Model confidence: {finding.confidence:.2f}")
     return _card(
