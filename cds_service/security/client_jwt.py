@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 JWKS_CACHE_SECONDS = 300.0
 JWKS_MIN_REFRESH_SECONDS = 30.0
 JWKS_MAX_BYTES = 256 * 1024
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 class JtiStore(Protocol):
@@ -104,6 +105,7 @@ class ClientJwtVerifier:
         self._fetcher = jwks_fetcher or JwksFetcher()
         self._leeway = leeway_s
         self._clock = clock
+        self._key_cache: dict[str, ECKey | RSAKey | None] = {}
 
     def verify(self, authorization: str | None, audience: str) -> VerifiedClient:
         """Return the verified client or raise Unauthorized (with no detail for the caller)."""
@@ -168,24 +170,30 @@ class ClientJwtVerifier:
             return issuer.jwks
         return self._fetcher.get(source, refresh=refresh)
 
-    @staticmethod
-    def _pick(keyset: Mapping[str, Any] | None, kid: str) -> ECKey | RSAKey | None:
+    def _pick(self, keyset: Mapping[str, Any] | None, kid: str) -> ECKey | RSAKey | None:
         if keyset is None:
             return None
         for jwk_dict in keyset.get("keys", []):
             if isinstance(jwk_dict, dict) and jwk_dict.get("kid") == kid:
-                if jwk_dict.get("kty") not in ("EC", "RSA"):
-                    return None
-                public = {
-                    k: v for k, v in jwk_dict.items() if k not in {"d", "p", "q", "dp", "dq", "qi"}
-                }
-                try:
-                    imported = KeySet.import_key_set({"keys": [public]}).keys[0]
-                except (JoseError, ValueError, TypeError, KeyError):
-                    return None
-                if isinstance(imported, ECKey | RSAKey):
-                    return imported
+                return self._import_public(jwk_dict)
         return None
+
+    def _import_public(self, jwk_dict: Mapping[str, Any]) -> ECKey | RSAKey | None:
+        """Import a public EC/RSA JWK once; cached by content, so a rotated key re-imports."""
+        if jwk_dict.get("kty") not in ("EC", "RSA"):
+            return None
+        public = {k: v for k, v in jwk_dict.items() if k not in _PRIVATE_JWK_MEMBERS}
+        cache_key = json.dumps(public, sort_keys=True)
+        if cache_key in self._key_cache:
+            return self._key_cache[cache_key]
+        try:
+            imported = KeySet.import_key_set({"keys": [public]}).keys[0]
+        except (JoseError, ValueError, TypeError, KeyError):
+            return None
+        key = imported if isinstance(imported, ECKey | RSAKey) else None
+        if len(self._key_cache) < 256:
+            self._key_cache[cache_key] = key
+        return key
 
     def _check_claims(self, claims: Mapping[str, Any], audience: str) -> None:
         now = self._clock()
