@@ -258,6 +258,207 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+# -- sandbox ------------------------------------------------------------------------------
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from ehr_sandbox.app import Sandbox, SandboxSettings, create_app
+    from ehr_sandbox.seed import seed
+
+    base = f"http://{args.host}:{args.port}"
+    sandbox = Sandbox.open(SandboxSettings(data_dir=Path(args.data_dir), base_url=base))
+    if not args.no_seed:
+        seed(sandbox.store)
+    server = make_server(args.host, args.port, create_app(sandbox=sandbox), threaded=True)
+    print(f"EHR sandbox FHIR R4 base: {base}/fhir")
+    print(f"CDS client JWKS:          {base}/.well-known/jwks.json (kid {sandbox.key.kid})")
+    server.serve_forever()
+    return 0
+
+
+# -- hook -----------------------------------------------------------------------------------
+def cmd_hook(args: argparse.Namespace) -> int:
+    from ehr_sandbox.cds_client import (
+        CdsClientError,
+        CdsHooksClient,
+        SigningKey,
+        draft_imaging_order,
+        hook_context,
+    )
+
+    key = SigningKey.load_or_create(args.key)
+    fhir = args.fhir.rstrip("/") if args.fhir else None
+    issuer = args.iss or (fhir.rsplit("/fhir", 1)[0] if fhir else "urn:cxr-cds:cli")
+    order = None
+    if args.hook != "patient-view":
+        code = args.order_code or "36643-5"
+        order = draft_imaging_order(args.patient, code, _order_system(code), args.order_text)
+    context = hook_context(args.hook, args.patient, args.user, order)
+    authorization = None
+    token = args.access_token
+    if token is None and args.sandbox_dir and fhir:
+        from ehr_sandbox.access_tokens import TokenStore
+        from ehr_sandbox.app import SANDBOX_CLIENT_ID, SandboxSettings
+
+        sandbox_settings = SandboxSettings(data_dir=Path(args.sandbox_dir))
+        if sandbox_settings.database.exists():
+            token = (
+                TokenStore(sandbox_settings.database)
+                .issue(
+                    SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs patient/Patient.rs", args.patient
+                )
+                .token
+            )
+    if token and fhir:
+        authorization = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/ImagingStudy.rs patient/Patient.rs",
+            "subject": "cxr-cds-hook-cli",
+            "patient": args.patient,
+        }
+    client = CdsHooksClient(issuer, key, jku=args.jku)
+    try:
+        calls = client.fire(
+            args.service,
+            args.hook,
+            context,
+            fhir,
+            authorization,
+            with_prefetch=not args.no_prefetch,
+        )
+    except CdsClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not calls:
+        print(f"error: {args.service} offers no service for {args.hook}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                [{"url": c.service_url, "status": c.status, "response": c.response} for c in calls],
+                indent=2,
+            )
+        )
+    else:
+        for call in calls:
+            print_cards(call.service_url, call.status, call.response)
+    return 0 if all(c.status == 200 for c in calls) else 1
+
+
+def print_cards(url: str, status: int, response: Any) -> None:
+    print(f"\n== {url} -> HTTP {status}")
+    if status != 200 or not isinstance(response, dict):
+        print(f"   {response}")
+        return
+    cards = response.get("cards", [])
+    if not cards:
+        print("   (no cards)")
+    for card in cards:
+        print(f"   [{card['indicator'].upper():8}] {card['summary']}")
+        print(f"              source: {card['source']['label']}")
+        for link in card.get("links", []):
+            print(f"              link ({link['type']}): {link['label']} -> {link['url']}")
+
+
+# -- demo -----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cds_service.demo import run_demo
+
+    return run_demo(
+        host=args.host,
+        service_port=args.port,
+        sandbox_port=args.sandbox_port,
+        data_dir=Path(args.data_dir),
+        keep_running=not args.once,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-cds", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CDS service (gunicorn) and an inference worker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--no-worker", action="store_true", help="web tier only")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the inference worker alone")
+    worker.set_defaults(func=cmd_worker)
+
+    sandbox = sub.add_parser("sandbox", help="run the EHR sandbox (FHIR R4 + CDS client JWKS)")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8081)
+    sandbox.add_argument("--data-dir", default="var/sandbox")
+    sandbox.add_argument("--no-seed", action="store_true")
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    hook = sub.add_parser("hook", help="fire a CDS hook at any CDS service, as an EHR would")
+    hook.add_argument(
+        "--service", required=True, help="CDS service base URL (before /cds-services)"
+    )
+    hook.add_argument(
+        "--hook", required=True, choices=["patient-view", "order-select", "order-sign"]
+    )
+    hook.add_argument("--patient", required=True, help="Patient id")
+    hook.add_argument("--fhir", help="FHIR base URL sent as fhirServer and used for prefetch")
+    hook.add_argument("--order-code", help="draft order code: LOINC, CPT or SNOMED CT")
+    hook.add_argument("--order-text", default=DEFAULT_ORDER_DISPLAY)
+    hook.add_argument("--user", default="Practitioner/example")
+    hook.add_argument("--iss", help="JWT issuer (default: the sandbox base URL)")
+    hook.add_argument("--jku", help="jku header to put in the JWT")
+    hook.add_argument("--key", default="var/sandbox/cds-client-key.jwk.json", help="ES384 JWK file")
+    hook.add_argument("--access-token", help="FHIR access token sent in fhirAuthorization")
+    hook.add_argument(
+        "--sandbox-dir",
+        default="var/sandbox",
+        help="mint an access token from this local sandbox when none is given",
+    )
+    hook.add_argument("--no-prefetch", action="store_true")
+    hook.add_argument("--json", action="store_true")
+    hook.set_defaults(func=cmd_hook)
+
+    demo = sub.add_parser("demo", help="sandbox + service + a patient-view hook, end to end")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sandbox-port", type=int, default=8081)
+    demo.add_argument("--data-dir", default="var/demo")
+    demo.add_argument("--once", action="store_true", help="exit after printing the cards")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    # werkzeug's access log prints query strings (patient ids): keep it off INFO.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(
+            f"error: a port is already in use ({exc.strerror}); choose another with --port "
+            "(and --sandbox-port for the demo)",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
         return 130
 
 

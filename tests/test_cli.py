@@ -167,3 +167,31 @@ def test_serve_runs_gunicorn_and_answers_discovery(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=20)
     assert "AUTHENTICATION IS OFF" in output
     assert "SIMULATED backend" in output
+
+
+def test_demo_on_a_busy_port_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run(
+            [
+                *CLI,
+                "demo",
+                "--once",
+                "--port",
+                str(free_port()),
+                "--sandbox-port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "demo"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    # Werkzeug names the busy port and exits 1; no traceback.
+    assert run.returncode == 1
+    assert f"Port {port} is in use" in run.stderr and "Traceback" not in run.stderr
