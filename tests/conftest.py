@@ -17,7 +17,10 @@ from joserfc.jwk import ECKey
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from cds_service.config import Settings, TrustedIssuer
+from cds_service.fhir import imaging_study
+from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.jobs.worker import drain
 from cds_service.web.app import create_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
@@ -157,3 +160,13 @@ def patient_view_body(patient: str = "cxr-demo-1", **extra: Any) -> dict[str, An
     }
     body.update(extra)
     return body
+
+
+def analyse_seeded(service: ServiceHandle, sandbox: SandboxHandle) -> None:
+    """Analyse every seeded study with the simulated backend, as the worker would."""
+    backend = SimulatedBackend()
+    for study in sandbox.studies:
+        uid = imaging_study.study_uid(study)
+        assert uid
+        service.store.enqueue(uid, backend.model, study, sandbox.fhir)
+    drain(service.store, backend)

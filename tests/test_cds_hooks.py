@@ -25,6 +25,7 @@ from ehr_sandbox.cds_client import draft_imaging_order, hook_context
 from tests.conftest import (
     SandboxHandle,
     ServiceHandle,
+    analyse_seeded,
     claims_for,
     make_service,
     patient_view_body,
@@ -91,15 +92,6 @@ def assert_valid_cards(response: dict[str, Any]) -> list[dict[str, Any]]:
     return list(cards)
 
 
-def analyse_all(service: ServiceHandle, sandbox: SandboxHandle) -> None:
-    backend = SimulatedBackend()
-    for study in sandbox.studies:
-        uid = imaging_study.study_uid(study)
-        assert uid
-        service.store.enqueue(uid, backend.model, study, sandbox.fhir)
-    drain(service.store, backend)
-
-
 # -- discovery --------------------------------------------------------------------------------
 def test_discovery_lists_one_service_per_hook(service: ServiceHandle) -> None:
     """Reqs 4-13, 29, 36, 55-59."""
@@ -143,7 +135,7 @@ def test_patient_view_with_client_prefetch_gives_finding_cards(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """The sandbox client computes prefetch from discovery; results exist: finding cards."""
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     context = hook_context("patient-view", "cxr-demo-1", "Practitioner/example")
     calls = service.client.fire(
         service.base, "patient-view", context, sandbox.fhir, sandbox.authorization()
@@ -230,7 +222,7 @@ def test_fetches_with_fhir_authorization_when_prefetch_missing(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """Req 34, 60, 61: no prefetch key -> the service searches the FHIR server itself."""
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     body = patient_view_body(fhirServer=sandbox.fhir, fhirAuthorization=sandbox.authorization())
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len({c["links"][0]["appContext"] for c in cards}) == 2
@@ -288,7 +280,7 @@ def test_unreachable_fhir_server_gives_412_not_500(tmp_path: Path, sandbox: Sand
 
 def test_paginated_prefetch_is_followed(service: ServiceHandle, sandbox: SandboxHandle) -> None:
     """A prefetched first page with a next link: the service reads the next page itself."""
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     first = requests.get(
         f"{sandbox.fhir}/ImagingStudy",
         params={"patient": "cxr-demo-1", "_count": "1", "_sort": "-started"},
@@ -307,7 +299,7 @@ def test_paginated_prefetch_is_followed(service: ServiceHandle, sandbox: Sandbox
 def test_prefetched_studies_of_another_patient_are_ignored(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     other = next(s for s in sandbox.studies if s["subject"]["reference"] == "Patient/cxr-demo-2")
     body = patient_view_body(
         prefetch={
@@ -321,15 +313,25 @@ def test_prefetched_studies_of_another_patient_are_ignored(
     assert call(service, sandbox, PV, body).json() == {"cards": []}
 
 
-class CountingHandler(BaseHTTPRequestHandler):
-    hits: list[str] = []
+class RecordingFhir(BaseHTTPRequestHandler):
+    """A FHIR server stub that records each request's Authorization header and pages once."""
+
+    seen: list[tuple[str, str | None, str | None]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        CountingHandler.hits.append(self.path)
+        RecordingFhir.seen.append(
+            (self.path, self.headers.get("Authorization"), self.headers.get("Cookie"))
+        )
+        base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if "page=2" not in self.path:
+            bundle["link"] = [{"relation": "next", "url": f"{base}/ImagingStudy?page=2"}]
+        body = json.dumps(bundle).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Set-Cookie", "session=caller-a; Path=/")
         self.end_headers()
-        self.wfile.write(b'{"resourceType":"Bundle","type":"searchset"}')
+        self.wfile.write(body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -339,9 +341,9 @@ def test_disallowed_fhir_server_gets_no_outbound_request(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """SSRF guard: a fhirServer not allowed for the issuer is never contacted."""
-    trap = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    trap = ThreadingHTTPServer(("127.0.0.1", 0), RecordingFhir)
     threading.Thread(target=trap.serve_forever, daemon=True).start()
-    CountingHandler.hits = []
+    RecordingFhir.seen = []
     try:
         trap_url = f"http://127.0.0.1:{trap.server_address[1]}/fhir"
         page = {
@@ -364,7 +366,7 @@ def test_disallowed_fhir_server_gets_no_outbound_request(
             ),
         ):
             call(service, sandbox, PV, body)
-        assert CountingHandler.hits == []
+        assert RecordingFhir.seen == []
     finally:
         trap.shutdown()
 
@@ -374,7 +376,7 @@ def test_disallowed_fhir_server_gets_no_outbound_request(
 def test_chest_radiograph_order_gets_prior_findings(
     hook: str, service_id: str, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     order = draft_imaging_order(
         "cxr-demo-1",
         "71046",
@@ -400,7 +402,7 @@ def test_non_chest_order_gets_no_cards(service: ServiceHandle, sandbox: SandboxH
 def test_loose_draft_orders_bundle_without_type(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
-    analyse_all(service, sandbox)
+    analyse_seeded(service, sandbox)
     order = {
         "resourceType": "ServiceRequest",
         "id": "o1",
@@ -483,30 +485,6 @@ def test_feedback_is_stored_once(service: ServiceHandle, sandbox: SandboxHandle)
     assert service.store.feedback_count(PV) == 1
     bad = call(service, sandbox, url_id, {"feedback": [{"card": "x", "outcome": "maybe"}]})
     assert bad.status_code == 400
-
-
-class RecordingFhir(BaseHTTPRequestHandler):
-    """A FHIR server stub that records each request's Authorization header and pages once."""
-
-    seen: list[tuple[str, str | None, str | None]] = []
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        RecordingFhir.seen.append(
-            (self.path, self.headers.get("Authorization"), self.headers.get("Cookie"))
-        )
-        base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-        if "page=2" not in self.path:
-            bundle["link"] = [{"relation": "next", "url": f"{base}/ImagingStudy?page=2"}]
-        body = json.dumps(bundle).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Set-Cookie", "session=caller-a; Path=/")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_every_fhir_call_carries_the_hook_access_token(

@@ -16,11 +16,8 @@ from typing import Any
 
 import pytest
 
-from cds_service.fhir import imaging_study
-from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.worker import drain
 from ehr_sandbox.app import SANDBOX_CLIENT_ID
-from tests.conftest import SandboxHandle, ServiceHandle
+from tests.conftest import SandboxHandle, ServiceHandle, analyse_seeded
 
 CLIENT_DIR = Path(__file__).parent / "node_cds_client"
 PATIENT = "cxr-demo-1"
@@ -83,16 +80,6 @@ def run_client(
     return result
 
 
-def store_simulated_results(service: ServiceHandle, sandbox: SandboxHandle) -> None:
-    """Analyse every seeded study so that hooks have findings to show."""
-    backend = SimulatedBackend()
-    for study in sandbox.studies:
-        uid = imaging_study.study_uid(study)
-        assert uid
-        service.store.enqueue(uid, backend.model, study, sandbox.fhir)
-    drain(service.store, backend)
-
-
 def test_discovery_is_valid_for_an_independent_client(
     node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
@@ -109,7 +96,7 @@ def test_patient_view_cards_pass_the_independent_validator(
     node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """Reqs 3, 74, 80-147: cards computed from the client's own prefetch."""
-    store_simulated_results(service, sandbox)
+    analyse_seeded(service, sandbox)
     result = run_client(node_client, "patient-view", service, sandbox)
     assert result["status"] == 200, result
     assert result["problems"] == []
@@ -123,7 +110,7 @@ def test_order_select_with_a_cpt_coded_draft_order(
     node_client: Path, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """A CPT 71046 ServiceRequest in draftOrders (Bundle, type collection) gets prior findings."""
-    store_simulated_results(service, sandbox)
+    analyse_seeded(service, sandbox)
     result = run_client(node_client, "order-select", service, sandbox)
     assert result["status"] == 200, result
     assert result["problems"] == []
