@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from cds_service.fhir import imaging_study  # noqa: E402
 from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
-from cds_service.jobs.sqlite_store import SqliteStore  # noqa: E402
+from cds_service.jobs.sqlite_store import SqliteStore, StudyRef  # noqa: E402
 from ehr_sandbox.access_tokens import TokenStore  # noqa: E402
 from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, hook_context  # noqa: E402
 
@@ -180,7 +180,8 @@ def main() -> int:
             study = entry["resource"]
             uid = imaging_study.study_uid(study)
             if uid:
-                store.put_result(backend.analyse(uid, study))
+                ref = StudyRef(sandbox_base, uid, imaging_study.subject_patient_id(study))
+                store.put_result(ref, backend.analyse(uid, study))
         procs.append(
             subprocess.Popen(
                 [

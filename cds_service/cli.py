@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from cds_service.errors import ConfigurationError
 from cds_service.inference.registry import SIMULATED_WARNING
@@ -95,6 +94,7 @@ def cmd_hook(args: argparse.Namespace) -> int:
         CdsHooksClient,
         SigningKey,
         draft_imaging_order,
+        format_cards,
         hook_context,
     )
 
@@ -155,28 +155,13 @@ def cmd_hook(args: argparse.Namespace) -> int:
         )
     else:
         for call in calls:
-            print_cards(call.service_url, call.status, call.response)
+            print(format_cards(call))
     return 0 if all(c.status == 200 for c in calls) else 1
-
-
-def print_cards(url: str, status: int, response: Any) -> None:
-    print(f"\n== {url} -> HTTP {status}")
-    if status != 200 or not isinstance(response, dict):
-        print(f"   {response}")
-        return
-    cards = response.get("cards", [])
-    if not cards:
-        print("   (no cards)")
-    for card in cards:
-        print(f"   [{card['indicator'].upper():8}] {card['summary']}")
-        print(f"              source: {card['source']['label']}")
-        for link in card.get("links", []):
-            print(f"              link ({link['type']}): {link['label']} -> {link['url']}")
 
 
 # -- demo -----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cds_service.demo import run_demo
+    from cds_service.web.demo import run_demo
 
     return run_demo(
         host=args.host,

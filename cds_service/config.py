@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -110,7 +110,6 @@ class Settings:
     max_prefetch_pages: int = 5
     jwt_leeway_s: int = 60
     max_request_bytes: int = 5 * 1024 * 1024
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def simulated(self) -> bool:
@@ -134,11 +133,11 @@ class Settings:
                 raise ConfigurationError(
                     f"{name} must be an absolute http(s) URL (JWT aud and card links use it)"
                 )
+        if not self.auth_enabled and self.mode != "development":
+            raise ConfigurationError(
+                "authentication can be switched off only with CXR_CDS_MODE=development"
+            )
         if self.mode == "production":
-            if not self.auth_enabled:
-                raise ConfigurationError(
-                    "authentication can be switched off only with CXR_CDS_MODE=development"
-                )
             if not self.public_url.startswith("https://"):
                 raise ConfigurationError(
                     "production needs CXR_CDS_PUBLIC_URL with https:// (JWT aud is checked "
@@ -161,7 +160,14 @@ class Settings:
                         "production"
                     )
         if self.lookback_days < 1 or self.max_studies < 1 or self.max_prefetch_pages < 1:
-            raise ConfigurationError("lookback_days, max_studies, max_prefetch_pages must be >= 1")
+            raise ConfigurationError(
+                "CXR_CDS_LOOKBACK_DAYS, CXR_CDS_MAX_STUDIES and CXR_CDS_MAX_PREFETCH_PAGES "
+                "must be >= 1"
+            )
+        if not (0 < self.fhir_connect_timeout_s <= 60 and 0 < self.fhir_read_timeout_s <= 60):
+            raise ConfigurationError("FHIR timeouts must be > 0 and <= 60 seconds")
+        if not 0 <= self.hook_wait_ms <= 10_000:
+            raise ConfigurationError("CXR_CDS_HOOK_WAIT_MS must be between 0 and 10000")
         if self.on_missing_data not in ("412", "no-card"):
             raise ConfigurationError("CXR_CDS_ON_MISSING_DATA must be '412' or 'no-card'")
         return self
@@ -190,6 +196,7 @@ class Settings:
                 smart_app_url=env.get("CXR_CDS_SMART_APP_URL", "").rstrip("/"),
                 lookback_days=int(env.get("CXR_CDS_LOOKBACK_DAYS", "365")),
                 max_studies=int(env.get("CXR_CDS_MAX_STUDIES", "5")),
+                max_prefetch_pages=int(env.get("CXR_CDS_MAX_PREFETCH_PAGES", "5")),
                 on_missing_data=env.get("CXR_CDS_ON_MISSING_DATA", "412"),  # type: ignore[arg-type]
                 enqueue_on_miss=_bool(env.get("CXR_CDS_ENQUEUE_ON_MISS", "1")),
                 hook_wait_ms=int(env.get("CXR_CDS_HOOK_WAIT_MS", "0")),

@@ -7,15 +7,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
-
-import requests
 
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.errors import BadRequest, NotFound, PreconditionFailed
 from cds_service.fhir import imaging_study
-from cds_service.fhir.client import FhirClient
+from cds_service.fhir.client import FhirClient, new_session
 from cds_service.fhir.prefetch import (
     PREFETCH_KEY,
     PREFETCH_QUERY,
@@ -24,12 +21,20 @@ from cds_service.fhir.prefetch import (
     recent_chest_studies,
     resolve_studies,
 )
-from cds_service.fhir_out.cards import CardContext, StudyStatus, build_cards, utcnow
-from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
+from cds_service.fhir_out.cards import (
+    CardContext,
+    StudyStatus,
+    build_cards,
+    incomplete_list_card,
+    utcnow,
+)
+from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.orders import chest_orders
 from cds_service.results import ModelInfo
 
 log = logging.getLogger(__name__)
+# The tenant of results when authentication is off (development only): there is no issuer.
+DEVELOPMENT_TENANT = "development"
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,7 @@ class HookHandler:
         # One keep-alive session per thread: no new TCP connection per hook call.
         session = getattr(self._sessions, "session", None)
         if session is None:
-            session = self._sessions.session = requests.Session()
-            # Shared by every caller's requests: never carry one caller's cookies to another.
-            session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+            session = self._sessions.session = new_session()
         return FhirClient(
             access.fhir_server,
             access.access_token,
@@ -151,12 +154,13 @@ class HookHandler:
             prefix = "Prior "
         access = self._fhir_access(body, issuer)
         try:
-            studies = resolve_studies(
+            found = resolve_studies(
                 body.get("prefetch"),
                 patient_id,
                 access,
                 self._client_factory,
                 max_pages=self.settings.max_prefetch_pages,
+                lookback_days=self.settings.lookback_days,
             )
         except DataUnavailable as exc:
             log.info("hook %s: studies unavailable: %s", service.id, exc)
@@ -167,19 +171,26 @@ class HookHandler:
                 "with fhirAuthorization for a FHIR server this service is allowed to query"
             ) from exc
         recent = recent_chest_studies(
-            studies,
+            found.studies,
             patient_id,
             lookback_days=self.settings.lookback_days,
             limit=self.settings.max_studies,
         )
-        statuses = self._statuses(recent, body.get("fhirServer"))
+        # Results belong to the tenant (issuer) that sent the study; only a vetted FHIR
+        # server is ever stored with a job.
+        tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
+        server = access.fhir_server if access is not None else None
+        statuses = self._statuses(recent, tenant, patient_id, server)
         ctx = CardContext(
             model=self.model,
             smart_launch_url=self.settings.smart_launch_url(),
             now=utcnow(),
             summary_prefix=prefix,
         )
-        return {"cards": build_cards(statuses, ctx)}
+        cards = build_cards(statuses, ctx)
+        if not found.complete:
+            cards.append(incomplete_list_card(ctx))
+        return {"cards": cards}
 
     def _fhir_access(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> FhirAccess | None:
         server = body.get("fhirServer")
@@ -201,38 +212,56 @@ class HookHandler:
             return None
         return FhirAccess(fhir_server=server, access_token=token)
 
-    def _statuses(self, studies: list[dict[str, Any]], fhir_server: Any) -> list[StudyStatus]:
-        statuses = [self._status(study, fhir_server) for study in studies]
+    def _statuses(
+        self, studies: list[dict[str, Any]], tenant: str, patient_id: str, server: str | None
+    ) -> list[StudyStatus]:
+        refs = [
+            StudyRef(tenant, uid, patient_id) if (uid := imaging_study.study_uid(s)) else None
+            for s in studies
+        ]
+        statuses = [self._status(s, ref, server) for s, ref in zip(studies, refs, strict=True)]
         budget = self.settings.hook_wait_ms / 1000.0
         if budget > 0 and any(s.state == "in-progress" for s in statuses):
             deadline = time.monotonic() + budget
             while time.monotonic() < deadline and any(s.state == "in-progress" for s in statuses):
                 time.sleep(0.02)
                 statuses = [
-                    self._status(s.study, fhir_server, enqueue=False)
+                    self._status(s.study, ref, server, enqueue=False)
                     if s.state == "in-progress"
                     else s
-                    for s in statuses
+                    for s, ref in zip(statuses, refs, strict=True)
                 ]
         return statuses
 
-    def _status(self, study: dict[str, Any], fhir_server: Any, enqueue: bool = True) -> StudyStatus:
-        uid = imaging_study.study_uid(study)
-        if uid is None:
+    def _status(
+        self,
+        study: dict[str, Any],
+        ref: StudyRef | None,
+        server: str | None,
+        enqueue: bool = True,
+    ) -> StudyStatus:
+        if ref is None:
             return StudyStatus(
                 study=study, state="not-analysed", reason="no DICOM Study Instance UID in the study"
             )
-        result = self.store.get_result(uid, self.model)
-        if result is not None:
-            if result.status == "completed":
-                return StudyStatus(study=study, state="completed", result=result)
-            return StudyStatus(study=study, state="not-analysed", result=result)
-        if self.store.job_state(uid, self.model) is not None:
+        stored = self.store.get_result(ref, self.model)
+        if stored is not None:
+            if stored.patient_id != ref.patient_id:
+                # Never show a result computed for another patient record.
+                log.warning("a stored result's patient differs from the hook's patient")
+                return StudyStatus(
+                    study=study,
+                    state="not-analysed",
+                    reason="study UID conflicts with another patient record",
+                )
+            if stored.result.status == "completed":
+                return StudyStatus(study=study, state="completed", result=stored.result)
+            return StudyStatus(study=study, state="not-analysed", result=stored.result)
+        if self.store.job_state(ref, self.model) is not None:
             return StudyStatus(study=study, state="in-progress")
         if enqueue and self.settings.enqueue_on_miss:
-            server = fhir_server if isinstance(fhir_server, str) else None
             try:
-                self.store.enqueue(uid, self.model, study, server)
+                self.store.enqueue(ref, self.model, study, server)
             except QueueFull:
                 log.warning("analysis queue full; study not queued")
                 return StudyStatus(

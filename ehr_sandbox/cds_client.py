@@ -135,9 +135,13 @@ class CdsHooksClient:
             body = response.json()
         except (requests.RequestException, ValueError) as exc:
             raise CdsClientError(f"discovery at {url} failed: {exc}") from exc
-        if response.status_code != 200 or not isinstance(body.get("services"), list):
+        if (
+            response.status_code != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("services"), list)
+        ):
             raise CdsClientError(f"discovery at {url} answered {response.status_code}")
-        return list(body["services"])
+        return [s for s in body["services"] if isinstance(s, dict) and isinstance(s.get("id"), str)]
 
     def prefetch(
         self,
@@ -263,3 +267,27 @@ def draft_imaging_order(patient_id: str, code: str, system: str, display: str) -
         "code": {"coding": [{"system": system, "code": code, "display": display}], "text": display},
         "subject": {"reference": f"Patient/{patient_id}"},
     }
+
+
+def format_cards(call: HookCall) -> str:
+    """A human-readable rendering of a hook answer; tolerant of services that break the spec."""
+    lines = [f"== {call.service_url} -> HTTP {call.status}"]
+    cards = call.response.get("cards") if isinstance(call.response, dict) else None
+    if call.status != 200 or not isinstance(cards, list):
+        lines.append(f"   {str(call.response)[:2000]}")
+        return "\n".join(lines)
+    if not cards:
+        lines.append("   (no cards)")
+    for item in cards:
+        card: dict[str, Any] = item if isinstance(item, dict) else {}
+        source = card["source"] if isinstance(card.get("source"), dict) else {}
+        lines.append(f"   [{str(card.get('indicator', '?')).upper():8}] {card.get('summary', '?')}")
+        lines.append(f"              source: {source.get('label', '?')}")
+        links = card["links"] if isinstance(card.get("links"), list) else []
+        for link in links:
+            if isinstance(link, dict):
+                lines.append(
+                    f"              link ({link.get('type', '?')}): {link.get('label', '?')} -> "
+                    f"{link.get('url', '?')}"
+                )
+    return "\n".join(lines)

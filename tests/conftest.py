@@ -19,7 +19,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import drain
 from cds_service.web.app import create_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
@@ -168,5 +168,6 @@ def analyse_seeded(service: ServiceHandle, sandbox: SandboxHandle) -> None:
     for study in sandbox.studies:
         uid = imaging_study.study_uid(study)
         assert uid
-        service.store.enqueue(uid, backend.model, study, sandbox.fhir)
+        ref = StudyRef(sandbox.base, uid, imaging_study.subject_patient_id(study))
+        service.store.enqueue(ref, backend.model, study, sandbox.fhir)
     drain(service.store, backend)

@@ -24,6 +24,13 @@ STUDY = {
     "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}],
     "started": "2026-11-25T09:00:00+00:00",
     "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CR"}],
+    "series": [
+        {
+            "uid": "1.2.3.4",
+            "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CR"},
+            "bodySite": {"system": "http://snomed.info/sct", "code": "51185008"},
+        }
+    ],
 }
 
 
@@ -108,3 +115,16 @@ def test_relative_age(days: int, expected: str) -> None:
     from datetime import timedelta
 
     assert relative_age(NOW - timedelta(days=days), NOW) == expected
+
+
+def test_labels_claim_chest_only_when_the_study_says_so() -> None:
+    finding = result(Finding("pleural-effusion", "present", "x"))
+    unknown = {k: v for k, v in STUDY.items() if k != "series"}
+    [card] = cards_for_study(StudyStatus(unknown, "completed", finding), ctx())
+    assert card["summary"].startswith("Radiograph (CR) 2 days ago")
+    bare = {"resourceType": "ImagingStudy", "id": "s2"}
+    [card] = cards_for_study(StudyStatus(bare, "completed", finding), ctx())
+    assert card["summary"].startswith("Imaging study of unknown date")
+    future = {**STUDY, "started": "2999-01-01T00:00:00Z"}
+    [card] = cards_for_study(StudyStatus(future, "completed", finding), ctx())
+    assert "dated in the future" in card["summary"]

@@ -19,6 +19,7 @@ import requests
 from cds_service.fhir import imaging_study
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.inference.simulated import SimulatedBackend
+from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
 from cds_service.results import AnalysisResult, Finding
 from ehr_sandbox.cds_client import draft_imaging_order, hook_context
@@ -161,6 +162,7 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
     assert uid
     model = SimulatedBackend.model
     service.store.put_result(
+        StudyRef(sandbox.base, uid, "cxr-demo-1"),
         AnalysisResult(
             study_uid=uid,
             model=model,
@@ -171,7 +173,7 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
                 Finding("pleural-effusion", "present", "Small effusion."),
                 Finding("cardiomegaly", "absent", "Heart size is normal."),
             ),
-        )
+        ),
     )
     body = patient_view_body(
         prefetch={
@@ -188,13 +190,14 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
     assert "> Right pneumothorax." in cards[0]["detail"]
 
     service.store.put_result(
+        StudyRef(sandbox.base, uid, "cxr-demo-1"),
         AnalysisResult(
             study_uid=uid,
             model=model,
             status="completed",
             report_text="x",
             findings=(Finding("pneumothorax", "absent", "No pneumothorax."),),
-        )
+        ),
     )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len(cards) == 1 and cards[0]["indicator"] == "info"
@@ -209,10 +212,10 @@ def test_missing_result_enqueues_and_says_in_progress(
     )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len(cards) == 1 and "in progress" in cards[0]["summary"]
-    assert service.store.queue_depth() == 1
+    assert service.store.queue_depth(SimulatedBackend.model) == 1
     # A second hook does not queue the same study twice.
     call(service, sandbox, PV, body)
-    assert service.store.queue_depth() == 1
+    assert service.store.queue_depth(SimulatedBackend.model) == 1
     assert drain(service.store, SimulatedBackend()) == 1
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert "in progress" not in cards[0]["summary"]

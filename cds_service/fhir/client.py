@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import requests
+
+from cds_service.fhir.shapes import as_dict, as_str, dicts
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,19 @@ class FhirUnavailable(FhirError):
 
 
 class FhirAccessDenied(FhirError):
-    """401 or 403 from the FHIR server."""
+    """401 or 403 from the FHIR server, or a URL outside the FHIR base."""
+
+
+class FhirRejected(FhirUnavailable):
+    """400 from the FHIR server: it does not support something we asked (e.g. `_sort`)."""
+
+
+def new_session() -> requests.Session:
+    """A session for outbound FHIR calls. It keeps no cookies: a session may be reused for
+    many callers, and one caller's cookies must never reach another's request."""
+    session = requests.Session()
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return session
 
 
 class FhirClient:
@@ -39,15 +55,24 @@ class FhirClient:
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._base = urlsplit(self.base_url)
         self._timeout = timeout
-        self._session = session or requests.Session()
+        self._session = session or new_session()
         self._headers = {"Accept": FHIR_JSON}
         if access_token:
             self._headers["Authorization"] = f"Bearer {access_token}"
 
     def owns(self, url: str) -> bool:
-        """True when `url` lies under this client's base URL (guards paging against SSRF)."""
-        return url == self.base_url or url.startswith(self.base_url + "/")
+        """True when `url` lies under this client's base URL (guards paging against SSRF):
+        same scheme, host and port, and a path under the base path with no dot segments."""
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc.lower()) != (self._base.scheme, self._base.netloc.lower()):
+            return False
+        segments = unquote(parts.path).split("/")
+        if any(segment in (".", "..") for segment in segments):
+            return False
+        base_path = self._base.path.rstrip("/")
+        return parts.path == base_path or parts.path.startswith(base_path + "/")
 
     def get_json(self, url_or_path: str, params: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         url = url_or_path if "://" in url_or_path else f"{self.base_url}/{url_or_path.lstrip('/')}"
@@ -64,56 +89,34 @@ class FhirClient:
             )
             body = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
             response.close()
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:
+            # ValueError: requests refuses some malformed URLs and timeouts before sending.
             raise FhirUnavailable(f"FHIR server unreachable: {type(exc).__name__}") from exc
         if response.status_code in (401, 403):
             raise FhirAccessDenied(f"FHIR server answered {response.status_code}")
+        if response.status_code == 400:
+            raise FhirRejected("FHIR server answered 400")
         if response.status_code != 200:
             raise FhirUnavailable(f"FHIR server answered {response.status_code}")
         if len(body) > MAX_RESPONSE_BYTES:
             raise FhirUnavailable("FHIR response larger than the configured limit")
         try:
             parsed = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise FhirUnavailable("FHIR server answered something that is not JSON") from exc
         if not isinstance(parsed, dict) or "resourceType" not in parsed:
             raise FhirUnavailable("FHIR server answered JSON that is not a resource")
         return parsed
 
-    def search_pages(
-        self, resource_type: str, params: Sequence[tuple[str, str]], max_pages: int
-    ) -> Iterator[dict[str, Any]]:
-        """Yield searchset Bundles, following `next` links within this base, at most max_pages."""
-        bundle = self.get_json(resource_type, params)
-        yield bundle
-        yield from self.follow_next(bundle, max_pages - 1)
-
-    def follow_next(self, bundle: dict[str, Any], max_pages: int) -> Iterator[dict[str, Any]]:
-        for _ in range(max_pages):
-            next_url = next_link(bundle)
-            if next_url is None:
-                return
-            if not self.owns(next_url):
-                log.warning("ignoring a next link outside the FHIR base")
-                return
-            bundle = self.get_json(next_url)
-            if bundle.get("resourceType") != "Bundle":
-                raise FhirUnavailable("a next link did not return a Bundle")
-            yield bundle
-
 
 def next_link(bundle: dict[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+    for link in dicts(bundle.get("link")):
+        if link.get("relation") == "next" and as_str(link.get("url")):
             return str(link["url"])
     return None
 
 
 def bundle_resources(bundle: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
-    """The entries of `resource_type` in a Bundle (search.mode include/outcome skipped)."""
-    found = []
-    for entry in bundle.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
-            found.append(resource)
-    return found
+    """The entries of `resource_type` in a Bundle (anything malformed is skipped)."""
+    resources = (as_dict(entry.get("resource")) for entry in dicts(bundle.get("entry")))
+    return [r for r in resources if r.get("resourceType") == resource_type]

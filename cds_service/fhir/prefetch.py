@@ -9,7 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cds_service.fhir import imaging_study
-from cds_service.fhir.client import FhirClient, FhirError, bundle_resources
+from cds_service.fhir.client import (
+    FhirClient,
+    FhirError,
+    FhirRejected,
+    bundle_resources,
+    next_link,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +42,62 @@ class FhirAccess:
 ClientFactory = Callable[[FhirAccess], FhirClient]
 
 
+@dataclass(frozen=True)
+class StudyList:
+    """The studies found, and whether the list is known to be complete (all pages read)."""
+
+    studies: list[dict[str, Any]]
+    complete: bool = True
+
+
 def _is_operation_outcome(value: Any) -> bool:
     return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
 
 
-def _studies_from_prefetch(
-    value: Any, client: FhirClient | None, max_pages: int
-) -> list[dict[str, Any]] | None:
+def _collect(first: dict[str, Any], client: FhirClient | None, max_pages: int) -> StudyList:
+    """Studies of a searchset Bundle and of its next pages, within the same FHIR base."""
+    studies = bundle_resources(first, "ImagingStudy")
+    page = first
+    for _ in range(max_pages - 1):
+        url = next_link(page)
+        if url is None:
+            return StudyList(studies)
+        if client is None or not client.owns(url):
+            log.warning("a next link cannot be followed (no access, or outside the FHIR base)")
+            return StudyList(studies, complete=False)
+        try:
+            page = client.get_json(url)
+        except FhirError as exc:
+            log.warning("could not follow search paging: %s", exc)
+            return StudyList(studies, complete=False)
+        studies.extend(bundle_resources(page, "ImagingStudy"))
+    return StudyList(studies, complete=next_link(page) is None)
+
+
+def _from_prefetch(value: Any, client: FhirClient | None, max_pages: int) -> StudyList | None:
     """Studies from a prefetched value; None when it is unusable and we must fetch instead."""
     if value is None:
-        return []  # null: the client ran the query and found nothing.
+        return StudyList([])  # null: the client ran the query and found nothing.
     if not isinstance(value, dict) or _is_operation_outcome(value):
         return None
     if value.get("resourceType") == "ImagingStudy":
-        return [value]
+        return StudyList([value])
     if value.get("resourceType") != "Bundle":
         return None
-    studies = bundle_resources(value, "ImagingStudy")
-    if client is not None:
-        try:
-            for page in client.follow_next(value, max_pages - 1):
-                studies.extend(bundle_resources(page, "ImagingStudy"))
-        except FhirError as exc:
-            # Keep what was prefetched; the first page is the most recent studies.
-            log.warning("could not follow prefetch paging: %s", exc)
-    return studies
+    return _collect(value, client, max_pages)
+
+
+def _search(client: FhirClient, patient_id: str, lookback_days: int, max_pages: int) -> StudyList:
+    since = (datetime.now(UTC) - timedelta(days=lookback_days)).date().isoformat()
+    params = [("patient", patient_id), *SEARCH_PARAMS, ("started", f"ge{since}")]
+    try:
+        first = client.get_json("ImagingStudy", params)
+    except FhirRejected:
+        # A server that refuses _sort, modality or started: ask for the patient's studies only
+        # and filter them here (recent_chest_studies does).
+        log.info("FHIR server refused the study search parameters; retrying with patient only")
+        first = client.get_json("ImagingStudy", [("patient", patient_id), ("_count", "50")])
+    return _collect(first, client, max_pages)
 
 
 def resolve_studies(
@@ -70,25 +107,22 @@ def resolve_studies(
     client_factory: ClientFactory,
     *,
     max_pages: int,
-) -> list[dict[str, Any]]:
+    lookback_days: int,
+) -> StudyList:
     """ImagingStudies for `patient_id` from prefetch, else fetched; raises DataUnavailable."""
     client = client_factory(access) if access is not None else None
     value = prefetch.get(PREFETCH_KEY, ...) if isinstance(prefetch, dict) else ...
     if value is not ...:
-        studies = _studies_from_prefetch(value, client, max_pages)
-        if studies is not None:
-            return studies
+        found = _from_prefetch(value, client, max_pages)
+        if found is not None:
+            return found
         log.info("prefetch %s unusable (OperationOutcome or wrong type); fetching", PREFETCH_KEY)
     if client is None:
         raise DataUnavailable("no usable prefetch and no authorised FHIR access")
-    params = (("patient", patient_id), *SEARCH_PARAMS)
     try:
-        studies = []
-        for page in client.search_pages("ImagingStudy", params, max_pages):
-            studies.extend(bundle_resources(page, "ImagingStudy"))
+        return _search(client, patient_id, lookback_days, max_pages)
     except FhirError as exc:
         raise DataUnavailable(str(exc)) from exc
-    return studies
 
 
 def recent_chest_studies(

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cds_service.fhir import imaging_study
+from cds_service.fhir.shapes import as_str
 from cds_service.results import CRITICAL_FINDINGS, AnalysisResult, Finding, ModelInfo
 
 SUMMARY_MAX = 139  # CDS Hooks 2.0: summary "<140 characters"
@@ -23,7 +24,7 @@ SIMULATED_LINE = (
     "an EHR without a GPU; its content is made up and must not be used for care."
 )
 
-StudyState = Literal["completed", "in-progress", "not-analysed", "failed"]
+StudyState = Literal["completed", "in-progress", "not-analysed"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ def relative_age(when: datetime | None, now: datetime) -> str:
     if when is None:
         return "of unknown date"
     days = (now - when).days
+    if days < -1 or (days == -1 and (when - now).total_seconds() > 3600):
+        return "dated in the future"
     if days <= 0:
         return "today"
     if days == 1:
@@ -81,14 +84,18 @@ def _summary(prefix: str, text: str) -> str:
 
 
 def _study_label(study: dict[str, Any], now: datetime) -> str:
-    modality = "/".join(sorted(imaging_study.modalities(study))) or "chest imaging"
-    return f"Chest radiograph ({modality}) {relative_age(imaging_study.started(study), now)}"
+    """'Chest radiograph (CR) 2 days ago'; no claim of 'chest' the study does not make."""
+    modality = "/".join(sorted(imaging_study.modalities(study)))
+    kind = "Chest radiograph" if imaging_study.is_chest(study) else "Radiograph"
+    what = f"{kind} ({modality})" if modality else "Imaging study"
+    return f"{what} {relative_age(imaging_study.started(study), now)}"
 
 
 def _app_link(study: dict[str, Any], ctx: CardContext) -> dict[str, Any]:
     app_context: dict[str, str] = {}
-    if study.get("id"):
-        app_context["imagingStudy"] = f"ImagingStudy/{study['id']}"
+    study_id = as_str(study.get("id"))
+    if study_id:
+        app_context["imagingStudy"] = f"ImagingStudy/{study_id}"
     uid = imaging_study.study_uid(study)
     if uid:
         app_context["studyInstanceUid"] = uid
@@ -211,6 +218,22 @@ def build_cards(statuses: list[StudyStatus], ctx: CardContext) -> list[dict[str,
     for status in statuses:
         cards.extend(cards_for_study(status, ctx))
     return cards
+
+
+def incomplete_list_card(ctx: CardContext) -> dict[str, Any]:
+    """Said when the patient's study list could not be read to the end (paging cut short)."""
+    return _card(
+        key="incomplete-study-list",
+        summary="Not all of the patient's imaging studies could be checked by the AI service",
+        indicator="info",
+        detail_lines=[
+            "The FHIR search for the patient's chest radiographs returned more pages than "
+            "this service could read. Studies not shown here have not been checked: absence of "
+            "a card says nothing about them."
+        ],
+        study={},
+        ctx=ctx,
+    )
 
 
 def utcnow() -> datetime:

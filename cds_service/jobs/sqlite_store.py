@@ -20,33 +20,54 @@ CREATE TABLE IF NOT EXISTS jwt_jti (
     iss TEXT NOT NULL, jti TEXT NOT NULL, expires_at INTEGER NOT NULL,
     PRIMARY KEY (iss, jti)
 );
+CREATE INDEX IF NOT EXISTS jwt_jti_expiry ON jwt_jti (expires_at);
 CREATE TABLE IF NOT EXISTS feedback (
     fingerprint TEXT PRIMARY KEY, service_id TEXT NOT NULL, card_uuid TEXT NOT NULL,
     outcome TEXT NOT NULL, body TEXT NOT NULL, received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    tenant TEXT NOT NULL, study_uid TEXT NOT NULL, patient_id TEXT,
+    model_id TEXT NOT NULL, model_version TEXT NOT NULL,
     fhir_server TEXT, study_resource TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL
 );
 -- At most one live job per study and model version: enqueueing twice is a no-op.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_live ON jobs (study_uid, model_id, model_version)
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_live
+    ON jobs (tenant, study_uid, model_id, model_version)
     WHERE status IN ('queued', 'running');
+-- Results are per tenant (the CDS client's issuer): a Study UID seen by one EHR never
+-- reveals another EHR's result, even if a caller sends a copied UID.
 CREATE TABLE IF NOT EXISTS results (
-    study_uid TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
+    model_id TEXT NOT NULL, model_version TEXT NOT NULL, patient_id TEXT,
     status TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (study_uid, model_id, model_version)
+    PRIMARY KEY (tenant, study_uid, model_id, model_version)
 );
 """
 
 
 @dataclass(frozen=True)
+class StudyRef:
+    """A study as one tenant (CDS client issuer) knows it."""
+
+    tenant: str
+    study_uid: str
+    patient_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    result: AnalysisResult
+    patient_id: str | None
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
-    study_uid: str
+    ref: StudyRef
     model: ModelInfo
     fhir_server: str | None
     study_resource: dict[str, Any]
@@ -121,26 +142,26 @@ class SqliteStore:
         return int(row[0])
 
     # -- results ----------------------------------------------------------------------------
-    def put_result(self, result: AnalysisResult) -> None:
+    def put_result(self, ref: StudyRef, result: AnalysisResult) -> None:
         with self._tx() as conn:
-            _insert_result(conn, result)
+            _insert_result(conn, ref, result)
 
-    def get_result(self, study_uid: str, model: ModelInfo) -> AnalysisResult | None:
+    def get_result(self, ref: StudyRef, model: ModelInfo) -> StoredResult | None:
         row = (
             self._conn()
             .execute(
-                "SELECT body FROM results "
-                "WHERE study_uid = ? AND model_id = ? AND model_version = ?",
-                (study_uid, model.model_id, model.version),
+                "SELECT body, patient_id FROM results WHERE tenant = ? AND study_uid = ? "
+                "AND model_id = ? AND model_version = ?",
+                (ref.tenant, ref.study_uid, model.model_id, model.version),
             )
             .fetchone()
         )
-        return AnalysisResult.from_json(row[0]) if row else None
+        return StoredResult(AnalysisResult.from_json(row[0]), row[1]) if row else None
 
     # -- job queue --------------------------------------------------------------------------
     def enqueue(
         self,
-        study_uid: str,
+        ref: StudyRef,
         model: ModelInfo,
         study_resource: dict[str, Any],
         fhir_server: str | None,
@@ -148,17 +169,17 @@ class SqliteStore:
         """Queue an analysis; False when one is already queued/running for this study+model."""
         now = time.time()
         with self._tx() as conn:
-            depth = conn.execute(
-                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
-            ).fetchone()[0]
+            depth = self._depth(conn, model)
             if depth >= self.max_queue:
                 raise QueueFull(f"analysis queue holds {depth} jobs (limit {self.max_queue})")
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO jobs (study_uid, model_id, model_version, fhir_server, "
-                "study_resource, status, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                "INSERT OR IGNORE INTO jobs (tenant, study_uid, patient_id, model_id, "
+                "model_version, fhir_server, study_resource, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                 (
-                    study_uid,
+                    ref.tenant,
+                    ref.study_uid,
+                    ref.patient_id,
                     model.model_id,
                     model.version,
                     fhir_server,
@@ -169,14 +190,14 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
-    def job_state(self, study_uid: str, model: ModelInfo) -> str | None:
+    def job_state(self, ref: StudyRef, model: ModelInfo) -> str | None:
         """'queued' or 'running' when a live job exists, else None."""
         row = (
             self._conn()
             .execute(
-                "SELECT status FROM jobs WHERE study_uid = ? AND model_id = ? AND model_version = ?"
-                " AND status IN ('queued', 'running')",
-                (study_uid, model.model_id, model.version),
+                "SELECT status FROM jobs WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                "AND model_version = ? AND status IN ('queued', 'running')",
+                (ref.tenant, ref.study_uid, model.model_id, model.version),
             )
             .fetchone()
         )
@@ -187,8 +208,8 @@ class SqliteStore:
         now = time.time()
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT id, study_uid, fhir_server, study_resource, attempts FROM jobs "
-                "WHERE model_id = ? AND model_version = ? AND "
+                "SELECT id, tenant, study_uid, patient_id, fhir_server, study_resource, attempts "
+                "FROM jobs WHERE model_id = ? AND model_version = ? AND "
                 "(status = 'queued' OR (status = 'running' AND updated_at < ?)) "
                 "ORDER BY id LIMIT 1",
                 (model.model_id, model.version, now - stale_after_s),
@@ -202,45 +223,55 @@ class SqliteStore:
             )
         return Job(
             id=row[0],
-            study_uid=row[1],
+            ref=StudyRef(tenant=row[1], study_uid=row[2], patient_id=row[3]),
             model=model,
-            fhir_server=row[2],
-            study_resource=json.loads(row[3]),
-            attempts=row[4] + 1,
+            fhir_server=row[4],
+            study_resource=json.loads(row[5]),
+            attempts=row[6] + 1,
         )
 
     def finish(self, job: Job, result: AnalysisResult) -> None:
         """Store the result and close the job in one transaction (no lost or double result)."""
-        with self._tx() as conn:
-            _insert_result(conn, result)
-            conn.execute(
-                "UPDATE jobs SET status = 'done', updated_at = ? WHERE id = ?",
-                (time.time(), job.id),
-            )
+        self._close(job, "done", None, result)
 
-    def fail(self, job: Job, error: str, retry: bool) -> None:
+    def fail(self, job: Job, error: str, final: AnalysisResult | None = None) -> None:
+        """Requeue the job, or with `final` store that failure result and close it, atomically."""
+        self._close(job, "queued" if final is None else "failed", error[:500], final)
+
+    def _close(
+        self, job: Job, status: str, error: str | None, result: AnalysisResult | None
+    ) -> None:
         with self._tx() as conn:
+            if result is not None:
+                _insert_result(conn, job.ref, result)
             conn.execute(
                 "UPDATE jobs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                ("queued" if retry else "failed", error[:500], time.time(), job.id),
+                (status, error, time.time(), job.id),
             )
 
-    def queue_depth(self) -> int:
-        row = (
-            self._conn()
-            .execute("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
-            .fetchone()
-        )
+    @staticmethod
+    def _depth(conn: sqlite3.Connection, model: ModelInfo) -> int:
+        # Per model version: jobs left by a previous version never block the current one.
+        row = conn.execute(
+            "SELECT count(*) FROM jobs WHERE model_id = ? AND model_version = ? "
+            "AND status IN ('queued', 'running')",
+            (model.model_id, model.version),
+        ).fetchone()
         return int(row[0])
 
+    def queue_depth(self, model: ModelInfo) -> int:
+        return self._depth(self._conn(), model)
 
-def _insert_result(conn: sqlite3.Connection, result: AnalysisResult) -> None:
+
+def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResult) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
+            ref.tenant,
             result.study_uid,
             result.model.model_id,
             result.model.version,
+            ref.patient_id,
             result.status,
             result.to_json(),
             time.time(),

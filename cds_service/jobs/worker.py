@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from datetime import UTC, datetime
 
@@ -20,7 +21,7 @@ def process_one(store: SqliteStore, backend: Backend) -> bool:
     if job is None:
         return False
     try:
-        result = backend.analyse(job.study_uid, job.study_resource)
+        result = backend.analyse(job.ref.study_uid, job.study_resource)
     except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
         _record_failure(store, job, exc)
         return True
@@ -30,20 +31,22 @@ def process_one(store: SqliteStore, backend: Backend) -> bool:
 
 
 def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
-    retry = job.attempts < MAX_ATTEMPTS
     log.warning("job %s attempt %s failed: %s", job.id, job.attempts, type(exc).__name__)
-    store.fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
-    if not retry:
-        store.finish(
-            job,
-            AnalysisResult(
-                study_uid=job.study_uid,
-                model=job.model,
-                status="failed",
-                reason="analysis failed after repeated errors",
-                analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            ),
-        )
+    error = f"{type(exc).__name__}: {exc}"
+    if job.attempts < MAX_ATTEMPTS:
+        store.fail(job, error)
+        return
+    store.fail(
+        job,
+        error,
+        final=AnalysisResult(
+            study_uid=job.ref.study_uid,
+            model=job.model,
+            status="failed",
+            reason="analysis failed after repeated errors",
+            analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        ),
+    )
 
 
 def drain(store: SqliteStore, backend: Backend) -> int:
@@ -59,6 +62,12 @@ def run_forever(
 ) -> None:
     log.info("inference worker started for %s", backend.model.label)
     while not stop.is_set():
-        if not process_one(store, backend):
+        try:
+            busy = process_one(store, backend)
+        except sqlite3.Error as exc:
+            # A locked or briefly unavailable database must not end the worker.
+            log.warning("job store error: %s; retrying", exc)
+            busy = False
+        if not busy:
             stop.wait(poll_s)
     log.info("inference worker stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 JWKS_CACHE_SECONDS = 300.0
 JWKS_MIN_REFRESH_SECONDS = 30.0
 JWKS_MAX_BYTES = 256 * 1024
+MAX_TOKEN_CHARS = 16 * 1024
+# CDS clients sign a token per call (the public sandbox: 300 s); refuse long-lived ones so
+# that a stolen token is short-lived and the replay cache stays small.
+MAX_TOKEN_LIFETIME_S = 3600
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
@@ -53,16 +58,29 @@ class JwksFetcher:
         self._timeout = timeout
         self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._attempts: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, url: str, *, refresh: bool = False) -> dict[str, Any] | None:
+        """The key set at `url`: cached for 5 minutes; a refresh (unknown kid) or a retry after
+        a failure happens at most every 30 s, so forged tokens cannot drive outbound calls."""
         now = self._clock()
         with self._lock:
             cached = self._cache.get(url)
-        if cached is not None:
-            age = now - cached[0]
-            if age < JWKS_CACHE_SECONDS and not (refresh and age > JWKS_MIN_REFRESH_SECONDS):
+            if cached is not None and now - cached[0] < JWKS_CACHE_SECONDS and not refresh:
                 return cached[1]
+            last_try = self._attempts.get(url)
+            if last_try is not None and now - last_try < JWKS_MIN_REFRESH_SECONDS:
+                return cached[1] if cached else None
+            self._attempts[url] = now
+        keyset = self._fetch(url)
+        if keyset is None:
+            return cached[1] if cached else None
+        with self._lock:
+            self._cache[url] = (now, keyset)
+        return keyset
+
+    def _fetch(self, url: str) -> dict[str, Any] | None:
         try:
             response = self._session.get(
                 url, timeout=self._timeout, allow_redirects=False, stream=True
@@ -71,16 +89,18 @@ class JwksFetcher:
             response.close()
             if response.status_code != 200 or len(body) > JWKS_MAX_BYTES:
                 log.warning("JWKS fetch from %s answered %s", url, response.status_code)
-                return cached[1] if cached else None
+                return None
             keyset = json.loads(body)
-        except (requests.RequestException, ValueError) as exc:
+        except (requests.RequestException, ValueError, RecursionError) as exc:
             log.warning("JWKS fetch from %s failed: %s", url, type(exc).__name__)
-            return cached[1] if cached else None
+            return None
         if not isinstance(keyset, dict) or not isinstance(keyset.get("keys"), list):
-            return cached[1] if cached else None
-        with self._lock:
-            self._cache[url] = (now, keyset)
+            return None
         return keyset
+
+
+def _is_instant(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _deny(reason: str, *args: object) -> Unauthorized:
@@ -112,14 +132,18 @@ class ClientJwtVerifier:
         if not authorization or not authorization.startswith("Bearer "):
             raise _deny("no bearer token")
         token = authorization[len("Bearer ") :].strip()
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _deny("token too long")
         try:
             unverified = jws.extract_compact(token.encode("ascii"))
             header = unverified.headers()
             payload = json.loads(unverified.payload)
-        except (JoseError, ValueError, UnicodeError) as exc:
+        except (JoseError, ValueError, UnicodeError, RecursionError, TypeError) as exc:
             raise _deny("malformed token: %s", type(exc).__name__) from exc
+        if not isinstance(header, dict):
+            raise _deny("header is not an object")
         alg = header.get("alg")
-        if alg not in ALLOWED_JWT_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_JWT_ALGORITHMS:
             raise _deny("algorithm %r not allowed", alg)
         if header.get("typ") not in (None, "JWT", "jwt"):
             raise _deny("typ %r", header.get("typ"))
@@ -204,15 +228,16 @@ class ClientJwtVerifier:
         audiences = [aud] if isinstance(aud, str) else aud
         if not isinstance(audiences, list) or audience not in audiences:
             raise _deny("aud does not name this endpoint")
-        exp, iat = claims["exp"], claims["iat"]
-        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
-            raise _deny("exp/iat not numeric")
+        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf", now)
+        if not all(_is_instant(value) for value in (exp, iat, nbf)):
+            raise _deny("exp/iat/nbf not finite numbers")
         if exp < now - self._leeway:
             raise _deny("expired")
+        if exp > now + MAX_TOKEN_LIFETIME_S + self._leeway:
+            raise _deny("exp too far in the future")
         if iat > now + self._leeway:
             raise _deny("iat in the future")
-        nbf = claims.get("nbf")
-        if isinstance(nbf, int | float) and nbf > now + self._leeway:
+        if nbf > now + self._leeway:
             raise _deny("not yet valid")
         if not isinstance(claims["jti"], str) or not claims["jti"]:
             raise _deny("jti empty")

@@ -69,7 +69,7 @@ def create_app(
                 "status": "ok",
                 "model": handler.model.label,
                 "simulated": handler.model.simulated,
-                "queueDepth": store.queue_depth(),
+                "queueDepth": store.queue_depth(handler.model),
             }
         )
 

@@ -18,7 +18,10 @@ FEEDBACK_OUTCOMES = frozenset({"accepted", "overridden"})
 def _json_body() -> Any:
     if not request.is_json:
         raise BadRequest("Content-Type must be application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None  # nested deeper than the JSON parser allows
     if body is None:
         raise BadRequest("the request body is not valid JSON")
     return body
@@ -33,7 +36,7 @@ def _validate_feedback(body: Any) -> list[dict[str, Any]]:
             raise BadRequest("each feedback item must be an object")
         if not isinstance(item.get("card"), str) or not item["card"]:
             raise BadRequest("feedback.card must be the card's uuid")
-        if item.get("outcome") not in FEEDBACK_OUTCOMES:
+        if not isinstance(item.get("outcome"), str) or item["outcome"] not in FEEDBACK_OUTCOMES:
             raise BadRequest("feedback.outcome must be 'accepted' or 'overridden'")
         if not isinstance(item.get("outcomeTimestamp"), str):
             raise BadRequest("feedback.outcomeTimestamp must be an instant")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -14,12 +13,12 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.inference.registry import SIMULATED_WARNING, load_backend
-from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import run_forever
 from cds_service.web.app import create_app as create_service_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
-from ehr_sandbox.cds_client import CdsHooksClient, hook_context
+from ehr_sandbox.cds_client import CdsHooksClient, format_cards, hook_context
 from ehr_sandbox.seed import seed
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ def _banner(lines: list[str]) -> None:
 def run_demo(
     *, host: str, service_port: int, sandbox_port: int, data_dir: Path, keep_running: bool
 ) -> int:
-    from cds_service.cli import print_cards
-
     sandbox_base = f"http://{host}:{sandbox_port}"
     service_base = f"http://{host}:{service_port}"
     sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", base_url=sandbox_base))
@@ -56,13 +53,6 @@ def run_demo(
     # The demo trusts exactly one CDS client: the sandbox, with its JWKS inline.
     issuer = TrustedIssuer(
         iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(f"{sandbox_base}/fhir",)
-    )
-    (data_dir / "trusted-issuers.json").write_text(
-        json.dumps(
-            [{"iss": issuer.iss, "jwks": issuer.jwks, "fhir_servers": [f"{sandbox_base}/fhir"]}],
-            indent=2,
-        ),
-        encoding="utf-8",
     )
     settings = Settings(
         mode="demo",
@@ -88,13 +78,15 @@ def run_demo(
     pending = []
     for study in studies:
         uid = imaging_study.study_uid(study)
-        if uid is not None and store.get_result(uid, backend.model) is None:
-            store.enqueue(uid, backend.model, study, f"{sandbox_base}/fhir")
-        if uid is not None:
-            pending.append(uid)
+        if uid is None:
+            continue
+        ref = StudyRef(issuer.iss, uid, imaging_study.subject_patient_id(study))
+        if store.get_result(ref, backend.model) is None:
+            store.enqueue(ref, backend.model, study, f"{sandbox_base}/fhir")
+        pending.append(ref)
     deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
     while pending and time.monotonic() < deadline:
-        pending = [uid for uid in pending if store.get_result(uid, backend.model) is None]
+        pending = [ref for ref in pending if store.get_result(ref, backend.model) is None]
         time.sleep(0.05)
 
     token = sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", DEMO_PATIENT)
@@ -113,7 +105,7 @@ def run_demo(
     )
     print(f"\npatient-view hook for Patient/{DEMO_PATIENT}:")
     for call in calls:
-        print_cards(call.service_url, call.status, call.response)
+        print(format_cards(call))
     print()
     print(f"CDS service discovery: {service_base}/cds-services")
     print(f"EHR sandbox FHIR base: {sandbox_base}/fhir")
