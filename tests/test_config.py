@@ -119,3 +119,34 @@ def test_urls_must_be_absolute_and_https_in_production(tmp_path: Path) -> None:
         Settings.from_env(
             {"CXR_CDS_PUBLIC_URL": "https://cds.example", "CXR_CDS_TRUSTED_ISSUERS": jku}
         )
+
+
+def test_auth_off_is_refused_in_demo_mode_too() -> None:
+    with pytest.raises(ConfigurationError, match="development"):
+        Settings.from_env(
+            {
+                "CXR_CDS_MODE": "demo",
+                "CXR_CDS_AUTH": "off",
+                "CXR_CDS_PUBLIC_URL": "http://127.0.0.1:8080",
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("CXR_CDS_FHIR_CONNECT_TIMEOUT", "0"),
+        ("CXR_CDS_FHIR_READ_TIMEOUT", "-1"),
+        ("CXR_CDS_HOOK_WAIT_MS", "-5"),
+        ("CXR_CDS_MAX_PREFETCH_PAGES", "0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_env(
+            {
+                "CXR_CDS_MODE": "development",
+                "CXR_CDS_PUBLIC_URL": "http://127.0.0.1:8080",
+                name: value,
+            }
+        )

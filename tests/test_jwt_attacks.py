@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,12 @@ def attack_tokens(service: ServiceHandle, sandbox: SandboxHandle) -> dict[str, s
             attacker, good, header={"alg": "ES384", "typ": "JWT", "kid": kid}
         ),
         "missing jti": sign(key, valid_claims(service, sandbox, jti=None)),
+        "alg as a list": f"{b64(json.dumps({'alg': ['ES384'], 'kid': kid}).encode())}.{payload}.",
+        "deeply nested payload": f"{none_header}.{b64(b'[' * 5000)}.",
+        "exp not finite": sign(key, {**good, "exp": float("inf")}),
+        "exp years ahead": sign(key, valid_claims(service, sandbox, exp=now + 10 * 365 * 86400)),
+        "nbf not a number": sign(key, valid_claims(service, sandbox, nbf="soon")),
+        "nbf in the future": sign(key, valid_claims(service, sandbox, nbf=now + 600)),
         "missing exp": sign(key, valid_claims(service, sandbox, exp=None)),
         "garbage token": "not.a.jwt",
         "missing header": None,
@@ -133,6 +141,12 @@ ATTACKS = [
     "tampered payload",
     "attacker key with the issuer's kid",
     "missing jti",
+    "alg as a list",
+    "deeply nested payload",
+    "exp not finite",
+    "exp years ahead",
+    "nbf not a number",
+    "nbf in the future",
     "missing exp",
     "garbage token",
     "missing header",
@@ -231,3 +245,34 @@ def test_other_allowed_algorithms_are_accepted(
             assert post(handle, bad, sandbox).status_code == 401
     finally:
         server.stop()
+
+
+class FailingJwks(BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        FailingJwks.hits += 1
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_forged_tokens_cannot_drive_jwks_fetches(tmp_path: Path, sandbox: SandboxHandle) -> None:
+    """An unreachable JWKS is tried once per 30 s, not twice per forged token."""
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), FailingJwks)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    jwks_url = f"http://127.0.0.1:{stub.server_address[1]}/jwks.json"
+    issuer = TrustedIssuer(iss="https://remote.example", jwks_url=jwks_url)
+    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(issuer,))
+    FailingJwks.hits = 0
+    try:
+        forger = ECKey.generate_key("P-384", auto_kid=True)
+        for _ in range(5):
+            token = sign(forger, claims_for(issuer.iss, handle.url(SERVICE)))
+            assert post(handle, token, sandbox).status_code == 401
+        assert FailingJwks.hits == 1
+    finally:
+        server.stop()
+        stub.shutdown()

@@ -78,3 +78,25 @@ def test_spec_example_order_select_has_no_chest_order() -> None:
     """The CDS Hooks spec's order-select example (diet + medication) is not a chest order."""
     request = json.loads((DATA / "order-select-request-R4.json").read_text())
     assert chest_orders(request["context"]) == []
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Chest single view", True),
+        ("CHEST PORTABLE", True),
+        ("XR chest for US patient", True),
+        ("XR Thoracic spine 2 views", False),
+        ("Troponin I - chest pain dx", False),
+        ("Lung function test PA", False),
+        ("XR ribs left 3 views", False),
+    ],
+)
+def test_order_words(text: str, expected: bool) -> None:
+    assert is_chest_radiograph_order(order(text=text)) is expected
+
+
+def test_only_the_start_of_long_order_text_is_read() -> None:
+    """Caller text is read for its first 256 characters only (no regex over megabytes)."""
+    assert not is_chest_radiograph_order(order(text="x " * 200 + "chest x-ray"))
+    assert is_chest_radiograph_order(order(text="chest x-ray " + "chest " * 100_000))
