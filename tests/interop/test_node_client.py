@@ -51,28 +51,19 @@ def run_client(
 ) -> dict[str, Any]:
     node = shutil.which("node")
     assert node
-    args = [
-        node,
-        str(client),
-        "--scenario",
-        scenario,
-        "--service",
-        service.base,
-        "--fhir",
-        sandbox.fhir,
-        "--patient",
-        PATIENT,
-        "--key",
-        str(sandbox.sandbox.settings.signing_key_file),
-        "--iss",
-        sandbox.base,
-        "--token",
-        sandbox.token(PATIENT),
-        "--subject",
-        SANDBOX_CLIENT_ID,
-        "--scope",
-        "patient/ImagingStudy.rs",
-    ]
+    options = {
+        "scenario": scenario,
+        "service": service.base,
+        "fhir": sandbox.fhir,
+        "patient": PATIENT,
+        "key": str(sandbox.sandbox.settings.signing_key_file),
+        "iss": sandbox.base,
+        # An access token may start with '-': the --name=value form keeps it a value.
+        "token": sandbox.token(PATIENT),
+        "subject": SANDBOX_CLIENT_ID,
+        "scope": "patient/ImagingStudy.rs",
+    }
+    args = [node, str(client), *(f"--{name}={value}" for name, value in options.items())]
     run = subprocess.run(args, capture_output=True, text=True, timeout=NODE_TIMEOUT_S)
     assert run.returncode == 0, f"client failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
     result: dict[str, Any] = json.loads(run.stdout)
