@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import re
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -40,16 +39,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if settings.simulated:
         log.warning(SIMULATED_WARNING)
-    worker = None
+    supervisor = None
     if not args.no_worker:
+        from cds_service.jobs.supervisor import WorkerSupervisor
+
         # A separate process (not multiprocessing): gunicorn forks its workers after this.
-        worker = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "worker"])
+        supervisor = WorkerSupervisor()
+        supervisor.start()
     try:
         run_gunicorn(settings, bind=f"{args.host}:{args.port}", workers=args.workers)
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(10)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

@@ -128,7 +128,9 @@ def _put(store: FhirStore, resource: dict[str, Any]) -> None:
 
 
 def seed(store: FhirStore, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Write patients, DICOM Binaries, Media and ImagingStudies; idempotent (fixed ids)."""
+    """Write patients, DICOM Binaries, Media and ImagingStudies under fixed ids. Unchanged
+    resources are not rewritten; ImagingStudy.started moves with `now`, so a study gets a new
+    version when re-seeded on another day."""
     now = now or datetime.now(UTC)
     for spec in PATIENTS:
         _put(store, patient_resource(spec))

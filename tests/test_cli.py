@@ -129,9 +129,38 @@ def test_serve_refuses_unsafe_production_settings(tmp_path: Path) -> None:
     assert "configuration error" in run.stderr and "CXR_CDS_PUBLIC_URL" in run.stderr
 
 
+def worker_children(parent: int) -> list[int]:
+    """Pids of `cxr-cds worker` processes whose parent is `parent` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"cds_service.cli" in cmdline and b"worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_worker(parent: int, exclude: int | None, timeout: float = 20.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [pid for pid in worker_children(parent) if pid != exclude]
+        if pids:
+            return pids[0]
+        time.sleep(0.2)
+    raise AssertionError("no inference worker process appeared")
+
+
 def test_serve_runs_gunicorn_and_answers_discovery(tmp_path: Path) -> None:
-    """`cxr-cds serve` as deployed: gunicorn workers plus the inference worker process."""
+    """`cxr-cds serve` as deployed: gunicorn workers plus a supervised inference worker."""
     import os
+    import signal
     import time
 
     import requests
@@ -162,11 +191,17 @@ def test_serve_runs_gunicorn_and_answers_discovery(tmp_path: Path) -> None:
         assert body is not None and len(body["services"]) == 3
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
         assert health["simulated"] is True
+        # The inference worker is a child process; killed, it is started again.
+        first = wait_for_worker(proc.pid, exclude=None)
+        os.kill(first, signal.SIGKILL)
+        second = wait_for_worker(proc.pid, exclude=first)
+        assert second != first
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=20)
     assert "AUTHENTICATION IS OFF" in output
     assert "SIMULATED backend" in output
+    assert "inference worker exited with -9; restarting" in output
 
 
 def test_demo_on_a_busy_port_says_so(tmp_path: Path) -> None:
