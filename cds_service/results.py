@@ -6,22 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from cds_service.findings.observations import MAJOR_FINDINGS, Observation
+
 AnalysisStatus = Literal["completed", "not-analysed", "failed"]
 FindingState = Literal["present", "absent", "uncertain"]
-
-# The major findings the cards flag, with SNOMED CT codes (STANDARDS.md; verify before relying).
-MAJOR_FINDINGS: dict[str, tuple[str, str]] = {
-    "pneumothorax": ("36118008", "Pneumothorax"),
-    "pleural-effusion": ("60046008", "Pleural effusion"),
-    "cardiomegaly": ("8186001", "Cardiomegaly"),
-    "consolidation": ("95436008", "Lung consolidation"),
-    "pulmonary-edema": ("19242006", "Pulmonary edema"),
-    "atelectasis": ("46621007", "Atelectasis"),
-    "pneumonia": ("233604007", "Pneumonia"),
-    "lung-nodule": ("786838002", "Pulmonary nodule"),
-}
-# Findings that need action within minutes get a critical card; the rest a warning.
-CRITICAL_FINDINGS = frozenset({"pneumothorax"})
 
 
 @dataclass(frozen=True)
@@ -40,26 +28,30 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Finding:
-    """One major finding as decided from the generated report."""
+    """One CheXpert observation as decided from the generated report (mentioned ones only)."""
 
-    key: str
+    key: Observation
     state: FindingState
     evidence: str = ""
     confidence: float | None = None
 
     def __post_init__(self) -> None:
-        if self.key not in MAJOR_FINDINGS:
-            raise ValueError(f"unknown finding key {self.key!r}; allowed: {sorted(MAJOR_FINDINGS)}")
+        # Accept the plain string (as stored in JSON) and normalise it to the enum.
+        object.__setattr__(self, "key", Observation(self.key))
         if self.state not in ("present", "absent", "uncertain"):
             raise ValueError(f"finding state must be present/absent/uncertain, not {self.state!r}")
 
     @property
-    def display(self) -> str:
-        return MAJOR_FINDINGS[self.key][1]
+    def major(self) -> bool:
+        return self.key in MAJOR_FINDINGS
 
     @property
-    def snomed(self) -> str:
-        return MAJOR_FINDINGS[self.key][0]
+    def display(self) -> str:
+        return MAJOR_FINDINGS[self.key][1] if self.major else str(self.key)
+
+    @property
+    def snomed(self) -> str | None:
+        return MAJOR_FINDINGS[self.key][0] if self.major else None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from cds_service.fhir_out.cards import (
     markdown_text,
     relative_age,
 )
+from cds_service.findings.observations import Observation
 from cds_service.results import AnalysisResult, Finding, ModelInfo
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -45,14 +46,18 @@ def ctx(prefix: str = "") -> CardContext:
 
 
 def test_long_summaries_are_cut_below_140_characters() -> None:
-    status = StudyStatus(STUDY, "completed", result(Finding("pneumothorax", "present", "x")))
+    status = StudyStatus(
+        STUDY, "completed", result(Finding(Observation.PNEUMOTHORAX, "present", "x"))
+    )
     [card] = cards_for_study(status, ctx(prefix="P" * 200))
     assert len(card["summary"]) == SUMMARY_MAX < 140
     assert card["summary"].endswith("\u2026")
 
 
 def test_real_model_cards_are_not_marked_simulated_and_name_the_model() -> None:
-    status = StudyStatus(STUDY, "completed", result(Finding("pleural-effusion", "present", "x")))
+    status = StudyStatus(
+        STUDY, "completed", result(Finding(Observation.PLEURAL_EFFUSION, "present", "x"))
+    )
     [card] = cards_for_study(status, ctx())
     assert card["summary"] == "Chest radiograph (CR) 2 days ago: AI flags pleural effusion"
     assert card["source"]["label"] == "AI chest X-ray: ECOFRI/CXR-LLAVA-v2 (sha256:abcd)"
@@ -61,7 +66,9 @@ def test_real_model_cards_are_not_marked_simulated_and_name_the_model() -> None:
 
 
 def test_absent_findings_only_give_no_major_finding_never_normal() -> None:
-    status = StudyStatus(STUDY, "completed", result(Finding("pneumothorax", "absent", "No PTX.")))
+    status = StudyStatus(
+        STUDY, "completed", result(Finding(Observation.PNEUMOTHORAX, "absent", "No PTX."))
+    )
     [card] = cards_for_study(status, ctx())
     assert card["indicator"] == "info"
     assert "no major finding detected by the model" in card["summary"]
@@ -78,7 +85,7 @@ def test_not_analysed_shows_the_reason_not_a_finding() -> None:
 def test_model_text_cannot_inject_markdown() -> None:
     evidence = "Effusion *left*.\n\n# [click me](https://evil.example) <img src=x>"
     status = StudyStatus(
-        STUDY, "completed", result(Finding("pleural-effusion", "present", evidence))
+        STUDY, "completed", result(Finding(Observation.PLEURAL_EFFUSION, "present", evidence))
     )
     [card] = cards_for_study(status, ctx())
     quote = next(line for line in card["detail"].split("\n\n") if line.startswith("> "))
@@ -118,7 +125,7 @@ def test_relative_age(days: int, expected: str) -> None:
 
 
 def test_labels_claim_chest_only_when_the_study_says_so() -> None:
-    finding = result(Finding("pleural-effusion", "present", "x"))
+    finding = result(Finding(Observation.PLEURAL_EFFUSION, "present", "x"))
     unknown = {k: v for k, v in STUDY.items() if k != "series"}
     [card] = cards_for_study(StudyStatus(unknown, "completed", finding), ctx())
     assert card["summary"].startswith("Radiograph (CR) 2 days ago")

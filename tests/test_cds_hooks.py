@@ -18,6 +18,7 @@ import requests
 
 from cds_service.fhir import imaging_study
 from cds_service.fhir.prefetch import PREFETCH_KEY
+from cds_service.findings.observations import Observation
 from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
@@ -169,9 +170,9 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
             status="completed",
             report_text="x",
             findings=(
-                Finding("pneumothorax", "present", "Right pneumothorax."),
-                Finding("pleural-effusion", "present", "Small effusion."),
-                Finding("cardiomegaly", "absent", "Heart size is normal."),
+                Finding(Observation.PNEUMOTHORAX, "present", "Right pneumothorax."),
+                Finding(Observation.PLEURAL_EFFUSION, "present", "Small effusion."),
+                Finding(Observation.CARDIOMEGALY, "absent", "Heart size is normal."),
             ),
         ),
     )
@@ -196,7 +197,7 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
             model=model,
             status="completed",
             report_text="x",
-            findings=(Finding("pneumothorax", "absent", "No pneumothorax."),),
+            findings=(Finding(Observation.PNEUMOTHORAX, "absent", "No pneumothorax."),),
         ),
     )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from cds_service.fhir import imaging_study
 from cds_service.fhir.shapes import as_str
-from cds_service.results import CRITICAL_FINDINGS, AnalysisResult, Finding, ModelInfo
+from cds_service.findings.observations import CRITICAL_FINDINGS
+from cds_service.results import AnalysisResult, Finding, ModelInfo
 
 SUMMARY_MAX = 139  # CDS Hooks 2.0: summary "<140 characters"
 CARD_NAMESPACE = uuid.UUID("8f1d3c52-3c8a-4f6e-9a57-cc1d2b7e4a10")
@@ -156,7 +157,7 @@ def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> di
     if finding.confidence is not None:
         detail.append(f"Model confidence: {finding.confidence:.2f}")
     return _card(
-        key=f"{uid}|{finding.key}|{finding.state}",
+        key=f"{uid}|{finding.key.value}|{finding.state}",
         summary=summary,
         indicator=indicator,
         detail_lines=detail,
@@ -171,7 +172,7 @@ def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any
     uid = imaging_study.study_uid(status.study) or str(status.study.get("id"))
     result = status.result
     if status.state == "completed" and result is not None:
-        flagged = [f for f in result.findings if f.state in ("present", "uncertain")]
+        flagged = [f for f in result.findings if f.major and f.state in ("present", "uncertain")]
         if flagged:
             flagged.sort(key=lambda f: (f.state != "present", f.key not in CRITICAL_FINDINGS))
             return [_finding_card(status, finding, ctx) for finding in flagged]

@@ -6,6 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+from cds_service.findings.observations import Observation
 from cds_service.results import AnalysisResult, Finding, ModelInfo
 
 SIMULATED_MODEL = ModelInfo(model_id="simulated-no-model", version="sim-1", simulated=True)
@@ -16,30 +17,32 @@ _SCENARIOS: tuple[tuple[str, tuple[Finding, ...]], ...] = (
     (
         "The heart size is normal. Small left pleural effusion. No pneumothorax.",
         (
-            Finding("pleural-effusion", "present", "Small left pleural effusion."),
-            Finding("pneumothorax", "absent", "No pneumothorax."),
+            Finding(Observation.PLEURAL_EFFUSION, "present", "Small left pleural effusion."),
+            Finding(Observation.PNEUMOTHORAX, "absent", "No pneumothorax."),
         ),
     ),
     (
         "Large right apical pneumothorax. No pleural effusion.",
         (
-            Finding("pneumothorax", "present", "Large right apical pneumothorax."),
-            Finding("pleural-effusion", "absent", "No pleural effusion."),
+            Finding(Observation.PNEUMOTHORAX, "present", "Large right apical pneumothorax."),
+            Finding(Observation.PLEURAL_EFFUSION, "absent", "No pleural effusion."),
         ),
     ),
     (
         "Lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",
         (
-            Finding("pleural-effusion", "absent", "No pleural effusion or pneumothorax."),
-            Finding("pneumothorax", "absent", "No pleural effusion or pneumothorax."),
-            Finding("cardiomegaly", "absent", "Heart size is normal."),
+            Finding(Observation.PLEURAL_EFFUSION, "absent", "No pleural effusion or pneumothorax."),
+            Finding(Observation.PNEUMOTHORAX, "absent", "No pleural effusion or pneumothorax."),
+            Finding(Observation.CARDIOMEGALY, "absent", "Heart size is normal."),
         ),
     ),
     (
         "Enlarged cardiac silhouette. Possible right lower lobe consolidation.",
         (
-            Finding("cardiomegaly", "present", "Enlarged cardiac silhouette."),
-            Finding("consolidation", "uncertain", "Possible right lower lobe consolidation."),
+            Finding(Observation.CARDIOMEGALY, "present", "Enlarged cardiac silhouette."),
+            Finding(
+                Observation.CONSOLIDATION, "uncertain", "Possible right lower lobe consolidation."
+            ),
         ),
     ),
 )
