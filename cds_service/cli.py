@@ -160,6 +160,27 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return 0 if all(c.status == 200 for c in calls) else 1
 
 
+# -- feedback -------------------------------------------------------------------------------
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    import os
+
+    from cds_service.jobs.feedback_export import export_csv
+    from cds_service.jobs.sqlite_store import SqliteStore
+
+    path = Path(args.db or os.environ.get("CXR_CDS_DB", "var/cxr-cds.sqlite3"))
+    if not path.exists():
+        print(f"error: no database at {path} (set --db or CXR_CDS_DB)", file=sys.stderr)
+        return 2
+    store = SqliteStore(path)
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as handle:
+            count = export_csv(store, handle)
+        print(f"{count} feedback rows written to {args.output}", file=sys.stderr)
+    else:
+        export_csv(store, sys.stdout)
+    return 0
+
+
 # -- demo -----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from cds_service.web.demo import run_demo
@@ -219,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--no-prefetch", action="store_true")
     hook.add_argument("--json", action="store_true")
     hook.set_defaults(func=cmd_hook)
+
+    feedback = sub.add_parser("feedback", help="clinicians' feedback on cards")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    export = feedback_sub.add_parser("export", help="one row per feedback item with its finding")
+    export.add_argument("--format", choices=["csv"], default="csv")
+    export.add_argument("--db", help="the service's SQLite file (default: $CXR_CDS_DB)")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_feedback_export)
 
     demo = sub.add_parser("demo", help="sandbox + service + a patient-view hook, end to end")
     demo.add_argument("--host", default="127.0.0.1")

@@ -186,8 +186,11 @@ class HookHandler:
             smart_launch_url=self.settings.smart_launch_url(),
             now=utcnow(),
             summary_prefix=prefix,
+            tenant=tenant,
         )
-        cards = build_cards(statuses, ctx)
+        cards, records = build_cards(statuses, ctx)
+        if records:
+            self.store.record_cards(records)
         if not found.complete:
             cards.append(incomplete_list_card(ctx))
         return {"cards": cards}

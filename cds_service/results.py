@@ -81,3 +81,16 @@ class AnalysisResult:
         raw["model"] = ModelInfo(**raw["model"])
         raw["findings"] = tuple(Finding(**f) for f in raw["findings"])
         return cls(**raw)
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    """What a card said, kept so that feedback on it can be traced to a study and finding."""
+
+    uuid: str
+    tenant: str
+    study_uid: str
+    finding: str  # a CheXpert observation, or "no-major-finding"
+    ai_state: str  # present / uncertain / absent
+    model_id: str
+    model_version: str

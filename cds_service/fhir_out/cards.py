@@ -12,7 +12,7 @@ from typing import Any, Literal
 from cds_service.fhir import imaging_study
 from cds_service.fhir.shapes import as_str
 from cds_service.findings.observations import CRITICAL_FINDINGS
-from cds_service.results import AnalysisResult, Finding, ModelInfo
+from cds_service.results import AnalysisResult, CardRecord, Finding, ModelInfo
 
 SUMMARY_MAX = 139  # CDS Hooks 2.0: summary "<140 characters"
 CARD_NAMESPACE = uuid.UUID("8f1d3c52-3c8a-4f6e-9a57-cc1d2b7e4a10")
@@ -44,6 +44,20 @@ class CardContext:
     smart_launch_url: str
     now: datetime
     summary_prefix: str = ""
+    tenant: str = ""
+
+
+OVERRIDE_SYSTEM = "urn:cxr-cds:card-override-reason"
+# Offered on cards that state an AI result, so a site can review false positives and misses.
+OVERRIDE_REASONS = (
+    {
+        "code": "finding-already-known",
+        "system": OVERRIDE_SYSTEM,
+        "display": "Finding already known",
+    },
+    {"code": "disagree-with-ai", "system": OVERRIDE_SYSTEM, "display": "Disagree with AI finding"},
+    {"code": "image-quality", "system": OVERRIDE_SYSTEM, "display": "Image quality"},
+)
 
 
 def relative_age(when: datetime | None, now: datetime) -> str:
@@ -110,6 +124,9 @@ def _app_link(study: dict[str, Any], ctx: CardContext) -> dict[str, Any]:
     return link
 
 
+Built = tuple[dict[str, Any], CardRecord | None]
+
+
 def _card(
     *,
     key: str,
@@ -118,13 +135,16 @@ def _card(
     detail_lines: list[str],
     study: dict[str, Any],
     ctx: CardContext,
-) -> dict[str, Any]:
+    finding: tuple[str, str] | None = None,
+) -> Built:
+    """One card; `finding` = (observation, AI state) for cards that state an AI result."""
     lines = [SIMULATED_LINE] if ctx.model.simulated else []
     lines += detail_lines
     lines += [SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
-    return {
-        # Stable per study, model and finding, so feedback on a re-shown card lines up.
-        "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.model.label}|{key}")),
+    # Stable per tenant, study, model and finding, so feedback on a re-shown card lines up.
+    card_uuid = str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.tenant}|{ctx.model.label}|{key}"))
+    card = {
+        "uuid": card_uuid,
         "summary": _summary(
             ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary
         ),
@@ -140,9 +160,23 @@ def _card(
         },
         "links": [_app_link(study, ctx)],
     }
+    record = None
+    uid = imaging_study.study_uid(study)
+    if finding is not None and uid:
+        card["overrideReasons"] = [dict(reason) for reason in OVERRIDE_REASONS]
+        record = CardRecord(
+            uuid=card_uuid,
+            tenant=ctx.tenant,
+            study_uid=uid,
+            finding=finding[0],
+            ai_state=finding[1],
+            model_id=ctx.model.model_id,
+            model_version=ctx.model.version,
+        )
+    return card, record
 
 
-def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> dict[str, Any]:
+def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> Built:
     label = _study_label(status.study, ctx.now)
     uid = imaging_study.study_uid(status.study) or str(status.study.get("id"))
     if finding.state == "present":
@@ -163,10 +197,11 @@ def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> di
         detail_lines=detail,
         study=status.study,
         ctx=ctx,
+        finding=(finding.key.value, finding.state),
     )
 
 
-def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any]]:
+def _built_for_study(status: StudyStatus, ctx: CardContext) -> list[Built]:
     """The cards for one study: findings, or 'no major finding', or its processing state."""
     label = _study_label(status.study, ctx.now)
     uid = imaging_study.study_uid(status.study) or str(status.study.get("id"))
@@ -188,6 +223,7 @@ def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any
                 ],
                 study=status.study,
                 ctx=ctx,
+                finding=("no-major-finding", "absent"),
             )
         ]
     if status.state == "in-progress":
@@ -214,16 +250,28 @@ def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any
     ]
 
 
-def build_cards(statuses: list[StudyStatus], ctx: CardContext) -> list[dict[str, Any]]:
+def cards_for_study(status: StudyStatus, ctx: CardContext) -> list[dict[str, Any]]:
+    """The cards for one study: findings, or 'no major finding', or its processing state."""
+    return [card for card, _ in _built_for_study(status, ctx)]
+
+
+def build_cards(
+    statuses: list[StudyStatus], ctx: CardContext
+) -> tuple[list[dict[str, Any]], list[CardRecord]]:
+    """All cards of a hook answer, and the records of those that state an AI result."""
     cards: list[dict[str, Any]] = []
+    records: list[CardRecord] = []
     for status in statuses:
-        cards.extend(cards_for_study(status, ctx))
-    return cards
+        for card, record in _built_for_study(status, ctx):
+            cards.append(card)
+            if record is not None:
+                records.append(record)
+    return cards, records
 
 
 def incomplete_list_card(ctx: CardContext) -> dict[str, Any]:
     """Said when the patient's study list could not be read to the end (paging cut short)."""
-    return _card(
+    card, _ = _card(
         key="incomplete-study-list",
         summary="Not all of the patient's imaging studies could be checked by the AI service",
         indicator="info",
@@ -235,6 +283,7 @@ def incomplete_list_card(ctx: CardContext) -> dict[str, Any]:
         study={},
         ctx=ctx,
     )
+    return card
 
 
 def utcnow() -> datetime:

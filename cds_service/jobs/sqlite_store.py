@@ -7,13 +7,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cds_service.results import AnalysisResult, ModelInfo
+from cds_service.results import AnalysisResult, CardRecord, ModelInfo
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jwt_jti (
@@ -21,6 +21,12 @@ CREATE TABLE IF NOT EXISTS jwt_jti (
     PRIMARY KEY (iss, jti)
 );
 CREATE INDEX IF NOT EXISTS jwt_jti_expiry ON jwt_jti (expires_at);
+-- What each AI-result card said, so feedback on a card uuid can be traced to its finding.
+CREATE TABLE IF NOT EXISTS cards (
+    uuid TEXT PRIMARY KEY, tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
+    finding TEXT NOT NULL, ai_state TEXT NOT NULL,
+    model_id TEXT NOT NULL, model_version TEXT NOT NULL, first_shown REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS feedback (
     fingerprint TEXT PRIMARY KEY, service_id TEXT NOT NULL, card_uuid TEXT NOT NULL,
     outcome TEXT NOT NULL, body TEXT NOT NULL, received_at REAL NOT NULL
@@ -129,6 +135,37 @@ class SqliteStore:
                 (fingerprint, service_id, item["card"], item["outcome"], body, time.time()),
             )
             return cursor.rowcount == 1
+
+    def record_cards(self, records: Iterable[CardRecord]) -> None:
+        now = time.time()
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO cards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.uuid,
+                        r.tenant,
+                        r.study_uid,
+                        r.finding,
+                        r.ai_state,
+                        r.model_id,
+                        r.model_version,
+                        now,
+                    )
+                    for r in records
+                ],
+            )
+
+    def feedback_rows(self) -> Iterator[dict[str, Any]]:
+        """Every stored feedback item with the finding its card stated (for the site's review)."""
+        cursor = self._conn().execute(
+            "SELECT f.received_at, f.service_id, f.card_uuid, f.outcome, f.body, c.tenant, "
+            "c.study_uid, c.finding, c.ai_state, c.model_id, c.model_version "
+            "FROM feedback f LEFT JOIN cards c ON c.uuid = f.card_uuid ORDER BY f.received_at"
+        )
+        columns = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield dict(zip(columns, row, strict=True))
 
     def feedback_count(self, service_id: str | None = None) -> int:
         if service_id is None:

@@ -1,0 +1,49 @@
+"""Export clinicians' card feedback, joined with the finding each card stated, as CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import TextIO
+
+from cds_service.fhir.shapes import as_dict
+from cds_service.jobs.sqlite_store import SqliteStore
+
+COLUMNS = (
+    "received_at",
+    "service_id",
+    "card_uuid",
+    "tenant",
+    "study_uid",
+    "finding",
+    "ai_state",
+    "model_id",
+    "model_version",
+    "outcome",
+    "override_reason_code",
+    "override_reason_display",
+    "user_comment",
+    "outcome_timestamp",
+)
+
+
+def export_csv(store: SqliteStore, out: TextIO) -> int:
+    """Write one row per feedback item; returns the number of rows. No patient identifiers."""
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    count = 0
+    for row in store.feedback_rows():
+        item = json.loads(row["body"])
+        override = as_dict(item.get("overrideReason"))
+        reason = as_dict(override.get("reason"))
+        writer.writerow(
+            {
+                **row,
+                "override_reason_code": reason.get("code", ""),
+                "override_reason_display": reason.get("display", ""),
+                "user_comment": override.get("userComment", ""),
+                "outcome_timestamp": item.get("outcomeTimestamp", ""),
+            }
+        )
+        count += 1
+    return count
