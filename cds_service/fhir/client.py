@@ -75,19 +75,41 @@ class FhirClient:
         return parts.path == base_path or parts.path.startswith(base_path + "/")
 
     def get_json(self, url_or_path: str, params: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        return self._send("GET", url_or_path, params=params)
+
+    def post_json(self, url_or_path: str, resource: dict[str, Any]) -> dict[str, Any]:
+        """POST a resource (e.g. a transaction Bundle to the base) and return the answer."""
+        return self._send("POST", url_or_path, body=resource)
+
+    def _send(
+        self,
+        method: str,
+        url_or_path: str,
+        *,
+        params: Sequence[tuple[str, str]] = (),
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         url = url_or_path if "://" in url_or_path else f"{self.base_url}/{url_or_path.lstrip('/')}"
+        url = url.rstrip("/") if url_or_path in ("", "/") else url
         if not self.owns(url):
             raise FhirAccessDenied("refusing to follow a URL outside the FHIR base")
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            headers["Content-Type"] = FHIR_JSON
+            data = json.dumps(body).encode("utf-8")
         try:
-            response = self._session.get(
+            response = self._session.request(
+                method,
                 url,
                 params=list(params),
-                headers=self._headers,
+                data=data,
+                headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
                 stream=True,
             )
-            body = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+            raw = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
             response.close()
         except (requests.RequestException, ValueError) as exc:
             # ValueError: requests refuses some malformed URLs and timeouts before sending.
@@ -96,12 +118,12 @@ class FhirClient:
             raise FhirAccessDenied(f"FHIR server answered {response.status_code}")
         if response.status_code == 400:
             raise FhirRejected("FHIR server answered 400")
-        if response.status_code != 200:
+        if response.status_code not in (200, 201):
             raise FhirUnavailable(f"FHIR server answered {response.status_code}")
-        if len(body) > MAX_RESPONSE_BYTES:
+        if len(raw) > MAX_RESPONSE_BYTES:
             raise FhirUnavailable("FHIR response larger than the configured limit")
         try:
-            parsed = json.loads(body)
+            parsed = json.loads(raw)
         except (ValueError, RecursionError) as exc:
             raise FhirUnavailable("FHIR server answered something that is not JSON") from exc
         if not isinstance(parsed, dict) or "resourceType" not in parsed:

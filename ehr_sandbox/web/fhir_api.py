@@ -34,6 +34,7 @@ from ehr_sandbox.fhir.store import (
     VersionConflictError,
     now_instant,
 )
+from ehr_sandbox.fhir.transaction import TransactionError, process_transaction
 
 __all__ = ["FHIR_CONTENT_TYPE", "MAX_BODY_BYTES", "FhirError", "create_fhir_blueprint"]
 
@@ -127,22 +128,16 @@ def _prefer() -> dict[str, str]:
 
 
 def _read_body() -> bytes:
-    """The request body, refusing anything over ``MAX_BODY_BYTES`` (also when chunked)."""
+    """The request body, refusing anything over ``MAX_BODY_BYTES``. Read through Werkzeug's
+    cache, so that a before_request hook may have looked at it first; apps should also set
+    ``MAX_CONTENT_LENGTH`` so that a chunked body is cut off while it is read."""
     declared = request.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         raise FhirError(413, "too-long", f"Request body exceeds {MAX_BODY_BYTES} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    stream = request.stream
-    while True:
-        chunk = stream.read(min(1 << 16, MAX_BODY_BYTES + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise FhirError(413, "too-long", f"Request body exceeds {MAX_BODY_BYTES} bytes")
-    return b"".join(chunks)
+    body = request.get_data(cache=True)
+    if len(body) > MAX_BODY_BYTES:
+        raise FhirError(413, "too-long", f"Request body exceeds {MAX_BODY_BYTES} bytes")
+    return body
 
 
 def _parse_json_resource(body: bytes, expected_type: str) -> JsonDict:
@@ -584,7 +579,17 @@ def create_fhir_blueprint(
             return _binary_response(resource)
         return _resource_response(resource)
 
-    @bp.route("/", methods=_METHODS)
+    @bp.route("/", methods=_METHODS, strict_slashes=False)
+    def base_endpoint() -> Response:
+        # POST [base] with a transaction Bundle (FHIR R4 3.1.0.11); nothing else lives here.
+        if request.method != "POST":
+            raise FhirError(405, "not-supported", "Only POST of a transaction Bundle is allowed")
+        bundle = _parse_json_resource(_read_body(), "Bundle")
+        try:
+            return _json_response(process_transaction(store, bundle, _base_url()))
+        except TransactionError as exc:
+            raise FhirError(400, "invalid", str(exc)) from None
+
     @bp.route("/<path:rest>", methods=_METHODS)
     def unknown_endpoint(rest: str = "") -> Response:
         raise FhirError(404, "not-found", f"No FHIR endpoint at /{rest}")
