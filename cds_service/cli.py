@@ -56,15 +56,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from cds_service.config import Settings
-    from cds_service.inference.registry import load_backend
+    from cds_service.inference.registry import device_info, load_backend
+    from cds_service.jobs.filing import ReportFiler
     from cds_service.jobs.sqlite_store import SqliteStore
     from cds_service.jobs.worker import run_forever
 
     settings = Settings.from_env()
     store = SqliteStore(settings.database)
+    backend = load_backend(settings)
+    filer = None
+    if settings.ehr_clients:
+        filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     stop = threading.Event()
     try:
-        run_forever(store, load_backend(settings), stop)
+        run_forever(store, backend, stop, filer=filer)
     except KeyboardInterrupt:
         stop.set()
     return 0

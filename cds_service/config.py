@@ -12,6 +12,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cds_service.errors import ConfigurationError
+from cds_service.fhir.backend_services import EhrClient, load_ehr_clients
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Settings:
     max_prefetch_pages: int = 5
     jwt_leeway_s: int = 60
     max_request_bytes: int = 5 * 1024 * 1024
+    ehr_clients: tuple[EhrClient, ...] = ()  # EHRs to write reports to (Backend Services)
 
     @property
     def simulated(self) -> bool:
@@ -145,6 +147,14 @@ class Settings:
                 )
             if not self.smart_launch_url().startswith("https://"):
                 raise ConfigurationError("production needs an https:// CXR_CDS_SMART_APP_URL")
+            for ehr in self.ehr_clients:
+                if not (
+                    ehr.fhir_base.startswith("https://") and ehr.token_url.startswith("https://")
+                ):
+                    raise ConfigurationError(
+                        f"EHR client {ehr.client_id!r}: http:// FHIR or token URLs are refused "
+                        "in production"
+                    )
             if not self.trusted_issuers:
                 raise ConfigurationError(
                     "production needs CXR_CDS_TRUSTED_ISSUERS: a JSON file listing the CDS "
@@ -184,6 +194,9 @@ class Settings:
         if auth not in {"on", "off"}:
             raise ConfigurationError("CXR_CDS_AUTH must be 'on' or 'off'")
         public_url = env.get("CXR_CDS_PUBLIC_URL", "").rstrip("/")
+        ehr_clients: tuple[EhrClient, ...] = ()
+        if env.get("CXR_CDS_EHR_CLIENTS"):
+            ehr_clients = load_ehr_clients(env["CXR_CDS_EHR_CLIENTS"])
         try:
             settings = cls(
                 mode=mode,  # type: ignore[arg-type]  # checked in validated()
@@ -202,6 +215,7 @@ class Settings:
                 hook_wait_ms=int(env.get("CXR_CDS_HOOK_WAIT_MS", "0")),
                 fhir_connect_timeout_s=float(env.get("CXR_CDS_FHIR_CONNECT_TIMEOUT", "2")),
                 fhir_read_timeout_s=float(env.get("CXR_CDS_FHIR_READ_TIMEOUT", "5")),
+                ehr_clients=ehr_clients,
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from cds_service.config import Settings, TrustedIssuer
@@ -21,6 +23,7 @@ from cds_service.fhir.prefetch import (
     recent_chest_studies,
     resolve_studies,
 )
+from cds_service.fhir.shapes import as_list, as_str
 from cds_service.fhir_out.cards import (
     CardContext,
     StudyStatus,
@@ -28,11 +31,14 @@ from cds_service.fhir_out.cards import (
     incomplete_list_card,
     utcnow,
 )
+from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
+from cds_service.inference.registry import device_info
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.orders import chest_orders
-from cds_service.results import ModelInfo
+from cds_service.results import AnalysisResult, ModelInfo
 
 log = logging.getLogger(__name__)
+REPORT_CACHE_SIZE = 1024
 # The tenant of results when authentication is off (development only): there is no issuer.
 DEVELOPMENT_TENANT = "development"
 
@@ -113,10 +119,14 @@ class HookHandler:
         store: SqliteStore,
         model: ModelInfo,
         client_factory: Callable[[FhirAccess], FhirClient] | None = None,
+        device: DeviceInfo | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.model = model
+        self.device = device or device_info(settings, model)
+        self._reports: OrderedDict[tuple[str, str, str], dict[str, Any] | None] = OrderedDict()
+        self._reports_lock = threading.Lock()
         self._client_factory = client_factory or self._default_client
         self._sessions = threading.local()
 
@@ -195,6 +205,56 @@ class HookHandler:
             cards.append(incomplete_list_card(ctx))
         return {"cards": cards}
 
+    def feedback(self, service_id: str, items: list[dict[str, Any]]) -> int:
+        """Store feedback (idempotent); returns how many items were new. An accepted 'File AI
+        report to chart' suggestion means the EHR filed the report: offer it no more."""
+        stored = 0
+        for item in items:
+            stored += self.store.store_feedback(service_id, item)
+            if item.get("outcome") != "accepted" or not as_list(item.get("acceptedSuggestions")):
+                continue
+            record = self.store.card_record(str(item["card"]))
+            if record is not None and record.model_id == self.model.model_id:
+                self.store.mark_filed(
+                    record.tenant, record.study_uid, self.model, "filed by the EHR user"
+                )
+        return stored
+
+    def _suggested_report(
+        self, ref: StudyRef, study: dict[str, Any], result: AnalysisResult
+    ) -> dict[str, Any] | None:
+        """The DiagnosticReport a clinician may file from the card: the same report the
+        write-back would create, without Observation links (they do not exist in the EHR).
+        Built once per study and kept (building and validating costs a few milliseconds)."""
+        study_id = as_str(study.get("id"))
+        if study_id is None:
+            return None
+        key = (ref.tenant, ref.study_uid, study_id)
+        with self._reports_lock:
+            if key in self._reports:
+                self._reports.move_to_end(key)
+                return self._reports[key]
+        try:
+            issued = datetime.fromisoformat(result.analysed_at) if result.analysed_at else None
+            resources = build_ai_report(
+                result,
+                study,
+                self.device,
+                fhir_study_reference=f"ImagingStudy/{study_id}",
+                issued=issued or utcnow(),
+            )
+            report: dict[str, Any] | None = {
+                k: v for k, v in resources.diagnostic_report.items() if k not in ("id", "result")
+            }
+        except ValueError as exc:
+            log.info("no filing suggestion: %s", type(exc).__name__)
+            report = None
+        with self._reports_lock:
+            self._reports[key] = report
+            if len(self._reports) > REPORT_CACHE_SIZE:
+                self._reports.popitem(last=False)
+        return report
+
     def _fhir_access(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> FhirAccess | None:
         server = body.get("fhirServer")
         auth = body.get("fhirAuthorization")
@@ -258,7 +318,12 @@ class HookHandler:
                     reason="study UID conflicts with another patient record",
                 )
             if stored.result.status == "completed":
-                return StudyStatus(study=study, state="completed", result=stored.result)
+                unfiled = None
+                if stored.filed_location is None:
+                    unfiled = self._suggested_report(ref, study, stored.result)
+                return StudyStatus(
+                    study=study, state="completed", result=stored.result, unfiled_report=unfiled
+                )
             return StudyStatus(study=study, state="not-analysed", result=stored.result)
         if self.store.job_state(ref, self.model) is not None:
             return StudyStatus(study=study, state="in-progress")

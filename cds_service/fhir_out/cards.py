@@ -36,6 +36,8 @@ class StudyStatus:
     state: StudyState
     result: AnalysisResult | None = None
     reason: str = ""
+    # The DiagnosticReport to offer as "File AI report to chart" (None once it is filed).
+    unfiled_report: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,43 @@ def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> Bu
     )
 
 
+def _no_major_finding_card(status: StudyStatus, ctx: CardContext, label: str, uid: str) -> Built:
+    return _card(
+        key=f"{uid}|no-major-finding",
+        summary=f"{label}: no major finding detected by the model",
+        indicator="info",
+        detail_lines=[
+            "The model did not report any of the major findings it screens for. "
+            "This is not a normal study report: findings may have been missed."
+        ],
+        study=status.study,
+        ctx=ctx,
+        finding=("no-major-finding", "absent"),
+    )
+
+
+def _offer_filing(card: dict[str, Any], report: dict[str, Any], ctx: CardContext) -> None:
+    """Add the 'File AI report to chart' suggestion: create the preliminary DiagnosticReport."""
+    card["suggestions"] = [
+        {
+            "label": "File AI report to chart",
+            "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"file|{card['uuid']}")),
+            "isRecommended": False,
+            "actions": [
+                {
+                    "type": "create",
+                    "description": (
+                        "File the AI-generated, preliminary, unreviewed chest radiograph "
+                        f"report ({ctx.model.model_id}, {ctx.model.version}) to the chart"
+                    ),
+                    "resource": report,
+                }
+            ],
+        }
+    ]
+    card["selectionBehavior"] = "at-most-one"
+
+
 def _built_for_study(status: StudyStatus, ctx: CardContext) -> list[Built]:
     """The cards for one study: findings, or 'no major finding', or its processing state."""
     label = _study_label(status.study, ctx.now)
@@ -210,22 +249,13 @@ def _built_for_study(status: StudyStatus, ctx: CardContext) -> list[Built]:
         flagged = [f for f in result.findings if f.major and f.state in ("present", "uncertain")]
         if flagged:
             flagged.sort(key=lambda f: (f.state != "present", f.key not in CRITICAL_FINDINGS))
-            return [_finding_card(status, finding, ctx) for finding in flagged]
-        # Never "normal": the model may have missed something.
-        return [
-            _card(
-                key=f"{uid}|no-major-finding",
-                summary=f"{label}: no major finding detected by the model",
-                indicator="info",
-                detail_lines=[
-                    "The model did not report any of the major findings it screens for. "
-                    "This is not a normal study report: findings may have been missed."
-                ],
-                study=status.study,
-                ctx=ctx,
-                finding=("no-major-finding", "absent"),
-            )
-        ]
+            built = [_finding_card(status, finding, ctx) for finding in flagged]
+        else:
+            # Never "normal": the model may have missed something.
+            built = [_no_major_finding_card(status, ctx, label, uid)]
+        if status.unfiled_report is not None:
+            _offer_filing(built[0][0], status.unfiled_report, ctx)
+        return built
     if status.state == "in-progress":
         return [
             _card(

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS results (
     tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
     model_id TEXT NOT NULL, model_version TEXT NOT NULL, patient_id TEXT,
     status TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
+    filed_location TEXT,
     PRIMARY KEY (tenant, study_uid, model_id, model_version)
 );
 """
@@ -68,6 +69,7 @@ class StudyRef:
 class StoredResult:
     result: AnalysisResult
     patient_id: str | None
+    filed_location: str | None = None  # where the EHR keeps the filed DiagnosticReport
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,11 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+        conn = self._conn()
+        conn.executescript(SCHEMA)  # executescript manages its own transaction
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        if "filed_location" not in columns:  # files written before write-back existed
+            conn.execute("ALTER TABLE results ADD COLUMN filed_location TEXT")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -187,13 +193,34 @@ class SqliteStore:
         row = (
             self._conn()
             .execute(
-                "SELECT body, patient_id FROM results WHERE tenant = ? AND study_uid = ? "
-                "AND model_id = ? AND model_version = ?",
+                "SELECT body, patient_id, filed_location FROM results WHERE tenant = ? "
+                "AND study_uid = ? AND model_id = ? AND model_version = ?",
                 (ref.tenant, ref.study_uid, model.model_id, model.version),
             )
             .fetchone()
         )
-        return StoredResult(AnalysisResult.from_json(row[0]), row[1]) if row else None
+        return StoredResult(AnalysisResult.from_json(row[0]), row[1], row[2]) if row else None
+
+    def mark_filed(self, tenant: str, study_uid: str, model: ModelInfo, location: str) -> None:
+        """Remember that the report of this analysis is in the EHR (so no more filing offers)."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE results SET filed_location = ? WHERE tenant = ? AND study_uid = ? "
+                "AND model_id = ? AND model_version = ?",
+                (location, tenant, study_uid, model.model_id, model.version),
+            )
+
+    def card_record(self, card_uuid: str) -> CardRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT uuid, tenant, study_uid, finding, ai_state, model_id, model_version "
+                "FROM cards WHERE uuid = ?",
+                (card_uuid,),
+            )
+            .fetchone()
+        )
+        return CardRecord(*row) if row else None
 
     # -- job queue --------------------------------------------------------------------------
     def enqueue(
@@ -302,7 +329,7 @@ class SqliteStore:
 
 def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResult) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
         (
             ref.tenant,
             result.study_uid,

@@ -7,7 +7,9 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 
+from cds_service.fhir.client import FhirError
 from cds_service.inference.base import Backend
+from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import Job, SqliteStore
 from cds_service.results import AnalysisResult
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-def process_one(store: SqliteStore, backend: Backend) -> bool:
+def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None = None) -> bool:
     """Run the oldest queued job; False when the queue was empty."""
     job = store.claim(backend.model)
     if job is None:
@@ -27,7 +29,20 @@ def process_one(store: SqliteStore, backend: Backend) -> bool:
         return True
     store.finish(job, result)
     log.info("analysed job %s (%s)", job.id, result.status)
+    if filer is not None and result.status == "completed":
+        _file(store, filer, job, result)
     return True
+
+
+def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResult) -> None:
+    """Write-back failures leave the result unfiled: the card then offers 'File AI report'."""
+    try:
+        written = filer.file(job, result)
+    except (FhirError, ValueError) as exc:
+        log.warning("job %s: report not filed: %s", job.id, type(exc).__name__)
+        return
+    if written is not None:
+        store.mark_filed(job.ref.tenant, job.ref.study_uid, job.model, written.report_location)
 
 
 def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
@@ -49,21 +64,25 @@ def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
     )
 
 
-def drain(store: SqliteStore, backend: Backend) -> int:
+def drain(store: SqliteStore, backend: Backend, filer: ReportFiler | None = None) -> int:
     """Process jobs until the queue is empty; returns how many were processed."""
     count = 0
-    while process_one(store, backend):
+    while process_one(store, backend, filer):
         count += 1
     return count
 
 
 def run_forever(
-    store: SqliteStore, backend: Backend, stop: threading.Event, poll_s: float = 0.2
+    store: SqliteStore,
+    backend: Backend,
+    stop: threading.Event,
+    poll_s: float = 0.2,
+    filer: ReportFiler | None = None,
 ) -> None:
     log.info("inference worker started for %s", backend.model.label)
     while not stop.is_set():
         try:
-            busy = process_one(store, backend)
+            busy = process_one(store, backend, filer)
         except sqlite3.Error as exc:
             # A locked or briefly unavailable database must not end the worker.
             log.warning("job store error: %s; retrying", exc)

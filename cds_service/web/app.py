@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from html import escape
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -11,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 from cds_service.config import Settings
 from cds_service.errors import CdsServiceError, Unauthorized
 from cds_service.hooks import HookHandler
-from cds_service.inference.registry import model_info
+from cds_service.inference.registry import device_info, model_info
 from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.security.client_jwt import ClientJwtVerifier
 from cds_service.web.cds_hooks import create_cds_blueprint
@@ -23,6 +24,19 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
     "Access-Control-Max-Age": "600",
 }
+
+
+MODEL_CARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>AI model card</title></head><body>
+<h1>AI chest radiograph model served by this CDS service</h1>{simulated}
+<dl><dt>Model</dt><dd>{model}</dd><dt>Version (weights hash)</dt><dd>{version}</dd>
+<dt>Made by</dt><dd>{maker}</dd><dt>Licence</dt><dd>{licence}</dd></dl>
+<p>Everything this service produces is AI-generated, preliminary and not reviewed by a
+radiologist. A missed finding is never reported as normal: the service says "no major finding
+detected by the model".</p>
+</body></html>
+"""
+SIMULATED_NOTE = "<p><strong>SIMULATED: no AI model is loaded; all output is made up.</strong></p>"
 
 
 def _error_body(status: int, code: str, description: str) -> Response:
@@ -72,6 +86,20 @@ def create_app(
                 "queueDepth": store.queue_depth(handler.model),
             }
         )
+
+    @app.get("/model-card")
+    def model_card() -> Response:
+        device = device_info(settings, handler.model)
+        body = MODEL_CARD.format(
+            model=escape(device.model_id),
+            version=escape(device.version),
+            maker=escape(device.manufacturer),
+            licence=escape(device.licence_note),
+            simulated=SIMULATED_NOTE if device.simulated else "",
+        )
+        response = Response(body, mimetype="text/html")
+        response.headers["Content-Security-Policy"] = "default-src 'none'"
+        return response
 
     @app.after_request
     def cors(response: Response) -> Response:

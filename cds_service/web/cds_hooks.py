@@ -81,7 +81,7 @@ def create_cds_blueprint(
             raise NotFound(f"no CDS service with id {service_id!r}")
         authenticate()
         items = _validate_feedback(_json_body())
-        stored = sum(store.store_feedback(service_id, item) for item in items)
+        stored = handler.feedback(service_id, items)
         return jsonify({"stored": stored, "duplicates": len(items) - stored})
 
     return bp

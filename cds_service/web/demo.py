@@ -12,18 +12,26 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
-from cds_service.inference.registry import SIMULATED_WARNING, load_backend
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
+from cds_service.fhir.backend_services import EhrClient
+from cds_service.inference.registry import SIMULATED_WARNING, device_info, load_backend
+from cds_service.jobs.filing import ReportFiler
+from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.jobs.worker import run_forever
 from cds_service.web.app import create_app as create_service_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
-from ehr_sandbox.cds_client import CdsHooksClient, format_cards, hook_context
+from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, format_cards, hook_context
 from ehr_sandbox.seed import seed
 
 log = logging.getLogger(__name__)
 DEMO_PATIENT = "cxr-demo-1"
+BACKEND_CLIENT_ID = "cxr-cds-service"
+WRITE_SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
 ANALYSIS_TIMEOUT_S = 60.0
+
+
+def _filed(stored: StoredResult | None) -> bool:
+    return stored is not None and stored.filed_location is not None
 
 
 def _serve(server: BaseWSGIServer, name: str) -> None:
@@ -54,12 +62,23 @@ def run_demo(
     issuer = TrustedIssuer(
         iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(f"{sandbox_base}/fhir",)
     )
+    # The service writes reports back as a SMART Backend Services client of the sandbox.
+    service_key = SigningKey.load_or_create(data_dir / "cds-backend-key.jwk.json")
+    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), WRITE_SCOPE)
+    ehr = EhrClient(
+        fhir_base=f"{sandbox_base}/fhir",
+        token_url=f"{sandbox_base}/auth/token",
+        client_id=BACKEND_CLIENT_ID,
+        key_file=data_dir / "cds-backend-key.jwk.json",
+        scope=WRITE_SCOPE,
+    )
     settings = Settings(
         mode="demo",
         public_url=service_base,
         trusted_issuers=(issuer,),
         database=data_dir / "cds.sqlite3",
         backend="simulated",
+        ehr_clients=(ehr,),
     ).validated()
     store = SqliteStore(settings.database)
     backend = load_backend(settings)
@@ -70,8 +89,13 @@ def run_demo(
     )
     _serve(service_server, "cds-service")
     stop = threading.Event()
+    filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     threading.Thread(
-        target=run_forever, args=(store, backend, stop), name="worker", daemon=True
+        target=run_forever,
+        args=(store, backend, stop),
+        kwargs={"filer": filer},
+        name="worker",
+        daemon=True,
     ).start()
 
     # Image arrival: each seeded study is queued for analysis, as a notification would do.
@@ -86,7 +110,8 @@ def run_demo(
         pending.append(ref)
     deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
     while pending and time.monotonic() < deadline:
-        pending = [ref for ref in pending if store.get_result(ref, backend.model) is None]
+        # Wait for the analysis and its write-back to the sandbox EHR.
+        pending = [ref for ref in pending if not _filed(store.get_result(ref, backend.model))]
         time.sleep(0.05)
 
     token = sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", DEMO_PATIENT)
@@ -103,6 +128,8 @@ def run_demo(
     calls = client.fire(
         service_base, "patient-view", context, f"{sandbox_base}/fhir", authorization
     )
+    filed = sandbox.store.search("DiagnosticReport", [("status", "preliminary")]).total
+    print(f"\nAI reports filed to the sandbox EHR (preliminary, AI-labelled): {filed}")
     print(f"\npatient-view hook for Patient/{DEMO_PATIENT}:")
     for call in calls:
         print(format_cards(call))

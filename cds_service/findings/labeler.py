@@ -1,0 +1,393 @@
+"""Rule-based CheXpert-style labeler: report text -> a label and its evidence per observation."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from cds_service.findings.lexicon import (
+    CONJUNCTIONS,
+    DETERMINERS,
+    GAP_BLOCKERS,
+    HEDGED_VERBS,
+    MENTION_RULES,
+    NEGATION_CONTINUATION,
+    NEGATION_CUES,
+    PSEUDO_CUES,
+    TERMINATORS,
+    UNCERTAINTY_CUES,
+    CueRule,
+    Direction,
+    MentionRule,
+    TriggerIndex,
+)
+from cds_service.findings.observations import Label, Observation
+from cds_service.findings.sentences import SKIPPED_SECTIONS, split_sentences
+
+__all__ = ["ObservationLabel", "label_report", "labels_as_json"]
+
+# CheXpert aggregation: a report is positive for an observation if any sentence is, else
+# uncertain if any sentence is, else negative if any sentence is.
+_RANK = {Label.NOT_MENTIONED: 0, Label.NEGATIVE: 1, Label.UNCERTAIN: 2, Label.POSITIVE: 3}
+_LINK_FILLER_MAX = 4  # words besides connectors allowed between two coordinated mentions
+# Words that stop a cue before it reaches the first mention after it.
+_NEGATION_BLOCKERS = GAP_BLOCKERS | {"and", "with"}
+_HEDGE_BLOCKERS = (GAP_BLOCKERS - HEDGED_VERBS) | {"and", "with"}
+# Every mention regex with its triggers, flattened once: the hot loop of the labeler.
+_MENTION_TABLE = tuple(
+    (gate, "a" in gate.regex.groupindex, rule) for rule in MENTION_RULES for gate in rule.patterns
+)
+_CUE_GATES = (
+    PSEUDO_CUES
+    + TERMINATORS
+    + tuple(g for rule in UNCERTAINTY_CUES + NEGATION_CUES for g in rule.patterns)
+)
+# One index over every regex: mention gates first (their index is their place in the table).
+_INDEX = TriggerIndex(tuple(gate for gate, _, _ in _MENTION_TABLE) + _CUE_GATES)
+_CUE_IDS = {gate: len(_MENTION_TABLE) + i for i, gate in enumerate(_CUE_GATES)}
+
+
+@dataclass(frozen=True)
+class ObservationLabel:
+    """What the report says about one observation and the sentence that decided it."""
+
+    observation: Observation
+    label: Label
+    sentence: str | None  # the sentence that decided the label (None when not mentioned)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """Mentions sharing one anchor position; cues attach to slots, not to observations."""
+
+    start: int
+    end: int
+    mentions: list[tuple[Observation, MentionRule]]
+    negated: bool = False
+    uncertain: bool = False
+
+
+_Match = tuple[int, int, int, int, Observation, MentionRule]  # span, anchor, observation, rule
+_Cue = tuple[CueRule, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _SentenceResult:
+    labels: dict[Observation, Label]
+    normal: bool
+
+
+def _lower(text: str) -> str:
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    # A few characters lower-case to two code points; keep offsets aligned with the text.
+    return "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in text)
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    if not spans:
+        return text
+    parts: list[str] = []
+    cursor = 0
+    for start, end in spans:
+        if start < cursor:
+            start = cursor
+        parts.append(text[cursor:start])
+        parts.append(" " * max(0, end - start))
+        cursor = max(cursor, end)
+    parts.append(text[cursor:])
+    return "".join(parts)
+
+
+def _raw_mentions(low: str, active: frozenset[int], gated: bool) -> list[_Match]:
+    """Every mention in a sentence, in order of start (one per observation it names)."""
+    found: list[_Match] = []
+    for index in sorted(i for i in active if i < len(_MENTION_TABLE)):
+        gate, anchored, rule = _MENTION_TABLE[index]
+        for match in gate.scan(low, gated):
+            a_start, a_end = match.span("a") if anchored else match.span()
+            for obs in rule.observations:
+                found.append((match.start(), match.end(), a_start, a_end, obs, rule))
+    found.sort(key=lambda m: m[0])
+    return found
+
+
+def _slots(matches: list[_Match]) -> list[_Slot]:
+    """Mentions with overlaps within an observation resolved, grouped into slots."""
+    by_obs: dict[Observation, list[_Match]] = {}
+    for match in matches:
+        by_obs.setdefault(match[4], []).append(match)
+    chosen: list[tuple[int, int, Observation, MentionRule]] = []
+    for obs, candidates in by_obs.items():
+        if len(candidates) > 1:
+            # The more specific rule wins an overlap, then the longer match.
+            candidates.sort(key=lambda c: (-c[5].priority, c[0] - c[1], c[0]))
+        kept: list[tuple[int, int]] = []
+        for start, end, a_start, a_end, _, rule in candidates:
+            if any(start < k_end and k_start < end for k_start, k_end in kept):
+                continue
+            kept.append((start, end))
+            chosen.append((a_start, a_end, obs, rule))
+    chosen.sort(key=lambda c: (c[0], c[1]))
+    slots: list[_Slot] = []
+    for a_start, a_end, obs, rule in chosen:
+        if slots and a_start < slots[-1].end:
+            slots[-1].end = max(slots[-1].end, a_end)
+            slots[-1].mentions.append((obs, rule))
+        else:
+            slots.append(_Slot(a_start, a_end, [(obs, rule)]))
+    return slots
+
+
+def _words(gap: str) -> list[str]:
+    return gap.replace(",", " , ").split()
+
+
+class _Clauses:
+    """Terminator positions in a sentence, to tell whether a stretch crosses a clause."""
+
+    __slots__ = ("starts",)
+
+    def __init__(self, low: str, active: frozenset[int], gated: bool) -> None:
+        self.starts = sorted(
+            m.start() for g in TERMINATORS if _CUE_IDS[g] in active for m in g.scan(low, gated)
+        )
+
+    def crossed(self, start: int, end: int) -> bool:
+        starts = self.starts
+        return bool(starts) and bisect_left(starts, start) < bisect_left(starts, end)
+
+
+def _link(gap: str) -> str | None:
+    """How two neighbouring mentions are joined: 'conj', 'comma', 'adj', 'cont' or None."""
+    words = _words(gap)
+    if not words:
+        return "adj"
+    if NEGATION_CONTINUATION.match(gap):
+        return "cont"
+    has_conj = False
+    fillers = 0
+    for index, word in enumerate(words):
+        word = word.strip(".:")
+        if word in GAP_BLOCKERS:
+            return None
+        if word in CONJUNCTIONS or word in ("as", "well"):  # "as well as" joins too
+            has_conj = True
+            nxt = words[index + 1] if index + 1 < len(words) else ""
+            if word == "and" and nxt in DETERMINERS:
+                return None  # "no effusion and the heart is enlarged": a new statement
+        elif word != ",":
+            fillers += 1
+    if fillers > _LINK_FILLER_MAX:
+        return None
+    if has_conj:
+        return "conj"
+    return "comma" if "," in words else None
+
+
+def _chain(slots: list[_Slot], links: list[str | None], first: int, forward: bool) -> list[int]:
+    """The mentions a cue reaches: the first one and those coordinated with it."""
+    members = [first]
+    pending: list[int] = []
+    seen_conj = False
+    index = first
+    step = 1 if forward else -1
+    while 0 <= index + step < len(slots):
+        link = links[index] if forward else links[index - 1]
+        nxt = index + step
+        if link in ("conj", "adj", "cont"):
+            members.extend(pending)
+            members.append(nxt)
+            pending = []
+            seen_conj = seen_conj or link == "conj"
+        elif link == "comma":
+            # "no A, B or C": a comma joins a list only if a conjunction closes it; going
+            # backwards the conjunction has already been seen ("A, B or C is not seen").
+            if forward:
+                pending.append(nxt)
+            elif seen_conj:
+                members.append(nxt)
+            else:
+                break
+        else:
+            break
+        index = nxt
+    return members
+
+
+def _gap_ok(gap: str, reach: int, forward: bool, negation: bool) -> bool:
+    """Whether a cue reaches across ``gap`` to the nearest mention (no comma, few words)."""
+    words = _words(gap)
+    if "," in words or len(words) > reach:
+        return False
+    if not forward:
+        return True
+    # "may represent atelectasis": a hedge reaches through the verb it hedges; a negation
+    # does not ("no effusion is seen and the heart is enlarged").
+    blockers = _NEGATION_BLOCKERS if negation else _HEDGE_BLOCKERS
+    return not any(w in blockers for w in words)
+
+
+def _find_cues(
+    masked: str, rules: tuple[CueRule, ...], active: frozenset[int], gated: bool
+) -> list[_Cue]:
+    """The cues of ``rules`` in the (masked) sentence."""
+    # Masking only blanks text out, so the triggers found in the sentence cover masked copies.
+    return [
+        (rule, *m.span())
+        for rule in rules
+        for g in rule.patterns
+        if _CUE_IDS[g] in active
+        for m in g.scan(masked, gated)
+    ]
+
+
+def _apply_cues(
+    low: str,
+    cues: list[_Cue],
+    slots: list[_Slot],
+    links: list[str | None],
+    clauses: _Clauses,
+    negation: bool,
+    skip: list[tuple[int, int]],
+) -> None:
+    """Mark the slots each cue reaches: the nearest mention on its side and its list."""
+    for rule, c_start, c_end in cues:
+        if any(s <= c_start < e for s, e in skip):
+            continue
+        targets: list[int] = []
+        if rule.direction is not Direction.BACKWARD:
+            for i, slot in enumerate(slots):
+                if slot.start >= c_end:
+                    if not clauses.crossed(c_end, slot.start) and _gap_ok(
+                        low[c_end : slot.start], rule.reach, True, negation
+                    ):
+                        targets.extend(_chain(slots, links, i, True))
+                    break
+        if rule.direction is not Direction.FORWARD:
+            for i in range(len(slots) - 1, -1, -1):
+                slot = slots[i]
+                if slot.end <= c_start:
+                    if not clauses.crossed(slot.end, c_start) and _gap_ok(
+                        low[slot.end : c_start], rule.reach, False, negation
+                    ):
+                        targets.extend(_chain(slots, links, i, False))
+                    break
+        for i in targets:
+            if negation:
+                slots[i].negated = True
+            else:
+                slots[i].uncertain = True
+
+
+def _label_sentence(low: str, gated: bool) -> _SentenceResult | None:
+    """Labels from one lower-cased sentence."""
+    active = _INDEX.candidates(low, gated)
+    matches = _raw_mentions(low, active, gated)
+    if not matches:
+        return None
+    slots = _slots(matches)
+    clauses = _Clauses(low, active, gated)
+    links: list[str | None] = []
+    for left, right in zip(slots, slots[1:], strict=False):
+        if clauses.crossed(left.end, right.start):
+            links.append(None)
+        else:
+            links.append(_link(low[left.end : right.start]))
+    pseudo = sorted(
+        m.span() for g in PSEUDO_CUES if _CUE_IDS[g] in active for m in g.scan(low, gated)
+    )
+    masked = _mask(low, pseudo)
+    # Uncertainty cues are found first and masked, so the "not" in "not excluded" is never
+    # read as a negation: uncertainty beats negation.
+    unc_cues = _find_cues(masked, UNCERTAINTY_CUES, active, gated)
+    if unc_cues:
+        masked = _mask(masked, sorted((start, end) for _, start, end in unc_cues))
+    neg_cues = _find_cues(masked, NEGATION_CUES, active, gated)
+    _apply_cues(low, neg_cues, slots, links, clauses, True, [])
+    # "No consolidation suspicious for pneumonia": a phrase that carries a negation on to the
+    # next mention is not an uncertainty cue there.
+    carried = [
+        (slots[i].end, slots[i + 1].start)
+        for i, link in enumerate(links)
+        if link == "cont" and slots[i].negated
+    ]
+    _apply_cues(low, unc_cues, slots, links, clauses, False, carried)
+    labels: dict[Observation, Label] = {}
+    normal = False
+    for slot in slots:
+        for obs, rule in slot.mentions:
+            if rule.fixed:
+                label = rule.base
+            elif slot.uncertain:
+                label = Label.UNCERTAIN
+            elif slot.negated:
+                label = Label.NEGATIVE
+            else:
+                label = rule.base
+            normal = normal or rule.normal
+            if _RANK[label] > _RANK[labels.get(obs, Label.NOT_MENTIONED)]:
+                labels[obs] = label
+    return _SentenceResult(labels, normal)
+
+
+def label_report(text: str, *, gated: bool = True) -> dict[Observation, ObservationLabel]:
+    """Label a report for all 14 observations (CheXpert aggregation over its sentences).
+
+    ``gated=False`` runs every pattern as written, without the pre-filters of ``Gated``; the
+    labels must be the same (the tests use it to check the triggers).
+    """
+    best: dict[Observation, tuple[Label, str]] = {}
+    normal_sentence: str | None = None
+    first_negative: str | None = None
+    for sentence in split_sentences(text):
+        if sentence.section in SKIPPED_SECTIONS:
+            continue
+        result = _label_sentence(_lower(sentence.text), gated)
+        if result is None:
+            continue
+        if result.normal and normal_sentence is None:
+            normal_sentence = sentence.text
+        for obs, label in result.labels.items():
+            if label is Label.NEGATIVE and first_negative is None:
+                first_negative = sentence.text
+            current = best.get(obs)
+            if current is None or _RANK[label] > _RANK[current[0]]:
+                best[obs] = (label, sentence.text)
+    out: dict[Observation, ObservationLabel] = {}
+    for obs in Observation:
+        if obs in best:
+            label, evidence = best[obs]
+            out[obs] = ObservationLabel(obs, label, evidence)
+        else:
+            out[obs] = ObservationLabel(obs, Label.NOT_MENTIONED, None)
+    out[Observation.NO_FINDING] = _no_finding(best, normal_sentence, first_negative)
+    return out
+
+
+def _no_finding(
+    best: dict[Observation, tuple[Label, str]],
+    normal_sentence: str | None,
+    first_negative: str | None,
+) -> ObservationLabel:
+    """Positive when nothing but devices is positive or uncertain and something was ruled out."""
+    for obs, (label, _) in best.items():
+        if obs is Observation.SUPPORT_DEVICES or obs is Observation.NO_FINDING:
+            continue
+        if label in (Label.POSITIVE, Label.UNCERTAIN):
+            return ObservationLabel(Observation.NO_FINDING, Label.NOT_MENTIONED, None)
+    evidence = normal_sentence or first_negative
+    if evidence is None:
+        return ObservationLabel(Observation.NO_FINDING, Label.NOT_MENTIONED, None)
+    return ObservationLabel(Observation.NO_FINDING, Label.POSITIVE, evidence)
+
+
+def labels_as_json(
+    result: dict[Observation, ObservationLabel],
+) -> dict[str, dict[str, str | None]]:
+    """The labels as plain JSON: {observation name: {"label": ..., "sentence": ...}}."""
+    return {
+        obs.value: {"label": item.label.value, "sentence": item.sentence}
+        for obs, item in result.items()
+    }

@@ -1,0 +1,56 @@
+"""File a completed analysis into the EHR it came from (SMART Backend Services write-back)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from cds_service.fhir.backend_services import BackendServicesClient, EhrClient
+from cds_service.fhir.shapes import as_str
+from cds_service.fhir.writeback import WriteResult, write_transaction
+from cds_service.fhir_out.bundle import transaction_bundle
+from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
+from cds_service.jobs.sqlite_store import Job
+from cds_service.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+
+class ReportFiler:
+    """Writes reports to the EHRs that registered this service as a backend client."""
+
+    def __init__(
+        self,
+        ehrs: tuple[EhrClient, ...],
+        device: DeviceInfo,
+        clients: dict[str, BackendServicesClient] | None = None,
+    ) -> None:
+        self.device = device
+        self._ehrs = {ehr.fhir_base.rstrip("/"): ehr for ehr in ehrs}
+        self._clients = dict(clients or {})
+
+    def _client(self, fhir_server: str | None) -> BackendServicesClient | None:
+        if fhir_server is None:
+            return None
+        base = fhir_server.rstrip("/")
+        if base not in self._clients and base in self._ehrs:
+            self._clients[base] = BackendServicesClient(self._ehrs[base])
+        return self._clients.get(base)
+
+    def file(self, job: Job, result: AnalysisResult) -> WriteResult | None:
+        """Write the report as one transaction of conditional creates; None when this job's
+        EHR has no write-back registration. Raises FhirError / ValueError on failure."""
+        client = self._client(job.fhir_server)
+        study_id = as_str(job.study_resource.get("id"))
+        if client is None or result.status != "completed" or study_id is None:
+            return None
+        resources = build_ai_report(
+            result,
+            job.study_resource,
+            self.device,
+            fhir_study_reference=f"ImagingStudy/{study_id}",
+            issued=datetime.now(UTC),
+        )
+        written = write_transaction(client, transaction_bundle(resources))
+        log.info("job %s: report filed (%s)", job.id, "created" if written.created else "exists")
+        return written
