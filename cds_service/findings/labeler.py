@@ -1,5 +1,25 @@
 """Rule-based CheXpert-style labeler: report text -> a label and its evidence per observation."""
 
+# How it works: a report is split into sentences (sentences.py); in each, mention patterns
+# (lexicon.py) find the observations, and negation and uncertainty cues reach the nearest
+# mention on their side plus the mentions coordinated with it ("no A, B or C"), never across
+# a clause terminator ("but", ";", "there is" ...). Sentence labels are then aggregated the
+# CheXpert way: positive > uncertain > negative.
+#
+# Decisions on the cases the issue left open:
+# - "no definite X" is negative (the radiologist reports the finding as absent);
+# - "consistent with" / "compatible with" state a diagnosis: positive; "suggestive of",
+#   "likely", "probable", "concerning for", "less likely" are uncertain; "unlikely" negative;
+# - a calcified granuloma is a (healed) Lung Lesion: positive;
+# - "no acute cardiopulmonary process" and "normal chest radiograph / study" are negative for
+#   Consolidation, Edema, Pneumonia, Pneumothorax, Pleural Effusion and Lung Opacity only;
+# - a normal cardiomediastinal silhouette is negative for Enlarged Cardiomediastinum and
+#   Cardiomegaly; "prominent" heart, mediastinum or vessels is uncertain;
+# - heart size "top normal" / "upper limits of normal" is negative, "borderline" and
+#   "normal to mildly enlarged" uncertain;
+# - "partially / nearly resolved" is positive; "removal of" a device is negative;
+# - INDICATION / HISTORY / COMPARISON / TECHNIQUE sections are not labelled.
+
 from __future__ import annotations
 
 from bisect import bisect_left

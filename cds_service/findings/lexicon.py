@@ -10,29 +10,24 @@ from cds_service.findings.observations import Label, Observation
 
 Obs = Observation
 POS, NEG, UNC = Label.POSITIVE, Label.NEGATIVE, Label.UNCERTAIN
-
-
 _WORD_CHAR = re.compile(r"\w")
 
 
 @dataclass(frozen=True, eq=False)
 class Gated:
-    """A regex run only when one of its trigger substrings occurs in the text.
+    """A regex with the trigger substrings that every one of its matches contains.
 
-    Two speed-ups over a plain ``finditer``, both exact: every match of the regex contains
-    one of the triggers, so a sentence without any is skipped; and a leading ``\\b`` is
-    checked in Python rather than by the regex, because ``re`` only scans quickly for
-    patterns that start with a literal or a character set. ``full`` is the regex as written;
-    the tests check that both ways give the same labels.
+    Two speed-ups over a plain ``finditer``, both exact: a sentence that holds none of the
+    triggers is never scanned (TriggerIndex), and a leading ``\\b`` is checked in Python
+    rather than by the regex, because ``re`` only scans quickly for patterns that start with
+    a literal or a character set. ``full`` is the regex as written; the tests check that
+    both ways give the same labels.
     """
 
     triggers: tuple[str, ...]
     regex: re.Pattern[str]
     full: re.Pattern[str]
     word_start: bool
-
-    def triggered(self, text: str) -> bool:
-        return any(trigger in text for trigger in self.triggers)
 
     def scan(self, text: str, fast: bool = True) -> list[re.Match[str]]:
         """Matches in order, as ``full.finditer`` gives them (triggers not checked)."""
@@ -51,12 +46,6 @@ class Gated:
             found.append(match)
             pos = max(match.end(), start + 1)
         return found
-
-    def matches(self, text: str, fast: bool = True) -> list[re.Match[str]]:
-        """``scan`` after the trigger check (``fast=False``: the plain regex, no check)."""
-        if fast and not self.triggered(text):
-            return []
-        return self.scan(text, fast)
 
 
 _LETTERS = re.compile(r"[a-z]+")
@@ -178,6 +167,11 @@ _NORMAL_STATE = (
     r"(?P<a>normal|within\s+normal\s+limits|unremarkable"
     r"|(?:at\s+)?(?:the\s+)?upper\s+(?:limits?|range)\s+of\s+normal|(?:top|upper|high)[- ]normal)"
     r"\b(?!\s+(?:to|or|versus|vs)\b)"
+)
+# What may stand between "no" and a whole-study phrase: "no definite radiographic evidence of".
+_NO_MODIFIERS = (
+    r"(?:(?:definite|significant|radiographic|convincing|evidence\s+of|signs?\s+of|an?|any"
+    r"|other)\s+)*"
 )
 _ENLARGED = r"(?P<a>enlarged|enlarging|increased|large|widened|wide|widening)\b"
 
@@ -345,7 +339,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         (Obs.LUNG_OPACITY,),
         _m(
             ("opac|opec", r"\bop[ae]c\w*"),
-            ("infiltra", r"\binfiltra\w*"),
+            ("infilt", r"\binfilt\w*"),
             ("haz", r"\bhaz(?:y|iness)\b"),
             ("space", r"\bair[- ]?space\s+(?:disease|process|filling)\b"),
             ("glass", r"\bground[- ]glass\b"),
@@ -356,7 +350,8 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ),
         ),
     ),
-    # "Lungs are clear": the issue maps it to negative Lung Opacity and Consolidation.
+    # "Lungs are clear": the issue maps it to negative Lung Opacity and Consolidation
+    # ("lungs are unremarkable" and "normal lungs" say the same).
     MentionRule(
         (Obs.LUNG_OPACITY, Obs.CONSOLIDATION),
         _m(
@@ -371,6 +366,12 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"and\s+(?P<a>clear)\b",
             ),
             ("clear", r"\bclear\s+lungs?\b"),
+            (
+                "normal|unremarkable",
+                r"\blungs?(?:\s+(?:fields?|parenchyma))?\s+(?:are|is|appears?|remains?)\s+"
+                r"(?:\w+ly\s+)?(?P<a>unremarkable|normal|within\s+normal\s+limits)\b",
+            ),
+            ("normal|unremarkable", r"\b(?:normal|unremarkable)\s+lungs\b"),
         ),
         base=NEG,
         fixed=True,
@@ -441,7 +442,10 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     # --- Consolidation ----------------------------------------------------------------------
     MentionRule(
         (Obs.CONSOLIDATION,),
-        _m(("sol", r"\bcon{1,2}s{1,2}ol{1,2}i?d\w*"), ("bronchogram", r"\bair\s+bronchograms?\b")),
+        _m(
+            ("sol|sil", r"\bcon{1,2}s{1,2}[oi]l{1,2}[aeio]?d\w*"),
+            ("bronchogram", r"\bair\s+bronchograms?\b"),
+        ),
     ),
     # --- Pneumonia --------------------------------------------------------------------------
     MentionRule(
@@ -551,7 +555,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         _m(
             (
                 "osseous|bony|skeletal",
-                r"\b(?:no|without)\s+(?:evidence\s+of\s+)?(?:an?\s+)?(?:acute\s+)?(?:displaced\s+)?"
+                rf"\b(?:no|without)\s+{_NO_MODIFIERS}(?:(?:acute|displaced)\s+)*"
                 r"(?:osseous|bony|skeletal)\s+(?P<a>abnormalit(?:y|ies)|injury|injuries)\b",
             ),
         ),
@@ -613,8 +617,8 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         _m(
             (
                 "acute|active",
-                r"\b(?:no|without|negative\s+for|free\s+of)\s+(?:(?:radiographic\s+)?evidence\s+of"
-                r"\s+)?(?:an?\s+|any\s+)?(?:acute|active)\s+(?:(?:cardiopulmonary|cardio-pulmonary"
+                rf"\b(?:no|without|negative\s+for|free\s+of)\s+{_NO_MODIFIERS}"
+                r"(?:acute|active)\s+(?:(?:cardiopulmonary|cardio-pulmonary"
                 r"|intrathoracic|thoracic|chest|pulmonary|lung|cardiothoracic"
                 r"|cardiac\s+or\s+pulmonary)\s+)?(?P<a>process(?:es)?|abnormalit(?:y|ies)|disease"
                 r"|findings?|pathology|changes?)\b",
@@ -820,11 +824,11 @@ NEGATION_CUES: tuple[CueRule, ...] = (
                 r"\b(?:absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal)\b",
             ),
             ("ruled|excluded", r"\b(?:ruled\s+out|excluded)\b"),
-            (":", r":\s*(?:none|negative|absent|no|not\s+seen)\b"),
+            ("no|negative|absent", r"[:\u2013-]\s*(?:none|negative|absent|no|not\s+seen)\b"),
             ("unlikely", r"\bunlikely\b"),
         ),
         Direction.BACKWARD,
-        5,
+        6,
     ),
 )
 
@@ -859,76 +863,22 @@ NEGATION_CONTINUATION = re.compile(
 
 # Words that end a cue's reach when they sit between the cue and the mention: a verb means
 # the mention belongs to another statement ("no effusion and the heart is enlarged").
-GAP_BLOCKERS = frozenset(
-    {
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "has",
-        "have",
-        "had",
-        "seen",
-        "noted",
-        "identified",
-        "present",
-        "demonstrated",
-        "appears",
-        "appear",
-        "remains",
-        "remain",
-        "persists",
-        "persist",
-        "shows",
-        "show",
-        "shown",
-        "visualized",
-        "evident",
-        "observed",
-        "there",
-        "represents",
-        "represent",
-        "reflects",
-        "reflect",
-        "measuring",
-        "measures",
-        "terminates",
-        "terminating",
-        "projects",
-        "projecting",
-        "overlies",
-        "overlying",
-        "extends",
-        "extending",
-        "courses",
-        "coursing",
-        "consistent",
-        "compatible",
-    }
-)
+# fmt: off
+GAP_BLOCKERS = frozenset({
+    "is", "are", "was", "were", "be", "been", "being", "has", "have", "had", "seen", "noted",
+    "identified", "present", "demonstrated", "appears", "appear", "remains", "remain",
+    "persists", "persist", "shows", "show", "shown", "visualized", "evident", "observed",
+    "there", "represents", "represent", "reflects", "reflect", "measuring", "measures",
+    "terminates", "terminating", "projects", "projecting", "overlies", "overlying", "extends",
+    "extending", "courses", "coursing", "consistent", "compatible",
+})
+# fmt: on
 # Verbs an uncertainty cue reaches through: "may represent", "could be", "likely reflects".
-HEDGED_VERBS = frozenset(
-    {
-        "be",
-        "been",
-        "is",
-        "are",
-        "represent",
-        "represents",
-        "reflect",
-        "reflects",
-        "indicate",
-        "indicates",
-        "include",
-        "includes",
-        "have",
-        "has",
-        "consistent",
-        "compatible",
-    }
-)
+# fmt: off
+HEDGED_VERBS = frozenset({
+    "be", "been", "is", "are", "represent", "represents", "reflect", "reflects", "indicate",
+    "indicates", "include", "includes", "have", "has", "consistent", "compatible",
+})
+# fmt: on
 CONJUNCTIONS = frozenset({"and", "or", "nor", "and/or", "/", "&"})
 DETERMINERS = frozenset({"the", "a", "an", "this", "that", "his", "her", "its", "their"})

@@ -56,45 +56,18 @@ _BREAK = re.compile(
     r"[.!?]+(?=\s|$)|\n[ \t]*\n\s*|\n(?=[ \t]*(?:\(?\d{1,2}[.)]\s|[-*\u2022]\s|[A-Z]))"
 )
 # Tokens that end with a period without ending the sentence ("approx. 4 cm", "e.g. edema").
-_ABBREVIATIONS = frozenset(
-    {
-        "approx",
-        "e.g",
-        "i.e",
-        "eg",
-        "ie",
-        "vs",
-        "v.s",
-        "cf",
-        "dr",
-        "mr",
-        "mrs",
-        "ms",
-        "st",
-        "pt",
-        "fig",
-        "incl",
-        "resp",
-        "prev",
-        "hx",
-        "lt",
-        "rt",
-        "lat",
-        "ant",
-        "post",
-        "sup",
-        "inf",
-        "a.m",
-        "p.m",
-        "sq",
-        "est",
-        "max",
-        "min",
-        "ca",
-    }
-)
+# fmt: off
+_ABBREVIATIONS = frozenset({
+    "approx", "e.g", "i.e", "eg", "ie", "vs", "v.s", "cf", "dr", "mr", "mrs", "ms", "st", "pt",
+    "fig", "incl", "resp", "prev", "hx", "lt", "rt", "lat", "ant", "post", "sup", "inf", "a.m",
+    "p.m", "sq", "est", "max", "min", "ca",
+})
+# fmt: on
 _TOKEN_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
 _DIGITS_BEFORE = re.compile(r"\(?\d{1,2}$")
+_OPEN_PHRASE = re.compile(
+    r"(?i)\b(?:and|or|nor|of|the|a|an|no|not|with|without|for|to|in|is|are|at|by|from)$"
+)
 _LIST_MARKER = re.compile(r"^\s*(?:\(?\d{1,2}[.)]|[-*\u2022])\s+")
 _LETTER = re.compile(r"[A-Za-z]")
 
@@ -110,9 +83,15 @@ class Sentence:
 
 def _is_boundary(segment: str, match: re.Match[str]) -> bool:
     """Whether a candidate break really ends a sentence."""
-    if match.group(0)[0] != ".":
-        return True
+    found = match.group(0)
     start = match.start()
+    if found == "\n":
+        # A single line break before a capital: a new line of a list, unless the line before
+        # stops mid-phrase, as wrapped text does ("no focal consolidation or\nPneumothorax").
+        line = segment[max(0, start - 16) : start].rstrip()
+        return not line.endswith(",") and _OPEN_PHRASE.search(line) is None
+    if found[0] != ".":
+        return True
     # Only the last few characters matter; looking further would make splitting quadratic.
     tail = segment[max(0, start - 12) : start]
     digits = _DIGITS_BEFORE.search(tail)
