@@ -165,6 +165,26 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return 0 if all(c.status == 200 for c in calls) else 1
 
 
+# -- findings -------------------------------------------------------------------------------
+def cmd_findings(args: argparse.Namespace) -> int:
+    from cds_service.findings.labeler import label_report, labels_as_json
+    from cds_service.findings.observations import Label
+
+    text = sys.stdin.read()
+    if not text.strip():
+        print("error: give the report text on standard input", file=sys.stderr)
+        return 2
+    labels = label_report(text)
+    if args.json:
+        print(json.dumps(labels_as_json(labels), indent=2))
+        return 0
+    for observation, label in labels.items():
+        if label.label is Label.NOT_MENTIONED and not args.all:
+            continue
+        print(f"{observation.value:28} {label.label.value:13} {label.sentence or ''}")
+    return 0
+
+
 # -- feedback -------------------------------------------------------------------------------
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     import os
@@ -245,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--no-prefetch", action="store_true")
     hook.add_argument("--json", action="store_true")
     hook.set_defaults(func=cmd_hook)
+
+    findings = sub.add_parser("findings", help="label a report read from standard input")
+    findings.add_argument("--json", action="store_true", help="all 14 observations as JSON")
+    findings.add_argument("--all", action="store_true", help="also list not mentioned ones")
+    findings.set_defaults(func=cmd_findings)
 
     feedback = sub.add_parser("feedback", help="clinicians' feedback on cards")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)

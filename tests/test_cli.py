@@ -230,3 +230,25 @@ def test_demo_on_a_busy_port_says_so(tmp_path: Path) -> None:
     # Werkzeug names the busy port and exits 1; no traceback.
     assert run.returncode == 1
     assert f"Port {port} is in use" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_findings_command_labels_a_report_from_stdin() -> None:
+    report = "FINDINGS: No pneumothorax or effusion. Cannot exclude early pneumonia.\n"
+    run = subprocess.run(
+        [*CLI, "findings", "--json"], input=report, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    labels = json.loads(run.stdout)
+    assert len(labels) == 14
+    assert labels["Pneumothorax"]["label"] == "negative"
+    assert labels["Pleural Effusion"]["label"] == "negative"
+    assert labels["Pneumonia"] == {
+        "label": "uncertain",
+        "sentence": "Cannot exclude early pneumonia.",
+    }
+    plain = subprocess.run(
+        [*CLI, "findings"], input=report, capture_output=True, text=True, timeout=60
+    )
+    assert "Pneumonia" in plain.stdout and "Fracture" not in plain.stdout
+    empty = subprocess.run([*CLI, "findings"], input="", capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "standard input" in empty.stderr

@@ -6,45 +6,19 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
-from cds_service.findings.observations import Observation
-from cds_service.results import AnalysisResult, Finding, ModelInfo
+from cds_service.findings.to_findings import findings_from_report
+from cds_service.results import AnalysisResult, ModelInfo
 
 SIMULATED_MODEL = ModelInfo(model_id="simulated-no-model", version="sim-1", simulated=True)
 _BANNER = "SIMULATED OUTPUT - NO AI MODEL RAN. THIS TEXT IS MADE UP FOR INTEGRATION TESTING."
 
 # Canned reports, chosen by a hash of the Study UID so each study always gets the same one.
-_SCENARIOS: tuple[tuple[str, tuple[Finding, ...]], ...] = (
-    (
-        "The heart size is normal. Small left pleural effusion. No pneumothorax.",
-        (
-            Finding(Observation.PLEURAL_EFFUSION, "present", "Small left pleural effusion."),
-            Finding(Observation.PNEUMOTHORAX, "absent", "No pneumothorax."),
-        ),
-    ),
-    (
-        "Large right apical pneumothorax. No pleural effusion.",
-        (
-            Finding(Observation.PNEUMOTHORAX, "present", "Large right apical pneumothorax."),
-            Finding(Observation.PLEURAL_EFFUSION, "absent", "No pleural effusion."),
-        ),
-    ),
-    (
-        "Lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",
-        (
-            Finding(Observation.PLEURAL_EFFUSION, "absent", "No pleural effusion or pneumothorax."),
-            Finding(Observation.PNEUMOTHORAX, "absent", "No pleural effusion or pneumothorax."),
-            Finding(Observation.CARDIOMEGALY, "absent", "Heart size is normal."),
-        ),
-    ),
-    (
-        "Enlarged cardiac silhouette. Possible right lower lobe consolidation.",
-        (
-            Finding(Observation.CARDIOMEGALY, "present", "Enlarged cardiac silhouette."),
-            Finding(
-                Observation.CONSOLIDATION, "uncertain", "Possible right lower lobe consolidation."
-            ),
-        ),
-    ),
+# Their findings come from the same labeler a real model's reports go through.
+_SCENARIOS: tuple[str, ...] = (
+    "The heart size is normal. Small left pleural effusion. No pneumothorax.",
+    "Large right apical pneumothorax. No pleural effusion.",
+    "Lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",
+    "Enlarged cardiac silhouette. Possible right lower lobe consolidation.",
 )
 
 
@@ -55,7 +29,8 @@ class SimulatedBackend:
 
     def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult:
         digest = hashlib.sha256(study_uid.encode()).digest()
-        text, findings = _SCENARIOS[digest[0] % len(_SCENARIOS)]
+        text = _SCENARIOS[digest[0] % len(_SCENARIOS)]
+        findings = findings_from_report(text)
         return AnalysisResult(
             study_uid=study_uid,
             model=self.model,
