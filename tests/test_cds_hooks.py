@@ -83,6 +83,17 @@ def assert_valid_cards(response: dict[str, Any]) -> list[dict[str, Any]]:
         if topic:
             assert isinstance(topic["system"], str) and isinstance(topic["code"], str)
         assert "suggestions" not in card or card.get("selectionBehavior") in {"at-most-one", "any"}
+        for suggestion in card.get("suggestions", []):
+            assert isinstance(suggestion["label"], str) and isinstance(suggestion["uuid"], str)
+            assert isinstance(suggestion.get("isRecommended", False), bool)
+            for action in suggestion["actions"]:
+                assert action["type"] in {"create", "update", "delete"}
+                assert isinstance(action["description"], str)
+                if action["type"] == "create":
+                    assert isinstance(action["resource"]["resourceType"], str)
+                    assert "id" not in action["resource"]
+        for reason in card.get("overrideReasons", []):
+            assert reason["system"] and reason["code"] and reason["display"]
         for link in card.get("links", []):
             assert isinstance(link["label"], str)
             assert link["url"].startswith(("http://", "https://"))

@@ -25,6 +25,7 @@ from tests.conftest import (
     patient_view_body,
     sign,
 )
+from tests.test_cds_hooks import assert_valid_cards
 
 PV = "cxr-ai-patient-view"
 SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
@@ -51,7 +52,8 @@ def test_unfiled_reports_are_offered_once_per_study(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     analyse_seeded(service, sandbox)
-    cards = post(service, sandbox, PV, hook_for(sandbox, sandbox.studies[0]))["cards"]
+    answer = post(service, sandbox, PV, hook_for(sandbox, sandbox.studies[0]))
+    cards = assert_valid_cards(answer)
     offered = [c for c in cards if "suggestions" in c]
     assert len(offered) == 1 and offered[0] is cards[0]
     card = offered[0]
