@@ -8,10 +8,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -171,3 +173,19 @@ def analyse_seeded(service: ServiceHandle, sandbox: SandboxHandle) -> None:
         ref = StudyRef(sandbox.base, uid, imaging_study.subject_patient_id(study))
         service.store.enqueue(ref, backend.model, study, sandbox.fhir)
     drain(service.store, backend)
+
+
+def signed_post(
+    service: ServiceHandle, sandbox: SandboxHandle, service_id: str, body: Any
+) -> requests.Response:
+    """POST to a CDS service endpoint with a fresh, valid JWT from the sandbox's key."""
+    url = service.url(service_id)
+    token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, url))
+    return requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def start_stub(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A throwaway HTTP server on loopback (stub FHIR or JWKS host); returns it and its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

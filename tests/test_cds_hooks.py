@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +31,16 @@ from tests.conftest import (
     make_service,
     patient_view_body,
     sign,
+    start_stub,
+)
+from tests.conftest import (
+    signed_post as call,
 )
 
 PV = "cxr-ai-patient-view"
 OS = "cxr-ai-order-select"
 OSIGN = "cxr-ai-order-sign"
 ALLOWED_INDICATORS = {"info", "warning", "critical"}
-
-
-def call(
-    service: ServiceHandle, sandbox: SandboxHandle, service_id: str, body: Any, **kwargs: Any
-) -> requests.Response:
-    token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, service.url(service_id)))
-    return requests.post(
-        service.url(service_id),
-        json=body,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-        **kwargs,
-    )
 
 
 def assert_no_null_or_empty(value: Any, path: str = "$") -> None:
@@ -356,11 +346,10 @@ def test_disallowed_fhir_server_gets_no_outbound_request(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     """SSRF guard: a fhirServer not allowed for the issuer is never contacted."""
-    trap = ThreadingHTTPServer(("127.0.0.1", 0), RecordingFhir)
-    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    trap, trap_base = start_stub(RecordingFhir)
     RecordingFhir.seen = []
     try:
-        trap_url = f"http://127.0.0.1:{trap.server_address[1]}/fhir"
+        trap_url = f"{trap_base}/fhir"
         page = {
             "resourceType": "Bundle",
             "type": "searchset",
@@ -506,9 +495,8 @@ def test_every_fhir_call_carries_the_hook_access_token(
     tmp_path: Path, sandbox: SandboxHandle
 ) -> None:
     """Req 61: the fhirAuthorization token on every FHIR call, next pages included; no cookies."""
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), RecordingFhir)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    stub_url = f"http://127.0.0.1:{stub.server_address[1]}/fhir"
+    stub, stub_base = start_stub(RecordingFhir)
+    stub_url = f"{stub_base}/fhir"
     handle, server = make_service(tmp_path, sandbox, extra_fhir_servers=(stub_url,))
     RecordingFhir.seen = []
     try:

@@ -7,27 +7,18 @@ import io
 import subprocess
 import sys
 
-import requests
-
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from tests.conftest import (
     SandboxHandle,
     ServiceHandle,
     analyse_seeded,
-    claims_for,
     patient_view_body,
-    sign,
+)
+from tests.conftest import (
+    signed_post as post,
 )
 
 PV = "cxr-ai-patient-view"
-
-
-def post(
-    service: ServiceHandle, sandbox: SandboxHandle, path: str, body: object
-) -> requests.Response:
-    url = service.url(path)
-    token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, url))
-    return requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
 
 
 def test_override_feedback_is_exported_with_its_finding(

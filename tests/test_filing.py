@@ -21,9 +21,8 @@ from tests.conftest import (
     SandboxHandle,
     ServiceHandle,
     analyse_seeded,
-    claims_for,
     patient_view_body,
-    sign,
+    signed_post,
 )
 from tests.test_cds_hooks import assert_valid_cards
 
@@ -32,11 +31,7 @@ SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/P
 
 
 def post(service: ServiceHandle, sandbox: SandboxHandle, path: str, body: Any) -> Any:
-    url = service.url(path)
-    token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, url))
-    response = requests.post(
-        url, json=body, timeout=10, headers={"Authorization": f"Bearer {token}"}
-    )
+    response = signed_post(service, sandbox, path, body)
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from tests.conftest import (
     make_service,
     patient_view_body,
     sign,
+    signed_post,
+    start_stub,
 )
 
 PV = "cxr-ai-patient-view"
@@ -32,10 +33,7 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
 
 def call(service: ServiceHandle, sandbox: SandboxHandle, body: Any) -> requests.Response:
-    token = sign(sandbox.sandbox.key.key, claims_for(sandbox.base, service.url(PV)))
-    return requests.post(
-        service.url(PV), json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
+    return signed_post(service, sandbox, PV, body)
 
 
 def bundle(*studies: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
@@ -262,9 +260,8 @@ class RejectingSort(BaseHTTPRequestHandler):
 def test_servers_that_refuse_sort_are_asked_again_plainly(
     tmp_path: Path, sandbox: SandboxHandle
 ) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), RejectingSort)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    stub_url = f"http://127.0.0.1:{stub.server_address[1]}/fhir"
+    stub, stub_base = start_stub(RejectingSort)
+    stub_url = f"{stub_base}/fhir"
     handle, server = make_service(tmp_path, sandbox, extra_fhir_servers=(stub_url,))
     RejectingSort.queries = []
     try:

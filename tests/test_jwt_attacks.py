@@ -6,9 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.conftest import (
     make_service,
     patient_view_body,
     sign,
+    start_stub,
 )
 
 SERVICE = "cxr-ai-patient-view"
@@ -261,9 +261,8 @@ class FailingJwks(BaseHTTPRequestHandler):
 
 def test_forged_tokens_cannot_drive_jwks_fetches(tmp_path: Path, sandbox: SandboxHandle) -> None:
     """An unreachable JWKS is tried once per 30 s, not twice per forged token."""
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), FailingJwks)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    jwks_url = f"http://127.0.0.1:{stub.server_address[1]}/jwks.json"
+    stub, stub_base = start_stub(FailingJwks)
+    jwks_url = f"{stub_base}/jwks.json"
     issuer = TrustedIssuer(iss="https://remote.example", jwks_url=jwks_url)
     handle, server = make_service(tmp_path, sandbox, trusted_issuers=(issuer,))
     FailingJwks.hits = 0

@@ -20,31 +20,17 @@ import pytest
 from cds_service.fhir_out.bundle import transaction_bundle
 from cds_service.findings.observations import Observation
 from cds_service.results import Finding
+from tests.interop.npm import ensure_installed
 from tests.test_fhir_resources import DEVICE, analysis, build, chest_study
 
 CHECKER_DIR = Path(__file__).parent / "fhir_checker"
-NPM_TIMEOUT_S = 180
 NODE_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def checker() -> Path:
     """The checker with its locked dependencies installed (`npm ci` on a fresh clone)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "node and npm are required for the FHIR interoperability tests; "
-            "`make test` installs nodejs/npm (Debian packages) when they are missing"
-        )
-    if not (CHECKER_DIR / "node_modules" / "fhir" / "package.json").exists():
-        run = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=CHECKER_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_TIMEOUT_S,
-        )
-        assert run.returncode == 0, f"npm ci failed:\n{run.stdout}\n{run.stderr}"
+    ensure_installed(CHECKER_DIR, "fhir", "FHIR interoperability tests")
     return CHECKER_DIR / "check.mjs"
 
 

@@ -18,31 +18,17 @@ import pytest
 
 from ehr_sandbox.app import SANDBOX_CLIENT_ID
 from tests.conftest import SandboxHandle, ServiceHandle, analyse_seeded
+from tests.interop.npm import ensure_installed
 
 CLIENT_DIR = Path(__file__).parent / "node_cds_client"
 PATIENT = "cxr-demo-1"
-NPM_TIMEOUT_S = 180
 NODE_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
     """The client with its locked dependencies installed (`npm ci` on a fresh clone)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "node and npm are required for the CDS Hooks interoperability tests; "
-            "`make test` installs nodejs/npm (Debian packages) when they are missing"
-        )
-    if not (CLIENT_DIR / "node_modules" / "jose" / "package.json").exists():
-        run = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=CLIENT_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_TIMEOUT_S,
-        )
-        assert run.returncode == 0, f"npm ci failed:\n{run.stdout}\n{run.stderr}"
+    ensure_installed(CLIENT_DIR, "jose", "CDS Hooks interoperability tests")
     return CLIENT_DIR / "client.mjs"
 
 
