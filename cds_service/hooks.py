@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from cds_service.config import Settings, TrustedIssuer
-from cds_service.errors import BadRequest, NotFound, PreconditionFailed
+from cds_service.errors import BadRequest, CdsServiceError, NotFound, PreconditionFailed
 from cds_service.fhir import imaging_study
 from cds_service.fhir.client import FhirClient, new_session
 from cds_service.fhir.prefetch import (
@@ -28,6 +28,7 @@ from cds_service.fhir_out.cards import (
     CardContext,
     StudyStatus,
     build_cards,
+    filing_suggestion_uuid,
     incomplete_list_card,
     utcnow,
 )
@@ -190,7 +191,9 @@ class HookHandler:
         # server is ever stored with a job.
         tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
         server = access.fhir_server if access is not None else None
-        statuses = self._statuses(recent, tenant, patient_id, server)
+        # Where this service files reports itself, a card must not offer a second copy.
+        offer_filing = not self._files_to(body.get("fhirServer"), issuer)
+        statuses = self._statuses(recent, tenant, patient_id, server, offer_filing)
         ctx = CardContext(
             model=self.model,
             smart_launch_url=self.settings.smart_launch_url(),
@@ -205,19 +208,32 @@ class HookHandler:
             cards.append(incomplete_list_card(ctx))
         return {"cards": cards}
 
-    def feedback(self, service_id: str, items: list[dict[str, Any]]) -> int:
+    def feedback(
+        self, service_id: str, items: list[dict[str, Any]], issuer: TrustedIssuer | None
+    ) -> int:
         """Store feedback (idempotent); returns how many items were new. An accepted 'File AI
         report to chart' suggestion means the EHR filed the report: offer it no more."""
+        tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
         stored = 0
         for item in items:
             stored += self.store.store_feedback(service_id, item)
-            if item.get("outcome") != "accepted" or not as_list(item.get("acceptedSuggestions")):
+            card = str(item["card"])
+            accepted = {
+                str(s.get("id"))
+                for s in as_list(item.get("acceptedSuggestions"))
+                if isinstance(s, dict)
+            }
+            if item.get("outcome") != "accepted" or filing_suggestion_uuid(card) not in accepted:
                 continue
-            record = self.store.card_record(str(item["card"]))
-            if record is not None and record.model_id == self.model.model_id:
-                self.store.mark_filed(
-                    record.tenant, record.study_uid, self.model, "filed by the EHR user"
-                )
+            record = self.store.card_record(card)
+            # Only the tenant that was shown the card can say its report was filed.
+            if (
+                record is not None
+                and record.tenant == tenant
+                and (record.model_id, record.model_version)
+                == (self.model.model_id, self.model.version)
+            ):
+                self.store.mark_filed(tenant, record.study_uid, self.model, "filed by the EHR user")
         return stored
 
     def _suggested_report(
@@ -246,7 +262,8 @@ class HookHandler:
             report: dict[str, Any] | None = {
                 k: v for k, v in resources.diagnostic_report.items() if k not in ("id", "result")
             }
-        except ValueError as exc:
+        except (ValueError, CdsServiceError) as exc:
+            # One unusable study (e.g. an impossible date) loses only its filing offer.
             log.info("no filing suggestion: %s", type(exc).__name__)
             report = None
         with self._reports_lock:
@@ -275,21 +292,37 @@ class HookHandler:
             return None
         return FhirAccess(fhir_server=server, access_token=token)
 
+    def _files_to(self, fhir_server: Any, issuer: TrustedIssuer | None) -> bool:
+        if not isinstance(fhir_server, str):
+            return False
+        if issuer is not None and not issuer.allows_fhir_server(fhir_server):
+            return False
+        bases = {ehr.fhir_base.rstrip("/") for ehr in self.settings.ehr_clients}
+        return fhir_server.rstrip("/") in bases
+
     def _statuses(
-        self, studies: list[dict[str, Any]], tenant: str, patient_id: str, server: str | None
+        self,
+        studies: list[dict[str, Any]],
+        tenant: str,
+        patient_id: str,
+        server: str | None,
+        offer_filing: bool = True,
     ) -> list[StudyStatus]:
         refs = [
             StudyRef(tenant, uid, patient_id) if (uid := imaging_study.study_uid(s)) else None
             for s in studies
         ]
-        statuses = [self._status(s, ref, server) for s, ref in zip(studies, refs, strict=True)]
+        statuses = [
+            self._status(s, ref, server, offer_filing=offer_filing)
+            for s, ref in zip(studies, refs, strict=True)
+        ]
         budget = self.settings.hook_wait_ms / 1000.0
         if budget > 0 and any(s.state == "in-progress" for s in statuses):
             deadline = time.monotonic() + budget
             while time.monotonic() < deadline and any(s.state == "in-progress" for s in statuses):
                 time.sleep(0.02)
                 statuses = [
-                    self._status(s.study, ref, server, enqueue=False)
+                    self._status(s.study, ref, server, enqueue=False, offer_filing=offer_filing)
                     if s.state == "in-progress"
                     else s
                     for s, ref in zip(statuses, refs, strict=True)
@@ -302,6 +335,7 @@ class HookHandler:
         ref: StudyRef | None,
         server: str | None,
         enqueue: bool = True,
+        offer_filing: bool = True,
     ) -> StudyStatus:
         if ref is None:
             return StudyStatus(
@@ -319,7 +353,7 @@ class HookHandler:
                 )
             if stored.result.status == "completed":
                 unfiled = None
-                if stored.filed_location is None:
+                if stored.filed_location is None and offer_filing:
                     unfiled = self._suggested_report(ref, study, stored.result)
                 return StudyStatus(
                     study=study, state="completed", result=stored.result, unfiled_report=unfiled

@@ -10,7 +10,7 @@ from pathlib import Path
 from flask import Flask, Response, jsonify, request
 
 from ehr_sandbox.access_tokens import TokenStore
-from ehr_sandbox.backend_auth import BackendServices, TokenError, can_create
+from ehr_sandbox.backend_auth import BackendServices, TokenError, can_write
 from ehr_sandbox.cds_client import SigningKey
 from ehr_sandbox.fhir.store import FhirStore
 from ehr_sandbox.web.fhir_api import MAX_BODY_BYTES, create_fhir_blueprint
@@ -120,7 +120,10 @@ def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None 
         if token is None:
             return _operation_outcome(401, "login", "the bearer token is unknown or expired")
         if writing:
-            denied = [t for t in _written_types() if not can_create(token.scope, t)]
+            interaction = {"PUT": "update", "PATCH": "update", "DELETE": "delete"}.get(
+                request.method, "create"
+            )
+            denied = [t for t in _written_types() if not can_write(token.scope, t, interaction)]
             if denied:
                 return _operation_outcome(
                     403, "forbidden", f"the token's scopes do not allow writing {denied[0]}"
@@ -144,6 +147,16 @@ def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None 
 
     @app.post("/auth/token")
     def token_endpoint() -> Response:
+        if not sandbox.settings.base_url:
+            # The expected assertion aud must not come from the caller's Host header.
+            response = jsonify(
+                {
+                    "error": "server_error",
+                    "error_description": "the sandbox has no base_url configured",
+                }
+            )
+            response.status_code = 503
+            return response
         try:
             body = sandbox.backend.token(request.form, f"{base_url()}/auth/token")
         except TokenError as exc:

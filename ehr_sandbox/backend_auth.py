@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 import time
@@ -23,7 +24,9 @@ ASSERTION_ALGORITHMS = frozenset({"RS384", "ES384"})
 MAX_ASSERTION_LIFETIME_S = 300
 CLOCK_SKEW_S = 60
 TOKEN_LIFETIME_S = 300
-WRITE_SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Za-z]+)\.(\*|write|[rus]*c[ruds]*)$")
+SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Za-z]+)\.(\*|read|write|c?r?u?d?s?)$")
+# SMART v2 letters for the write interactions; v1 `.write` and `.*` allow all of them.
+INTERACTION_LETTER = {"create": "c", "update": "u", "delete": "d"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS backend_clients (
@@ -46,11 +49,15 @@ class TokenError(Exception):
         self.description = description
 
 
-def can_create(scope: str, resource_type: str) -> bool:
-    """True when a scope string allows creating `resource_type` (v1 .write or v2 c)."""
+def can_write(scope: str, resource_type: str, interaction: str) -> bool:
+    """True when a scope string allows `interaction` (create/update/delete) on the type."""
+    letter = INTERACTION_LETTER[interaction]
     for item in scope.split():
-        match = WRITE_SCOPE.match(item)
-        if match and match.group(2) in ("*", resource_type):
+        match = SCOPE.match(item)
+        if not match or match.group(2) not in ("*", resource_type):
+            continue
+        permissions = match.group(3)
+        if permissions in ("*", "write") or (permissions != "read" and letter in permissions):
             return True
     return False
 
@@ -134,9 +141,12 @@ class BackendServices:
             raise TokenError(401, "invalid_client", "bad assertion signature") from None
         now = time.time()
         exp = claims.get("exp")
+        if isinstance(exp, bool) or (isinstance(exp, float) and not math.isfinite(exp)):
+            raise TokenError(401, "invalid_client", "exp is not a number")
         if claims.get("sub") != client_id:
             raise TokenError(401, "invalid_client", "sub must equal iss (the client_id)")
-        if claims.get("aud") != token_url and token_url not in (claims.get("aud") or []):
+        aud = claims.get("aud")
+        if not (aud == token_url or (isinstance(aud, list) and token_url in aud)):
             raise TokenError(401, "invalid_client", "aud must be the token URL")
         if not isinstance(exp, int | float) or exp < now - CLOCK_SKEW_S:
             raise TokenError(401, "invalid_client", "assertion expired")

@@ -247,7 +247,9 @@ def test_one_observation_per_mentioned_major_finding() -> None:
         "display": "Pneumothorax",
     }
     assert observations["Lung opacity"]["code"] == {"text": "Lung opacity"}
-    assert observations["Pleural effusion"]["note"] == [{"text": "No pleural effusion."}]
+    [note] = observations["Pleural effusion"]["note"]
+    assert note["text"].startswith("AI-generated, preliminary, not reviewed (")
+    assert note["text"].endswith('Model report: "No pleural effusion."')
 
 
 def test_confidence_uses_the_ai_transparency_extension_only_when_given() -> None:

@@ -27,7 +27,10 @@ from tests.conftest import (
 from tests.test_cds_hooks import assert_valid_cards
 
 PV = "cxr-ai-patient-view"
-SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
+SCOPE = (
+    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+    "system/ImagingStudy.rs"
+)
 
 
 def post(service: ServiceHandle, sandbox: SandboxHandle, path: str, body: Any) -> Any:

@@ -23,7 +23,10 @@ from cds_service.fhir.client import FhirAccessDenied
 from cds_service.fhir.writeback import write_transaction
 from tests.conftest import SandboxHandle
 
-SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
+SCOPE = (
+    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+    "system/ImagingStudy.rs"
+)
 
 
 def register(

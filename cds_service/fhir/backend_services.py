@@ -35,8 +35,10 @@ class EhrClient:
     token_url: str
     client_id: str
     key_file: Path
+    # Create the report's resources, and read the ImagingStudy to check it before writing.
     scope: str = (
-        "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
+        "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+        "system/ImagingStudy.rs"
     )
 
     @classmethod

@@ -186,7 +186,8 @@ def _finding_card(status: StudyStatus, finding: Finding, ctx: CardContext) -> Bu
         indicator = "critical" if finding.key in CRITICAL_FINDINGS else "warning"
     else:
         summary = f"{label}: AI suggests possible {finding.display.lower()}"
-        indicator = "warning"
+        # A possible pneumothorax still needs a look within minutes.
+        indicator = "critical" if finding.key in CRITICAL_FINDINGS else "warning"
     detail = [f"The model's report mentions **{finding.display.lower()}** ({finding.state})."]
     if finding.evidence:
         detail.append(f"> {markdown_text(finding.evidence)}")
@@ -218,12 +219,16 @@ def _no_major_finding_card(status: StudyStatus, ctx: CardContext, label: str, ui
     )
 
 
+def filing_suggestion_uuid(card_uuid: str) -> str:
+    return str(uuid.uuid5(CARD_NAMESPACE, f"file|{card_uuid}"))
+
+
 def _offer_filing(card: dict[str, Any], report: dict[str, Any], ctx: CardContext) -> None:
     """Add the 'File AI report to chart' suggestion: create the preliminary DiagnosticReport."""
     card["suggestions"] = [
         {
             "label": "File AI report to chart",
-            "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"file|{card['uuid']}")),
+            "uuid": filing_suggestion_uuid(card["uuid"]),
             "isRecommended": False,
             "actions": [
                 {

@@ -7,7 +7,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from cds_service.fhir.shapes import dicts
@@ -59,7 +59,13 @@ def fhir_date_time(value: str | None) -> str | None:
     if not value:
         return None
     if _PARTIAL_DATE.match(value):
-        return value
+        # The pattern checks the shape; parsing rejects impossible dates (2024-02-30).
+        padded = value + "-01-01"[len(value) - 4 :] if len(value) < 10 else value
+        try:
+            date.fromisoformat(padded)
+        except ValueError:
+            return None
+        return value if int(value[:4]) > 0 else None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -132,8 +138,11 @@ def build_observation(
         "device": {"reference": ctx.device_reference},
         "derivedFrom": [{"reference": ctx.study_reference}],
     }
+    # Say it is the AI's in the text a clinician reads, not only in meta.security.
+    note = f"AI-generated, preliminary, not reviewed ({ctx.model_label})."
     if finding.evidence.strip():
-        resource["note"] = [{"text": ctx.text(finding.evidence.strip())}]
+        note += f' Model report: "{finding.evidence.strip()}"'
+    resource["note"] = [{"text": ctx.text(note)}]
     if finding.confidence is not None:
         confidence = float(finding.confidence)
         if not math.isfinite(confidence) or not 0.0 <= confidence <= 1.0:

@@ -27,6 +27,12 @@ COLUMNS = (
 )
 
 
+def _cell(value: object) -> str:
+    """Caller-supplied text as a spreadsheet cell: never read as a formula (CSV injection)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def export_csv(store: SqliteStore, out: TextIO) -> int:
     """Write one row per feedback item; returns the number of rows. No patient identifiers."""
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
@@ -39,10 +45,10 @@ def export_csv(store: SqliteStore, out: TextIO) -> int:
         writer.writerow(
             {
                 **row,
-                "override_reason_code": reason.get("code", ""),
-                "override_reason_display": reason.get("display", ""),
-                "user_comment": override.get("userComment", ""),
-                "outcome_timestamp": item.get("outcomeTimestamp", ""),
+                "override_reason_code": _cell(reason.get("code")),
+                "override_reason_display": _cell(reason.get("display")),
+                "user_comment": _cell(override.get("userComment")),
+                "outcome_timestamp": _cell(item.get("outcomeTimestamp")),
             }
         )
         count += 1

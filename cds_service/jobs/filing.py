@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import BackendServicesClient, EhrClient
+from cds_service.fhir.client import FhirClient
 from cds_service.fhir.shapes import as_str
 from cds_service.fhir.writeback import WriteResult, write_transaction
 from cds_service.fhir_out.bundle import transaction_bundle
@@ -44,9 +46,17 @@ class ReportFiler:
         study_id = as_str(job.study_resource.get("id"))
         if client is None or result.status != "completed" or study_id is None:
             return None
+        # The job's study came from the caller (prefetch). Write only what the EHR itself says
+        # about the study: same Study UID, same patient, or nothing is filed.
+        ehr = FhirClient(client.ehr.fhir_base, client.access_token())
+        study = ehr.get_json(f"ImagingStudy/{study_id}")
+        if imaging_study.study_uid(study) != job.ref.study_uid or (
+            imaging_study.subject_patient_id(study) != job.ref.patient_id
+        ):
+            raise ValueError("the EHR's ImagingStudy does not match the analysed study")
         resources = build_ai_report(
             result,
-            job.study_resource,
+            study,
             self.device,
             fhir_study_reference=f"ImagingStudy/{study_id}",
             issued=datetime.now(UTC),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 
+from cds_service.errors import CdsServiceError
 from cds_service.fhir.client import FhirError
 from cds_service.inference.base import Backend
 from cds_service.jobs.filing import ReportFiler
@@ -27,6 +29,11 @@ def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None 
     except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
         _record_failure(store, job, exc)
         return True
+    if result.status == "completed" and not result.report_text.strip():
+        # An empty report is not "no finding": say that nothing was analysed.
+        result = replace(
+            result, status="not-analysed", findings=(), reason="the model returned no text"
+        )
     store.finish(job, result)
     log.info("analysed job %s (%s)", job.id, result.status)
     if filer is not None and result.status == "completed":
@@ -38,7 +45,7 @@ def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResu
     """Write-back failures leave the result unfiled: the card then offers 'File AI report'."""
     try:
         written = filer.file(job, result)
-    except (FhirError, ValueError) as exc:
+    except (FhirError, ValueError, CdsServiceError) as exc:
         log.warning("job %s: report not filed: %s", job.id, type(exc).__name__)
         return
     if written is not None:

@@ -79,9 +79,9 @@ def create_cds_blueprint(
             return Response(status=204)
         if service_id not in SERVICES:
             raise NotFound(f"no CDS service with id {service_id!r}")
-        authenticate()
+        issuer = authenticate()
         items = _validate_feedback(_json_body())
-        stored = handler.feedback(service_id, items)
+        stored = handler.feedback(service_id, items, issuer)
         return jsonify({"stored": stored, "duplicates": len(items) - stored})
 
     return bp

@@ -26,7 +26,10 @@ from ehr_sandbox.seed import seed
 log = logging.getLogger(__name__)
 DEMO_PATIENT = "cxr-demo-1"
 BACKEND_CLIENT_ID = "cxr-cds-service"
-WRITE_SCOPE = "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c"
+WRITE_SCOPE = (
+    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+    "system/ImagingStudy.rs"
+)
 ANALYSIS_TIMEOUT_S = 60.0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from ehr_sandbox.fhir.store import FhirStore
 
 JsonDict = dict[str, Any]
+MAX_ENTRIES = 1000
 
 
 class TransactionError(ValueError):
@@ -55,6 +56,8 @@ def _parse(bundle: JsonDict) -> list[_Entry]:
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not entries:
         raise TransactionError("the transaction has no entries")
+    if len(entries) > MAX_ENTRIES:
+        raise TransactionError(f"a transaction may hold at most {MAX_ENTRIES} entries")
     parsed: list[_Entry] = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
@@ -81,39 +84,64 @@ def _parse(bundle: JsonDict) -> list[_Entry]:
     return parsed
 
 
+def _order(entries: list[_Entry]) -> list[int]:
+    """Entries in an order where every referenced entry comes first (Kahn's algorithm)."""
+    index_of = {e.full_url: i for i, e in enumerate(entries) if e.full_url}
+    needs = [{index_of[r] for r in e.refs if r in index_of} for e in entries]
+    users: list[list[int]] = [[] for _ in entries]
+    for index, deps in enumerate(needs):
+        for dep in deps:
+            users[dep].append(index)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    order: list[int] = []
+    while ready:
+        index = ready.pop()
+        order.append(index)
+        for user in users[index]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                ready.append(user)
+    if len(order) != len(entries):
+        raise TransactionError("the entries reference each other in a cycle")
+    return order
+
+
 def process_transaction(store: FhirStore, bundle: JsonDict, base_url: str) -> JsonDict:
     """Create the entries in reference order; conditional creates match existing resources,
-    so sending the same transaction twice creates nothing the second time."""
+    so sending the same transaction twice creates nothing the second time. All or nothing:
+    when an entry fails, the resources this transaction created are deleted again."""
     entries = _parse(bundle)
-    local = {e.full_url for e in entries if e.full_url}
     mapping: dict[str, str] = {}
     outcomes: dict[int, tuple[JsonDict, bool]] = {}
-    pending = list(range(len(entries)))
-    while pending:
-        ready = [i for i in pending if not ((entries[i].refs & local) - set(mapping))]
-        if not ready:
-            raise TransactionError("the entries reference each other in a cycle")
-        for index in ready:
+    created: list[JsonDict] = []
+    try:
+        for index in _order(entries):
             entry = entries[index]
             resource = _rewrite(entry.resource, mapping)
             if entry.if_none_exist:
-                stored, created = store.conditional_create(resource, entry.if_none_exist)
+                stored, is_new = store.conditional_create(resource, entry.if_none_exist)
             else:
-                stored, created = store.create(resource), True
-            outcomes[index] = (stored, created)
+                stored, is_new = store.create(resource), True
+            if is_new:
+                created.append(stored)
+            outcomes[index] = (stored, is_new)
             if entry.full_url:
                 mapping[entry.full_url] = f"{stored['resourceType']}/{stored['id']}"
-            pending.remove(index)
+    except Exception:
+        for resource in reversed(created):
+            store.delete(resource["resourceType"], resource["id"])
+        raise
     response_entries = []
     for index in range(len(entries)):
-        stored, created = outcomes[index]
+        stored, is_new = outcomes[index]
         location = f"{base_url}/{stored['resourceType']}/{stored['id']}"
         version = (stored.get("meta") or {}).get("versionId", "1")
         response_entries.append(
             {
                 "fullUrl": location,
                 "response": {
-                    "status": "201 Created" if created else "200 OK",
+                    "status": "201 Created" if is_new else "200 OK",
                     "location": f"{location}/_history/{version}",
                 },
             }
