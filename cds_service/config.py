@@ -12,7 +12,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cds_service.errors import ConfigurationError
-from cds_service.fhir.backend_services import EhrClient, load_ehr_clients
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +77,45 @@ def load_trusted_issuers(path: str | Path) -> tuple[TrustedIssuer, ...]:
     if len({i.iss for i in issuers}) != len(issuers):
         raise ConfigurationError(f"{path}: an issuer appears twice")
     return issuers
+
+
+@dataclass(frozen=True)
+class EhrClient:
+    """One EHR the service writes reports to: its FHIR base and our registration there."""
+
+    fhir_base: str
+    token_url: str
+    client_id: str
+    key_file: Path
+    # Create the report's resources, and read the ImagingStudy to check it before writing.
+    scope: str = (
+        "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+        "system/ImagingStudy.rs"
+    )
+
+    @classmethod
+    def from_json(cls, item: Any) -> EhrClient:
+        required = ("fhir_base", "token_url", "client_id", "jwk_file")
+        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in required):
+            raise ConfigurationError(f"each EHR client needs string fields {required}")
+        return cls(
+            fhir_base=item["fhir_base"].rstrip("/"),
+            token_url=item["token_url"],
+            client_id=item["client_id"],
+            key_file=Path(item["jwk_file"]),
+            scope=item.get("scope") or cls.scope,
+        )
+
+
+def load_ehr_clients(path: str | Path) -> tuple[EhrClient, ...]:
+    """Read CXR_CDS_EHR_CLIENTS: a JSON list of EHR client registrations."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read EHR clients file {path}: {exc}") from exc
+    if not isinstance(raw, list):
+        raise ConfigurationError(f"{path}: expected a JSON list")
+    return tuple(EhrClient.from_json(item) for item in raw)
 
 
 def _bool(value: str) -> bool:

@@ -8,7 +8,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from cds_service.config import Settings, TrustedIssuer
@@ -34,6 +33,7 @@ from cds_service.fhir_out.cards import (
 )
 from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
 from cds_service.inference.registry import device_info
+from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.orders import chest_orders
 from cds_service.results import AnalysisResult, ModelInfo
@@ -251,13 +251,12 @@ class HookHandler:
                 self._reports.move_to_end(key)
                 return self._reports[key]
         try:
-            issued = datetime.fromisoformat(result.analysed_at) if result.analysed_at else None
             resources = build_ai_report(
                 result,
                 study,
                 self.device,
                 fhir_study_reference=f"ImagingStudy/{study_id}",
-                issued=issued or utcnow(),
+                issued=analysis_time(result),
             )
             report: dict[str, Any] | None = {
                 k: v for k, v in resources.diagnostic_report.items() if k not in ("id", "result")

@@ -8,14 +8,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from cds_service.config import EhrClient, load_ehr_clients
 from cds_service.errors import ConfigurationError
 from cds_service.fhir.client import FhirUnavailable, new_session
 
@@ -25,45 +24,6 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services: assertion lifetime at most 5 minutes; we use 4 to absorb clock skew.
 ASSERTION_LIFETIME_S = 240
 REFRESH_MARGIN_S = 30
-
-
-@dataclass(frozen=True)
-class EhrClient:
-    """One EHR the service writes reports to: its FHIR base and our registration there."""
-
-    fhir_base: str
-    token_url: str
-    client_id: str
-    key_file: Path
-    # Create the report's resources, and read the ImagingStudy to check it before writing.
-    scope: str = (
-        "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-        "system/ImagingStudy.rs"
-    )
-
-    @classmethod
-    def from_json(cls, item: Any) -> EhrClient:
-        required = ("fhir_base", "token_url", "client_id", "jwk_file")
-        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in required):
-            raise ConfigurationError(f"each EHR client needs string fields {required}")
-        return cls(
-            fhir_base=item["fhir_base"].rstrip("/"),
-            token_url=item["token_url"],
-            client_id=item["client_id"],
-            key_file=Path(item["jwk_file"]),
-            scope=item.get("scope") or cls.scope,
-        )
-
-
-def load_ehr_clients(path: str | Path) -> tuple[EhrClient, ...]:
-    """Read CXR_CDS_EHR_CLIENTS: a JSON list of EHR client registrations."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read EHR clients file {path}: {exc}") from exc
-    if not isinstance(raw, list):
-        raise ConfigurationError(f"{path}: expected a JSON list")
-    return tuple(EhrClient.from_json(item) for item in raw)
 
 
 def load_signing_key(path: Path) -> ECKey | RSAKey:
@@ -148,3 +108,6 @@ class BackendServicesClient:
             lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
             self._token = (token, self._clock() + lifetime)
             return token
+
+
+__all__ = ["BackendServicesClient", "EhrClient", "load_ehr_clients", "load_signing_key"]

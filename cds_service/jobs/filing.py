@@ -18,6 +18,15 @@ from cds_service.results import AnalysisResult
 log = logging.getLogger(__name__)
 
 
+def analysis_time(result: AnalysisResult) -> datetime:
+    """When the report was made: the same `issued` wherever the report is built."""
+    if result.analysed_at:
+        parsed = datetime.fromisoformat(result.analysed_at)
+        if parsed.tzinfo is not None:
+            return parsed
+    return datetime.now(UTC)
+
+
 class ReportFiler:
     """Writes reports to the EHRs that registered this service as a backend client."""
 
@@ -59,7 +68,7 @@ class ReportFiler:
             study,
             self.device,
             fhir_study_reference=f"ImagingStudy/{study_id}",
-            issued=datetime.now(UTC),
+            issued=analysis_time(result),
         )
         written = write_transaction(client, transaction_bundle(resources))
         log.info("job %s: report filed (%s)", job.id, "created" if written.created else "exists")
