@@ -9,7 +9,7 @@ import pytest
 
 from cds_service.findings.labeler import ObservationLabel, label_report, labels_as_json
 from cds_service.findings.observations import Label, Observation
-from cds_service.findings.sentences import split_sentences
+from cds_service.findings.sentences import MAX_SENTENCE_CHARS, split_sentences
 
 Obs = Observation
 P, N, U, M = Label.POSITIVE, Label.NEGATIVE, Label.UNCERTAIN, Label.NOT_MENTIONED
@@ -260,6 +260,69 @@ CASES: list[tuple[str, dict[Observation, Label]]] = [
     ("No effusion. Small right effusion.", {Obs.PLEURAL_EFFUSION: P}),
     ("Possible consolidation. Right lower lobe consolidation.", {Obs.CONSOLIDATION: P}),
     ("No consolidation. Cannot exclude consolidation.", {Obs.CONSOLIDATION: U}),
+    # --- a trailing cue reaches back across a comma, a bracket or a dash (any observation) ----
+    ("Left effusion, now resolved.", {Obs.PLEURAL_EFFUSION: N}),
+    ("Right lower lobe consolidation, not seen today.", {Obs.CONSOLIDATION: N}),
+    ("Interstitial edema, cleared.", {Obs.EDEMA: N}),
+    ("Nasogastric tube, since removed.", {Obs.SUPPORT_DEVICES: N}),
+    ("The lingular opacity, noted in May, has cleared.", {Obs.LUNG_OPACITY: N}),
+    ("Left basilar atelectasis (resolved).", {Obs.ATELECTASIS: N}),
+    ("Pleural effusion \u2014 absent.", {Obs.PLEURAL_EFFUSION: N}),
+    ("Consolidation (negative).", {Obs.CONSOLIDATION: N}),
+    ("Effusion, none. Edema, none.", {Obs.PLEURAL_EFFUSION: N, Obs.EDEMA: N}),
+    ("A left effusion which has cleared.", {Obs.PLEURAL_EFFUSION: N}),
+    ("Edema cannot be seen on this film.", {Obs.EDEMA: N}),
+    (
+        "Interval resolution of the previously described right basilar opacity.",
+        {Obs.LUNG_OPACITY: N},
+    ),
+    ("Removal of the previously placed left chest tube.", {Obs.SUPPORT_DEVICES: N}),
+    # ... but only when the cue ends its phrase and nothing but an aside stands between.
+    ("Small left effusion, no other abnormality.", {Obs.PLEURAL_EFFUSION: P}),
+    ("Small left effusion - no pneumothorax.", {Obs.PLEURAL_EFFUSION: P, Obs.PNEUMOTHORAX: N}),
+    ("Small left effusion, the hematoma has resolved.", {Obs.PLEURAL_EFFUSION: P}),
+    ("Small left effusion, no interval change.", {Obs.PLEURAL_EFFUSION: P}),
+    (
+        "Left effusion, now resolved, and new right lower lobe consolidation.",
+        {Obs.PLEURAL_EFFUSION: N, Obs.CONSOLIDATION: P},
+    ),
+    (
+        "Small right pneumothorax, the left effusion has resolved.",
+        {Obs.PNEUMOTHORAX: P, Obs.PLEURAL_EFFUSION: N},
+    ),
+    ("Moderate pulmonary edema, which persists.", {Obs.EDEMA: P}),
+    # --- a resolution that did not happen is no absence ---------------------------------------
+    ("Pneumothorax has not resolved.", {Obs.PNEUMOTHORAX: P}),
+    ("The pneumothorax is not resolved.", {Obs.PNEUMOTHORAX: P}),
+    ("No resolution of the pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("Without resolution of the left effusion.", {Obs.PLEURAL_EFFUSION: P}),
+    ("The right effusion has not yet resolved.", {Obs.PLEURAL_EFFUSION: P}),
+    ("No interval resolution of the lingular consolidation.", {Obs.CONSOLIDATION: P}),
+    ("Lack of clearing of the perihilar opacities.", {Obs.LUNG_OPACITY: P}),
+    ("The left chest tube has not been removed.", {Obs.SUPPORT_DEVICES: P}),
+    ("Edema, not resolved.", {Obs.EDEMA: P}),
+    # --- section headers only where a header can stand; only why/how sections skipped --------
+    ("Compared to prior study: large right pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("Exam: Large right pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("Study: Large right pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("Indication: trauma\rLarge right pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("When compared with the previous exam: new left effusion.", {Obs.PLEURAL_EFFUSION: P}),
+    ("Indication: chest pain Findings: small left pneumothorax.", {Obs.PNEUMOTHORAX: P}),
+    ("EXAMINATION: Chest radiograph, new right lower lobe pneumonia.", {Obs.PNEUMONIA: P}),
+    ("COMPARISON: 2 days ago. Small left pneumothorax, larger.", {Obs.PNEUMOTHORAX: P}),
+    ("History: fall\r\nRight rib fracture.", {Obs.FRACTURE: P}),
+    (
+        "INDICATION: cough, evaluate for pneumonia\nSmall left effusion.\nIMPRESSION: Effusion.",
+        {Obs.PNEUMONIA: M, Obs.PLEURAL_EFFUSION: P},
+    ),
+    (
+        "REASON FOR EXAM: rule out pneumothorax\r\nFINDINGS: Lungs are clear.",
+        {Obs.PNEUMOTHORAX: M, Obs.LUNG_OPACITY: N},
+    ),
+    (
+        "CHEST PA AND LAT INDICATION: evaluate for pneumonia\nFINDINGS: No effusion.",
+        {Obs.PNEUMONIA: M, Obs.PLEURAL_EFFUSION: N},
+    ),
 ]
 
 # Negated pneumothorax in many phrasings: none may ever come out positive.
@@ -306,6 +369,30 @@ NEGATED_PNEUMOTHORAX = [
     "No right-sided pneumothorax.",
     "Post thoracentesis, no pneumothorax.",
     "No pneumothorax is present, and the chest tube is in good position.",
+    # Trailing cues across a comma, a bracket or a dash (review findings, verbatim).
+    "Right pneumothorax, now resolved.",
+    "Pneumothorax, not seen.",
+    "Pneumothorax, absent.",
+    "Pneumothorax, none.",
+    "The right pneumothorax, seen on the prior study, has resolved.",
+    "Interval resolution of the previously noted pneumothorax.",
+    "The patient had a pneumothorax which has resolved.",
+    "History of pneumothorax, resolved.",
+    "Bilateral pneumothoraces, resolved.",
+    "Pneumothorax (none).",
+    "Pneumothorax \u2014 none.",
+    "Pneumothorax cannot be seen.",
+    # The same, in other words.
+    "Left apical pneumothorax, since resolved.",
+    "Small pneumothorax, not identified on today's film.",
+    "PTX, negative.",
+    "Pneumothorax (resolved).",
+    "Pneumothorax \u2013 absent.",
+    "Pneumothorax: none seen.",
+    "The left pneumothorax, as described previously, has now resolved.",
+    "A tiny pneumothorax, which has since resolved.",
+    "Interval resolution of the previously seen apical pneumothorax.",
+    "Pneumothorax can't be seen.",
 ]
 
 
@@ -441,6 +528,26 @@ def test_sentence_splitting(text: str, expected: list[str]) -> None:
         assert text[sentence.start : sentence.start + len(sentence.text)] == sentence.text
 
 
+def test_sentence_splitting_treats_a_carriage_return_as_a_line_end() -> None:
+    text = "Lines:\rRight IJ catheter\r\nNG tube\r\rNo pneumothorax"
+    sentences = split_sentences(text)
+    assert [s.text for s in sentences] == [
+        "Lines:",
+        "Right IJ catheter",
+        "NG tube",
+        "No pneumothorax",
+    ]
+    for sentence in sentences:
+        assert text[sentence.start : sentence.start + len(sentence.text)] == sentence.text
+
+
+def test_headers_only_open_a_line_or_follow_a_sentence() -> None:
+    sections = [s.section for s in split_sentences("Compared to the prior study: new effusion.")]
+    assert sections == [None]
+    sections = [s.section for s in split_sentences("Cough. Exam: effusion.\nStudy: no edema.")]
+    assert sections == [None, "exam", "study"]
+
+
 def test_skipped_sections() -> None:
     sections = [s.section for s in split_sentences("History: cough. Findings: Clear lungs.")]
     assert sections == ["history", "findings"]
@@ -448,3 +555,51 @@ def test_skipped_sections() -> None:
     text = "Indication: chest pain. Small left pneumothorax."
     assert _labels(text)[Obs.PNEUMOTHORAX] is P
     assert _labels("COMPARISON: Radiograph of 3 May.\nNo pneumothorax.")[Obs.PNEUMOTHORAX] is N
+    # A skipped section ends with its line, whatever follows on the next.
+    assert _labels("Indication: chest pain\nSmall left pneumothorax.")[Obs.PNEUMOTHORAX] is P
+    assert _labels("History: chest pain\rSmall left pneumothorax.")[Obs.PNEUMOTHORAX] is P
+    assert _labels("Technique: PA and lateral, rule out pneumonia")[Obs.PNEUMONIA] is M
+
+
+def test_a_mention_no_sentence_labels_is_uncertain_not_lost() -> None:
+    # A blank line cuts "pleural air" (a pneumothorax) into two sentences, neither a mention.
+    text = "Pleural\n\nair at the right apex."
+    assert [s.text for s in split_sentences(text)] == ["Pleural", "air at the right apex."]
+    result = label_report(text)
+    assert result[Obs.PNEUMOTHORAX].label is U
+    assert result[Obs.PNEUMOTHORAX].sentence == "Pleural"
+    assert result[Obs.NO_FINDING].label is M
+    assert label_report(text) == label_report(text, gated=False)
+    # A too-long sentence cut between the two words.
+    text = "-" * (MAX_SENTENCE_CHARS - 10) + " pleural air."
+    result = label_report(text)[Obs.PNEUMOTHORAX]
+    assert result.label is U and result.sentence is not None and result.sentence in text
+    # Nothing is added for a skipped section, nor for a phrase that only says "normal".
+    text = "Indication: evaluate pleural\n\nFindings: air-fluid level in the stomach."
+    assert _labels(text)[Obs.PNEUMOTHORAX] is M
+    assert _labels("The heart size is\n\nnormal.")[Obs.CARDIOMEGALY] is M
+
+
+def test_a_too_long_sentence_is_cut_into_pieces() -> None:
+    text = "Small left effusion, " * 200 + "no pneumothorax and " * 100 + "clear lungs."
+    sentences = split_sentences(text)
+    assert len(sentences) > 1
+    for sentence in sentences:
+        assert len(sentence.text) <= MAX_SENTENCE_CHARS
+        assert text[sentence.start : sentence.start + len(sentence.text)] == sentence.text
+
+
+def test_a_200_kb_sentence_is_labelled() -> None:
+    """Labelling time is linear in a sentence's length (it used to be quadratic)."""
+    unit = "stable small left pleural effusion with adjacent patchy opacity, no pneumothorax, "
+    text = unit * (200_000 // len(unit) + 1) + "; mild cardiomegaly"
+    assert len(text) > 200_000 and "." not in text
+    labels = _labels(text)
+    assert labels[Obs.PLEURAL_EFFUSION] is P
+    assert labels[Obs.LUNG_OPACITY] is P
+    assert labels[Obs.PNEUMOTHORAX] is N
+    assert labels[Obs.CARDIOMEGALY] is P
+    # No comma or semicolon at all: the pieces are cut at spaces.
+    text = "small left effusion and " * 9000 + "a tiny right pneumothorax"
+    labels = _labels(text)
+    assert labels[Obs.PLEURAL_EFFUSION] is P and labels[Obs.PNEUMOTHORAX] is P

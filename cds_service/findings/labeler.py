@@ -18,14 +18,22 @@
 # - heart size "top normal" / "upper limits of normal" is negative, "borderline" and
 #   "normal to mildly enlarged" uncertain;
 # - "partially / nearly resolved" is positive; "removal of" a device is negative;
-# - INDICATION / HISTORY / COMPARISON / TECHNIQUE sections are not labelled.
+# - "has not resolved" / "no resolution of" is positive (a resolution that did not happen);
+# - INDICATION / HISTORY / REASON / TECHNIQUE sections are not labelled, and only to the end
+#   of their line; EXAM, STUDY and COMPARISON lines are (they can carry findings);
+# - a cue after its mention reaches back across a comma, a bracket or a dash when it ends its
+#   phrase ("Pneumothorax, now resolved.", "Pneumothorax (none).");
+# - a mention that no sentence labels (one cut by a sentence break) is uncertain: a finding
+#   the labeler could not classify must not disappear.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 from cds_service.findings.lexicon import (
+    CLAUSE_FINAL_FOLLOWERS,
     CONJUNCTIONS,
     DETERMINERS,
     GAP_BLOCKERS,
@@ -35,6 +43,8 @@ from cds_service.findings.lexicon import (
     NEGATION_CUES,
     PSEUDO_CUES,
     TERMINATORS,
+    TRAILING_ASIDE_OPENERS,
+    TRAILING_CUE_LEAD_INS,
     UNCERTAINTY_CUES,
     CueRule,
     Direction,
@@ -42,7 +52,7 @@ from cds_service.findings.lexicon import (
     TriggerIndex,
 )
 from cds_service.findings.observations import Label, Observation
-from cds_service.findings.sentences import SKIPPED_SECTIONS, split_sentences
+from cds_service.findings.sentences import SKIPPED_SECTIONS, Sentence, split_sentences
 
 __all__ = ["ObservationLabel", "label_report", "labels_as_json"]
 
@@ -65,6 +75,23 @@ _CUE_GATES = (
 # One index over every regex: mention gates first (their index is their place in the table).
 _INDEX = TriggerIndex(tuple(gate for gate, _, _ in _MENTION_TABLE) + _CUE_GATES)
 _CUE_IDS = {gate: len(_MENTION_TABLE) + i for i, gate in enumerate(_CUE_GATES)}
+# Where the phrase after a clause-final cue ends, and what sets an aside off in a gap.
+_PHRASE_END = re.compile(r"[,;:!?()\[\]\u2013\u2014]|\.(?!\d)|(?<!\S)-(?!\S)")
+_ASIDE_MARK = re.compile(r"[,()\u2013\u2014]|(?<!\S)-(?!\S)")
+# Marks the text of skipped sections for the safety net: neither a word nor a space, so no
+# mention pattern matches across it.
+_SKIPPED_MARK = "\x00"
+# The safety net's patterns per observation (by place in the table): all but those that only
+# ever say a finding is absent.
+_NET_GATES = {
+    obs: frozenset(
+        i
+        for i, (_, _, rule) in enumerate(_MENTION_TABLE)
+        if obs in rule.observations and not (rule.fixed and rule.base is Label.NEGATIVE)
+    )
+    for obs in Observation
+}
+_TRIGGER_SPAN = max(len(t) for gate, _, _ in _MENTION_TABLE for t in gate.triggers)
 
 
 @dataclass(frozen=True)
@@ -178,6 +205,18 @@ class _Clauses:
         starts = self.starts
         return bool(starts) and bisect_left(starts, start) < bisect_left(starts, end)
 
+    def next_start(self, position: int) -> int | None:
+        index = bisect_left(self.starts, position)
+        return self.starts[index] if index < len(self.starts) else None
+
+    def only_relative_after(self, low: str, start: int, end: int) -> bool:
+        """Whether the one terminator in the stretch is a "which" right at its start."""
+        first = bisect_left(self.starts, start)
+        if bisect_left(self.starts, end) - first != 1:
+            return False
+        which = self.starts[first]
+        return low.startswith("which", which) and not low[start:which].strip(" ,")
+
 
 def _link(gap: str) -> str | None:
     """How two neighbouring mentions are joined: 'conj', 'comma', 'adj', 'cont' or None."""
@@ -249,6 +288,66 @@ def _gap_ok(gap: str, reach: int, forward: bool, negation: bool) -> bool:
     return not any(w in blockers for w in words)
 
 
+def _clause_final(low: str, c_end: int, slots: list[_Slot], clauses: _Clauses) -> bool:
+    """Whether a cue ends its phrase: no mention stands after it before the phrase ends, and
+    what does opens with one of CLAUSE_FINAL_FOLLOWERS ("none seen", "not seen on this study"),
+    not with something the cue could be about ("no other abnormality")."""
+    found = _PHRASE_END.search(low, c_end)
+    end = found.start() if found is not None else len(low)
+    terminator = clauses.next_start(c_end)
+    if terminator is not None:
+        end = min(end, terminator)
+    after = bisect_left(slots, c_end, key=_slot_start)
+    if after < len(slots) and slots[after].start < end:
+        return False
+    words = low[c_end:end].split()
+    return not words or words[0] in CLAUSE_FINAL_FOLLOWERS
+
+
+def _slot_start(slot: _Slot) -> int:
+    return slot.start
+
+
+def _aside_gap_ok(gap: str, reach: int) -> bool:
+    """Whether a trailing cue reaches back across the commas, brackets or dashes in ``gap``.
+
+    Only auxiliaries and adverbs may stand just before the cue ("Pneumothorax, now
+    resolved"), and each stretch before them must be an aside that opens with a participle or
+    a preposition ("The pneumothorax, seen on the prior study, has resolved").
+    """
+    pieces = [piece.split() for piece in _ASIDE_MARK.split(gap)]
+    if sum(len(words) for words in pieces) > reach:
+        return False
+    if any(word not in TRAILING_CUE_LEAD_INS for word in pieces[-1]):
+        return False
+    return all(not words or words[0] in TRAILING_ASIDE_OPENERS for words in pieces[:-1])
+
+
+def _reaches_back(
+    low: str,
+    cue: _Cue,
+    index: int,
+    slots: list[_Slot],
+    clauses: _Clauses,
+    negation: bool,
+) -> bool:
+    """Whether a cue after ``slots[index]`` (its nearest mention) reaches back to it."""
+    rule, c_start, c_end = cue
+    slot = slots[index]
+    # A clause terminator stops the cue, except the "which" of a relative clause right after
+    # its mention: "a pneumothorax which has resolved".
+    if clauses.crossed(slot.end, c_start) and not (
+        negation
+        and clauses.only_relative_after(low, slot.end, c_start)
+        and _clause_final(low, c_end, slots, clauses)
+    ):
+        return False
+    gap = low[slot.end : c_start]
+    if "," not in gap:
+        return _gap_ok(gap, rule.reach, False, negation)
+    return _aside_gap_ok(gap, rule.reach) and _clause_final(low, c_end, slots, clauses)
+
+
 def _find_cues(
     masked: str, rules: tuple[CueRule, ...], active: frozenset[int], gated: bool
 ) -> list[_Cue]:
@@ -273,8 +372,11 @@ def _apply_cues(
     skip: list[tuple[int, int]],
 ) -> None:
     """Mark the slots each cue reaches: the nearest mention on its side and its list."""
-    for rule, c_start, c_end in cues:
+    for cue in cues:
+        rule, c_start, c_end = cue
         if any(s <= c_start < e for s, e in skip):
+            continue
+        if rule.clause_final and not _clause_final(low, c_end, slots, clauses):
             continue
         targets: list[int] = []
         if rule.direction is not Direction.BACKWARD:
@@ -289,9 +391,7 @@ def _apply_cues(
             for i in range(len(slots) - 1, -1, -1):
                 slot = slots[i]
                 if slot.end <= c_start:
-                    if not clauses.crossed(slot.end, c_start) and _gap_ok(
-                        low[slot.end : c_start], rule.reach, False, negation
-                    ):
+                    if _reaches_back(low, cue, i, slots, clauses, negation):
                         targets.extend(_chain(slots, links, i, False))
                     break
         for i in targets:
@@ -301,9 +401,8 @@ def _apply_cues(
                 slots[i].uncertain = True
 
 
-def _label_sentence(low: str, gated: bool) -> _SentenceResult | None:
-    """Labels from one lower-cased sentence."""
-    active = _INDEX.candidates(low, gated)
+def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceResult | None:
+    """Labels from one lower-cased sentence (``active``: the gates its triggers allow)."""
     matches = _raw_mentions(low, active, gated)
     if not matches:
         return None
@@ -361,10 +460,18 @@ def label_report(text: str, *, gated: bool = True) -> dict[Observation, Observat
     best: dict[Observation, tuple[Label, str]] = {}
     normal_sentence: str | None = None
     first_negative: str | None = None
+    labelled: list[Sentence] = []
+    skipped: list[Sentence] = []
+    scanned: set[int] = set()  # every gate some labelled sentence's triggers allowed
     for sentence in split_sentences(text):
         if sentence.section in SKIPPED_SECTIONS:
+            skipped.append(sentence)
             continue
-        result = _label_sentence(_lower(sentence.text), gated)
+        labelled.append(sentence)
+        low = _lower(sentence.text)
+        active = _INDEX.candidates(low, gated)
+        scanned |= active
+        result = _label_sentence(low, active, gated)
         if result is None:
             continue
         if result.normal and normal_sentence is None:
@@ -375,6 +482,9 @@ def label_report(text: str, *, gated: bool = True) -> dict[Observation, Observat
             current = best.get(obs)
             if current is None or _RANK[label] > _RANK[current[0]]:
                 best[obs] = (label, sentence.text)
+    missing = [obs for obs in Observation if obs not in best]
+    for obs, evidence in _unlabelled_mentions(text, labelled, skipped, missing, scanned, gated):
+        best[obs] = (Label.UNCERTAIN, evidence)
     out: dict[Observation, ObservationLabel] = {}
     for obs in Observation:
         if obs in best:
@@ -384,6 +494,78 @@ def label_report(text: str, *, gated: bool = True) -> dict[Observation, Observat
             out[obs] = ObservationLabel(obs, Label.NOT_MENTIONED, None)
     out[Observation.NO_FINDING] = _no_finding(best, normal_sentence, first_negative)
     return out
+
+
+def _unlabelled_mentions(
+    text: str,
+    labelled: list[Sentence],
+    skipped: list[Sentence],
+    missing: list[Observation],
+    scanned: set[int],
+    gated: bool,
+) -> list[tuple[Observation, str]]:
+    """The safety net: observations of ``missing`` that a mention pattern still finds in the
+    labelled part of the report (one cut by a sentence break), each with the sentence where
+    its first such mention starts.
+
+    Rules that only ever say a finding is absent ("heart size is normal") are left out: at
+    worst such a phrase goes unlabelled, which hides no finding. ``scanned`` holds the gates
+    whose triggers the labelled sentences contain; see _outside_sentences for the rest.
+    """
+    wanted_gates = frozenset().union(*(_NET_GATES[obs] for obs in missing))
+    if not wanted_gates or not labelled:
+        return []
+    parts: list[str] = []
+    cursor = 0
+    for sentence in skipped:
+        end = sentence.start + len(sentence.text)
+        parts.append(text[cursor : sentence.start])
+        parts.append(_SKIPPED_MARK * (end - sentence.start))
+        cursor = end
+    parts.append(text[cursor:])
+    low = _lower("".join(parts))
+    gates = wanted_gates & scanned
+    if gated:
+        gates |= wanted_gates & _INDEX.candidates(_outside_sentences(low, labelled), gated)
+    if not gates:
+        return []
+    starts = [s.start for s in labelled]
+    found: dict[Observation, tuple[int, str]] = {}
+    for index in gates:
+        gate, _, rule = _MENTION_TABLE[index]
+        wanted = [obs for obs in rule.observations if obs in missing]
+        for match in gate.scan(low, gated):
+            # The sentence the mention starts in, else the next one (else the last).
+            at = bisect_right(starts, match.start()) - 1
+            if at < 0 or match.start() >= starts[at] + len(labelled[at].text):
+                at = min(at + 1, len(labelled) - 1)
+            for obs in wanted:
+                if obs not in found or match.start() < found[obs][0]:
+                    found[obs] = (match.start(), labelled[at].text)
+            break  # the first match of a pattern is the one that counts
+    return [(obs, evidence) for obs, (_, evidence) in found.items()]
+
+
+def _outside_sentences(low: str, labelled: list[Sentence]) -> str:
+    """The text around and between the labelled sentences, for the safety net's triggers.
+
+    A trigger is a run of letters; one that no labelled sentence holds whole has a letter
+    outside them, or spans a joint with letters on both sides (a too-long sentence cut inside
+    a word), where the longest trigger's length on each side of the joint covers it.
+    """
+    parts: list[str] = []
+    joints: list[int] = []
+    cursor = 0
+    for sentence in labelled:
+        parts.append(low[cursor : sentence.start])
+        joints += (cursor, sentence.start)
+        cursor = sentence.start + len(sentence.text)
+    parts.append(low[cursor:])
+    joints.append(cursor)
+    for joint in joints:
+        if low[joint - 1 : joint].isalpha() and low[joint : joint + 1].isalpha():
+            parts.append(low[max(0, joint - _TRIGGER_SPAN) : joint + _TRIGGER_SPAN])
+    return _SKIPPED_MARK.join(parts)
 
 
 def _no_finding(

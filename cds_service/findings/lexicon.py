@@ -132,11 +132,16 @@ class Direction(Enum):
 
 @dataclass(frozen=True)
 class CueRule:
-    """A negation or uncertainty cue; ``reach`` is the most words between cue and mention."""
+    """A negation or uncertainty cue; ``reach`` is the most words between cue and mention.
+
+    A ``clause_final`` cue counts only where it ends its phrase: "pneumothorax: none" but not
+    "pneumothorax, no other abnormality" (see CLAUSE_FINAL_FOLLOWERS).
+    """
 
     patterns: tuple[Gated, ...]
     direction: Direction
     reach: int
+    clause_final: bool = False
 
 
 def _gs(*alternatives: tuple[str, str]) -> tuple[Gated, ...]:
@@ -680,6 +685,18 @@ PSEUDO_CUES = _gs(
         r"|resolving|clearing|cleared)\b",
     ),
     ("only", r"\bnot\s+only\b"),
+    # A resolution that did not happen: "has not resolved", "no resolution of the effusion".
+    (
+        "resolv|clear|remov|evacuat|disappear",
+        r"\b(?:not|never)\s+(?:yet\s+)?(?:been\s+)?(?:resolved|resolving|cleared|clearing"
+        r"|removed|evacuated|disappeared)\b",
+    ),
+    (
+        "resolution|clearing|removal|disappearance",
+        r"\b(?:no|without|lack\s+of|absence\s+of|failure\s+of)\s+(?:(?:significant|substantial"
+        r"|appreciable|definite|further|interval|apparent|complete|radiographic|any)\s+)*"
+        r"(?:resolution|clearing|removal|disappearance)\b",
+    ),
 )
 
 _HEDGE_WORDS = (
@@ -791,6 +808,15 @@ NEGATION_CUES: tuple[CueRule, ...] = (
                 r"\b(?:resolution\s+of|removal\s+of|clearing\s+of|disappearance\s+of"
                 r"|exclusion\s+of|no\s+longer)\b",
             ),
+            # "Resolution of the previously noted pneumothorax": the participle is part of the
+            # cue, so it does not stop the cue the way a verb would.
+            (
+                "resolution|removal|clearing|disappearance",
+                r"\b(?:resolution|removal|clearing|disappearance)\s+of\s+(?:the\s+)?"
+                r"(?:(?:previously|prior|recently|formerly|earlier|initially)\s+)?(?:noted|seen"
+                r"|described|demonstrated|identified|visualized|reported|documented|evident"
+                r"|present|placed|shown)\b",
+            ),
             ("unlikely", r"\bunlikely(?:\s+to\s+(?:represent|be))?\b"),
         ),
         Direction.FORWARD,
@@ -813,8 +839,9 @@ NEGATION_CUES: tuple[CueRule, ...] = (
     CueRule(
         _gs(
             (
-                "not|longer",
-                r"\b(?:not|no\s+longer)\s+(?:\w+ly\s+)?(?:be\s+)?(?:seen|identified|visualized"
+                "not|longer|can't",
+                r"\b(?:not|no\s+longer|cannot|can't|could\s+not)\s+(?:\w+ly\s+)?(?:be\s+)?"
+                r"(?:seen|identified|visualized"
                 r"|visible|appreciated|appreciable|evident|present|demonstrated|detected|noted"
                 r"|apparent|observed|shown|depicted|recurred|reaccumulated|developed"
                 r"|re-?demonstrated|identifiable|found)\b",
@@ -824,13 +851,53 @@ NEGATION_CUES: tuple[CueRule, ...] = (
                 r"\b(?:absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal)\b",
             ),
             ("ruled|excluded", r"\b(?:ruled\s+out|excluded)\b"),
-            ("no|negative|absent", r"[:\u2013-]\s*(?:none|negative|absent|no|not\s+seen)\b"),
             ("unlikely", r"\bunlikely\b"),
         ),
         Direction.BACKWARD,
         6,
     ),
+    # "Pneumothorax: none", "- none", "(none)", "\u2014 none", ", none": the punctuation is part
+    # of the cue, which must end its phrase ("Pneumothorax - no effusion" is not negated).
+    CueRule(
+        _gs(
+            (
+                "no|negative|absent",
+                r"[:,(\u2013\u2014-]\s*(?:none|negative|absent|no|not\s+seen)\b",
+            ),
+        ),
+        Direction.BACKWARD,
+        6,
+        clause_final=True,
+    ),
 )
+
+# What a clause-final cue may be followed by before its phrase ends (at a comma, a full stop,
+# a bracket, a dash or a clause terminator): "Pneumothorax, not seen on this study" ends,
+# "Pneumothorax, no other abnormality" does not. A phrase with a mention in it never ends.
+# fmt: off
+CLAUSE_FINAL_FOLLOWERS = frozenset({
+    "on", "in", "at", "from", "since", "compared", "today", "now", "currently", "anymore",
+    "any", "longer", "seen", "identified", "noted", "visible", "visualized", "present",
+    "evident", "demonstrated", "detected", "appreciated", "bilaterally", "radiographically",
+    "interval", "as", "per", "after", "following", "when", "again",
+})
+# fmt: on
+# How a trailing cue reaches back across a comma, a bracket or a dash ("Right pneumothorax,
+# seen on the prior study, has now resolved"): the words just before the cue may only be
+# these, and each stretch set off before that must open with one of TRAILING_ASIDE_OPENERS.
+# fmt: off
+TRAILING_CUE_LEAD_INS = frozenset({
+    "now", "since", "has", "have", "had", "been", "is", "are", "was", "were", "completely",
+    "entirely", "totally", "fully", "subsequently", "already", "also", "both", "all", "then",
+    "which", "that", "interval", "again", "it", "they",
+})
+TRAILING_ASIDE_OPENERS = frozenset({
+    "seen", "noted", "described", "demonstrated", "identified", "visualized", "visible",
+    "present", "evident", "reported", "documented", "previously", "recently", "initially",
+    "as", "on", "in", "at", "from", "since", "per", "when", "after", "before", "following",
+    "compared", "which", "that",
+})
+# fmt: on
 
 # Where a cue's reach ends: a new clause. "No effusion, but a small pneumothorax" keeps the
 # pneumothorax out of the negation.

@@ -17,10 +17,16 @@ _HEADER_NAME = re.compile(
 )
 _HEADER_WINDOW = 48  # longer than any header name
 _WORD = re.compile(r"[A-Za-z]+")
-_BEFORE_HEADER = frozenset(" \t\n\r\f\v.;")
+# A header opens a line or follows a finished sentence: "Compared to prior study: large
+# pneumothorax" is a sentence, not a STUDY section. A capitalised header may also stand after
+# a space mid-line ("CHEST PA AND LAT INDICATION: cough", "Indication: cough Findings: ...").
+_LINE_OR_SENTENCE_END = frozenset("\n.!?;")
+_BLANKS = " \t\f\v"
 
-# Sections that describe why the study was done or how, not what it shows: a labeler that
-# read "INDICATION: evaluate for pneumonia" would report a pneumonia the radiologist never saw.
+# Sections that say why the study was done or how, not what it shows: a labeler that read
+# "INDICATION: evaluate for pneumonia" would report a pneumonia the radiologist never saw.
+# Only these are skipped, and only to the end of their line (split_sentences): EXAM, STUDY
+# and COMPARISON lines can carry findings ("Exam: Large right pneumothorax.").
 SKIPPED_SECTIONS = frozenset(
     {
         "indication",
@@ -34,14 +40,7 @@ SKIPPED_SECTIONS = frozenset(
         "history",
         "medical history",
         "patient history",
-        "comparison",
-        "comparisons",
         "technique",
-        "procedure",
-        "type of exam",
-        "exam",
-        "examination",
-        "study",
         "reason for exam",
         "reason for examination",
         "reason for study",
@@ -49,6 +48,9 @@ SKIPPED_SECTIONS = frozenset(
         "reason for referral",
     }
 )
+# A sentence longer than this is cut at its last comma or semicolon before the limit (else at
+# a space, else anywhere): labelling a sentence costs more than linear time in its length.
+MAX_SENTENCE_CHARS = 1000
 
 # Candidate sentence ends: terminal punctuation before whitespace or the end, a blank line,
 # or a line break before a list marker or a capitalised line.
@@ -132,6 +134,16 @@ def _append(out: list[Sentence], text: str, start: int, end: int, section: str |
     out.append(Sentence(stripped, start + piece.index(stripped), section))
 
 
+def _opens_header(text: str, start: int) -> bool:
+    """Whether a header name at ``start`` stands where a header can: see _LINE_OR_SENTENCE_END."""
+    before = start
+    while before and text[before - 1] in _BLANKS:
+        before -= 1
+    if before == 0 or text[before - 1] in _LINE_OR_SENTENCE_END:
+        return True
+    return before < start and text[start].isupper()
+
+
 def _headers(text: str) -> list[tuple[int, int, str]]:
     """Section headers as (start, end after the colon, normalised name)."""
     found: list[tuple[int, int, str]] = []
@@ -142,7 +154,7 @@ def _headers(text: str) -> list[tuple[int, int, str]]:
         # The leftmost of the last few words first, so "clinical history" beats "history".
         for start in starts[-5:]:
             match = _HEADER_NAME.match(text, start, colon)
-            if match is not None and (start == 0 or text[start - 1] in _BEFORE_HEADER):
+            if match is not None and _opens_header(text, start):
                 name = " ".join(match.group("name").lower().split())
                 found.append((start, colon + 1, name))
                 break
@@ -176,19 +188,52 @@ def _first_line_or_sentence_end(segment: str) -> int:
     return len(segment)
 
 
+def _bounded(sentence: Sentence) -> list[Sentence]:
+    """The sentence cut into pieces of at most MAX_SENTENCE_CHARS characters."""
+    text = sentence.text
+    pieces: list[Sentence] = []
+    cursor = 0
+    while len(text) - cursor > MAX_SENTENCE_CHARS:
+        limit = cursor + MAX_SENTENCE_CHARS
+        cut = max(text.rfind(",", cursor + 1, limit), text.rfind(";", cursor + 1, limit))
+        if cut == -1:
+            cut = text.rfind(" ", cursor + 1, limit)
+        end = limit if cut == -1 else cut + 1
+        _append(pieces, text, cursor, end, sentence.section)
+        cursor = end
+    _append(pieces, text, cursor, len(text), sentence.section)
+    return [Sentence(p.text, sentence.start + p.start, p.section) for p in pieces]
+
+
+def _line_breaks(text: str) -> str:
+    """The text with every line end a plain "\\n" and the same length ("\\r\\n" -> " \\n")."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", " \n").replace("\r", "\n")
+
+
 def split_sentences(text: str) -> list[Sentence]:
     """Split a report into sentences; header words ("FINDINGS:") are not part of any sentence.
 
-    A section that says why or how the study was done (SKIPPED_SECTIONS) runs to the next
-    header; when no header follows, it runs only to the end of its line, or when the report
-    is one line, over its first sentence ("Indication: cough. Lungs are clear.").
+    A section that says why or how the study was done (SKIPPED_SECTIONS) runs to the end of
+    its first line, or when no line break follows, over its first sentence ("Indication:
+    cough. Lungs are clear."); what follows has no section. "\\r" ends a line as "\\n" does.
+    Sentences longer than MAX_SENTENCE_CHARS are cut into pieces.
     """
+    lines = _line_breaks(text)
     sentences: list[Sentence] = []
-    segments = _segments(text)
-    for index, (start, end, section) in enumerate(segments):
-        pieces = _split_segment(text, start, end, section)
-        if section in SKIPPED_SECTIONS and index == len(segments) - 1 and pieces:
-            limit = _first_line_or_sentence_end(text[start:end]) + start
+    for start, end, section in _segments(lines):
+        pieces = _split_segment(lines, start, end, section)
+        if section in SKIPPED_SECTIONS and pieces:
+            limit = _first_line_or_sentence_end(lines[start:end]) + start
             pieces = [p if p.start < limit else Sentence(p.text, p.start, None) for p in pieces]
-        sentences.extend(pieces)
+        for piece in pieces:
+            if lines is not text:
+                # The offsets hold in the report itself; its text is taken from there.
+                stop = piece.start + len(piece.text)
+                piece = Sentence(text[piece.start : stop], piece.start, piece.section)
+            if len(piece.text) > MAX_SENTENCE_CHARS:
+                sentences.extend(_bounded(piece))
+            else:
+                sentences.append(piece)
     return sentences
