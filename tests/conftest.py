@@ -189,3 +189,19 @@ def start_stub(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServ
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def two_tenant_service(
+    tmp_path: Path, sandbox: SandboxHandle, other_iss: str = "https://other-ehr.example"
+) -> tuple[ServiceHandle, ServerThread, ECKey, TrustedIssuer]:
+    """A service trusting the sandbox and a second EHR; returns the second EHR's key too."""
+    other_key = ECKey.generate_key("P-384", auto_kid=True)
+    other = TrustedIssuer(
+        iss=other_iss,
+        jwks={"keys": [{**other_key.as_dict(private=False), "kid": other_key.kid}]},
+    )
+    mine = TrustedIssuer(
+        iss=sandbox.base, jwks=sandbox.sandbox.key.public_jwks(), fhir_servers=(sandbox.fhir,)
+    )
+    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other))
+    return handle, server, other_key, other

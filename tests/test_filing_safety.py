@@ -34,6 +34,7 @@ from tests.conftest import (
     make_service,
     patient_view_body,
     signed_post,
+    two_tenant_service,
 )
 
 PV = "cxr-ai-patient-view"
@@ -152,18 +153,11 @@ def test_no_filing_offer_where_the_service_files_itself(
 def test_feedback_marks_filed_only_for_the_right_tenant_and_suggestion(
     tmp_path: Path, sandbox: SandboxHandle
 ) -> None:
-    from cds_service.config import TrustedIssuer
     from tests.conftest import claims_for, sign
 
-    other_key = ECKey.generate_key("P-384", auto_kid=True)
-    other = TrustedIssuer(
-        iss="https://other.example",
-        jwks={"keys": [{**other_key.as_dict(private=False), "kid": other_key.kid}]},
+    handle, server, other_key, other = two_tenant_service(
+        tmp_path, sandbox, "https://other.example"
     )
-    mine = TrustedIssuer(
-        iss=sandbox.base, jwks=sandbox.sandbox.key.public_jwks(), fhir_servers=(sandbox.fhir,)
-    )
-    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other))
     try:
         analyse_seeded(handle, sandbox)
         body = prefetch_of(sandbox.studies[0], patient="cxr-demo-1")

@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 import requests
-from joserfc.jwk import ECKey
 
-from cds_service.config import TrustedIssuer
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.sqlite_store import StudyRef
@@ -26,6 +24,7 @@ from tests.conftest import (
     sign,
     signed_post,
     start_stub,
+    two_tenant_service,
 )
 
 PV = "cxr-ai-patient-view"
@@ -106,15 +105,9 @@ def test_unfollowable_paging_is_flagged_not_hidden(
 
 def test_results_never_cross_tenants(tmp_path: Path, sandbox: SandboxHandle) -> None:
     """Issuer B sending issuer A's Study UID for its own patient gets no A result."""
-    other_key = ECKey.generate_key("P-384", auto_kid=True)
-    other = TrustedIssuer(
-        iss="https://other-ehr.example",
-        jwks={"keys": [{**other_key.as_dict(private=False), "kid": other_key.kid}]},
+    handle, server, other_key, other = two_tenant_service(
+        tmp_path, sandbox, "https://other-ehr.example"
     )
-    mine = TrustedIssuer(
-        iss=sandbox.base, jwks=sandbox.sandbox.key.public_jwks(), fhir_servers=(sandbox.fhir,)
-    )
-    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other))
     try:
         analyse_seeded(handle, sandbox)
         copied = {**sandbox.studies[0], "subject": {"reference": "Patient/b-123"}}
