@@ -65,18 +65,30 @@ class TrustedIssuer:
         )
 
 
-def load_trusted_issuers(path: str | Path) -> tuple[TrustedIssuer, ...]:
-    """Read the JSON list named by CXR_CDS_TRUSTED_ISSUERS."""
+def _read_json_list(path: str | Path, what: str) -> list[Any]:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read trusted issuers file {path}: {exc}") from exc
+        raise ConfigurationError(f"cannot read {what} file {path}: {exc}") from exc
     if not isinstance(raw, list):
-        raise ConfigurationError(f"{path}: expected a JSON list of issuers")
+        raise ConfigurationError(f"{path}: expected a JSON list of {what}")
+    return raw
+
+
+def load_trusted_issuers(path: str | Path) -> tuple[TrustedIssuer, ...]:
+    """Read the JSON list named by CXR_CDS_TRUSTED_ISSUERS."""
+    raw = _read_json_list(path, "trusted issuers")
     issuers = tuple(TrustedIssuer.from_json(item) for item in raw)
     if len({i.iss for i in issuers}) != len(issuers):
         raise ConfigurationError(f"{path}: an issuer appears twice")
     return issuers
+
+
+# Create the report's resources, and read the ImagingStudy to check it before writing.
+WRITE_BACK_SCOPE = (
+    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
+    "system/ImagingStudy.rs"
+)
 
 
 @dataclass(frozen=True)
@@ -87,11 +99,7 @@ class EhrClient:
     token_url: str
     client_id: str
     key_file: Path
-    # Create the report's resources, and read the ImagingStudy to check it before writing.
-    scope: str = (
-        "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-        "system/ImagingStudy.rs"
-    )
+    scope: str = WRITE_BACK_SCOPE
 
     @classmethod
     def from_json(cls, item: Any) -> EhrClient:
@@ -109,13 +117,7 @@ class EhrClient:
 
 def load_ehr_clients(path: str | Path) -> tuple[EhrClient, ...]:
     """Read CXR_CDS_EHR_CLIENTS: a JSON list of EHR client registrations."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read EHR clients file {path}: {exc}") from exc
-    if not isinstance(raw, list):
-        raise ConfigurationError(f"{path}: expected a JSON list")
-    return tuple(EhrClient.from_json(item) for item in raw)
+    return tuple(EhrClient.from_json(item) for item in _read_json_list(path, "EHR clients"))
 
 
 def _bool(value: str) -> bool:

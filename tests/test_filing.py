@@ -8,6 +8,7 @@ from typing import Any
 
 import requests
 
+from cds_service.config import WRITE_BACK_SCOPE
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import EhrClient
 from cds_service.fhir.prefetch import PREFETCH_KEY
@@ -27,10 +28,6 @@ from tests.conftest import (
 from tests.test_cds_hooks import assert_valid_cards
 
 PV = "cxr-ai-patient-view"
-SCOPE = (
-    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-    "system/ImagingStudy.rs"
-)
 
 
 def post(service: ServiceHandle, sandbox: SandboxHandle, path: str, body: Any) -> Any:
@@ -83,13 +80,13 @@ def test_worker_files_each_analysis_once(
     tmp_path: Path, service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
     key = SigningKey.load_or_create(tmp_path / "backend.jwk.json")
-    sandbox.sandbox.backend.register("cxr-cds-test-filer", key.public_jwks(), SCOPE)
+    sandbox.sandbox.backend.register("cxr-cds-test-filer", key.public_jwks(), WRITE_BACK_SCOPE)
     ehr = EhrClient(
         fhir_base=sandbox.fhir,
         token_url=f"{sandbox.base}/auth/token",
         client_id="cxr-cds-test-filer",
         key_file=tmp_path / "backend.jwk.json",
-        scope=SCOPE,
+        scope=WRITE_BACK_SCOPE,
     )
     backend = SimulatedBackend()
     filer = ReportFiler((ehr,), device_info(service.settings, backend.model))
@@ -142,7 +139,7 @@ def test_filing_failure_leaves_the_offer(
         token_url=f"{sandbox.base}/auth/token",
         client_id="not-registered",
         key_file=key_file,
-        scope=SCOPE,
+        scope=WRITE_BACK_SCOPE,
     )
     backend = SimulatedBackend()
     filer = ReportFiler((ehr,), device_info(service.settings, backend.model))

@@ -14,6 +14,7 @@ import pytest
 import requests
 from joserfc.jwk import ECKey
 
+from cds_service.config import WRITE_BACK_SCOPE
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import BackendServicesClient, EhrClient
 from cds_service.fhir.client import FhirAccessDenied, FhirClient
@@ -38,10 +39,6 @@ from tests.conftest import (
 )
 
 PV = "cxr-ai-patient-view"
-SCOPE = (
-    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-    "system/ImagingStudy.rs"
-)
 
 
 def prefetch_of(*studies: dict[str, Any], patient: str) -> dict[str, Any]:
@@ -57,13 +54,13 @@ def filer_for(
     sandbox: SandboxHandle, service: ServiceHandle, tmp_path: Path, client_id: str
 ) -> ReportFiler:
     key = SigningKey.load_or_create(tmp_path / f"{client_id}.jwk.json")
-    sandbox.sandbox.backend.register(client_id, key.public_jwks(), SCOPE)
+    sandbox.sandbox.backend.register(client_id, key.public_jwks(), WRITE_BACK_SCOPE)
     ehr = EhrClient(
         fhir_base=sandbox.fhir,
         token_url=f"{sandbox.base}/auth/token",
         client_id=client_id,
         key_file=tmp_path / f"{client_id}.jwk.json",
-        scope=SCOPE,
+        scope=WRITE_BACK_SCOPE,
     )
     return ReportFiler((ehr,), device_info(service.settings, SimulatedBackend.model))
 
@@ -285,7 +282,7 @@ def test_assertion_aud_must_be_exactly_the_token_url(aud: Any, sandbox: SandboxH
 
     key = ECKey.generate_key("P-384", auto_kid=True)
     sandbox.sandbox.backend.register(
-        "aud-test", {"keys": [{**key.as_dict(private=False), "kid": key.kid}]}, SCOPE
+        "aud-test", {"keys": [{**key.as_dict(private=False), "kid": key.kid}]}, WRITE_BACK_SCOPE
     )
     url = f"{sandbox.base}/auth/token"
     if isinstance(aud, str):
@@ -311,7 +308,7 @@ def test_assertion_aud_must_be_exactly_the_token_url(aud: Any, sandbox: SandboxH
         timeout=10,
         data={
             "grant_type": "client_credentials",
-            "scope": SCOPE,
+            "scope": WRITE_BACK_SCOPE,
             "client_assertion": assertion,
             "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
         },

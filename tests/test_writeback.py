@@ -13,6 +13,7 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from cds_service.config import WRITE_BACK_SCOPE
 from cds_service.fhir.backend_services import (
     ASSERTION_TYPE,
     BackendServicesClient,
@@ -23,14 +24,9 @@ from cds_service.fhir.client import FhirAccessDenied
 from cds_service.fhir.writeback import write_transaction
 from tests.conftest import SandboxHandle
 
-SCOPE = (
-    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-    "system/ImagingStudy.rs"
-)
-
 
 def register(
-    sandbox: SandboxHandle, key: ECKey | RSAKey, client_id: str, scope: str = SCOPE
+    sandbox: SandboxHandle, key: ECKey | RSAKey, client_id: str, scope: str = WRITE_BACK_SCOPE
 ) -> None:
     public = {**key.as_dict(private=False), "kid": key.kid}
     sandbox.sandbox.backend.register(client_id, {"keys": [public]}, scope)
@@ -178,7 +174,7 @@ def test_token_endpoint_refuses_bad_assertions(sandbox: SandboxHandle) -> None:
     def ask(client_assertion: str, **form: str) -> requests.Response:
         data = {
             "grant_type": "client_credentials",
-            "scope": SCOPE,
+            "scope": WRITE_BACK_SCOPE,
             "client_assertion_type": ASSERTION_TYPE,
             "client_assertion": client_assertion,
         }

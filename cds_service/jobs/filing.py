@@ -34,11 +34,10 @@ class ReportFiler:
         self,
         ehrs: tuple[EhrClient, ...],
         device: DeviceInfo,
-        clients: dict[str, BackendServicesClient] | None = None,
     ) -> None:
         self.device = device
         self._ehrs = {ehr.fhir_base.rstrip("/"): ehr for ehr in ehrs}
-        self._clients = dict(clients or {})
+        self._clients: dict[str, BackendServicesClient] = {}
 
     def _client(self, fhir_server: str | None) -> BackendServicesClient | None:
         if fhir_server is None:

@@ -70,7 +70,7 @@ def create_app(
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["cxr_cds"] = {"settings": settings, "store": store, "handler": handler}
-    app.register_blueprint(create_cds_blueprint(settings, handler, store, verifier))
+    app.register_blueprint(create_cds_blueprint(settings, handler, verifier))
 
     from smart_app.web import create_smart_blueprint
 

@@ -9,7 +9,6 @@ from flask import Blueprint, Response, jsonify, request
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.errors import BadRequest, NotFound
 from cds_service.hooks import SERVICES, HookHandler, discovery_document
-from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.security.client_jwt import ClientJwtVerifier
 
 FEEDBACK_OUTCOMES = frozenset({"accepted", "overridden"})
@@ -46,7 +45,6 @@ def _validate_feedback(body: Any) -> list[dict[str, Any]]:
 def create_cds_blueprint(
     settings: Settings,
     handler: HookHandler,
-    store: SqliteStore,
     verifier: ClientJwtVerifier | None,
 ) -> Blueprint:
     bp = Blueprint("cds_hooks", __name__)

@@ -10,7 +10,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cds_service.config import Settings, TrustedIssuer
+from cds_service.config import WRITE_BACK_SCOPE, Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import EhrClient
 from cds_service.inference.registry import SIMULATED_WARNING, device_info, load_backend
@@ -26,10 +26,6 @@ from ehr_sandbox.seed import seed
 log = logging.getLogger(__name__)
 DEMO_PATIENT = "cxr-demo-1"
 BACKEND_CLIENT_ID = "cxr-cds-service"
-WRITE_SCOPE = (
-    "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-    "system/ImagingStudy.rs"
-)
 ANALYSIS_TIMEOUT_S = 60.0
 
 
@@ -67,13 +63,13 @@ def run_demo(
     )
     # The service writes reports back as a SMART Backend Services client of the sandbox.
     service_key = SigningKey.load_or_create(data_dir / "cds-backend-key.jwk.json")
-    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), WRITE_SCOPE)
+    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), WRITE_BACK_SCOPE)
     ehr = EhrClient(
         fhir_base=f"{sandbox_base}/fhir",
         token_url=f"{sandbox_base}/auth/token",
         client_id=BACKEND_CLIENT_ID,
         key_file=data_dir / "cds-backend-key.jwk.json",
-        scope=WRITE_SCOPE,
+        scope=WRITE_BACK_SCOPE,
     )
     settings = Settings(
         mode="demo",
