@@ -1,10 +1,54 @@
-"""The backend protocol every model runtime implements."""
+"""The protocols every model runtime implements.
+
+Two layers meet here:
+- a `ReportWriter` turns 8-bit frontal chest images into report text (the model itself:
+  cxr_llava, hf_vlm, tiny, simulated);
+- a `Backend` analyses one ImagingStudy end to end (fetch and select the image, write the
+  report, code the findings) and is what the job worker drives.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from cds_service.results import AnalysisResult, ModelInfo
+
+Task = Literal["report", "differential", "ask"]
+TASKS: tuple[Task, ...] = ("report", "differential", "ask")
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """One image and what to ask about it.
+
+    `image` is the 8-bit grayscale frontal radiograph (H x W, uint8, MONOCHROME2-looking:
+    bright bone) as produced by `cds_service.imaging`, before any model-specific resize.
+    """
+
+    image: npt.NDArray[np.uint8]
+    task: Task = "report"
+    question: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image.dtype != np.uint8 or self.image.ndim != 2:
+            raise ValueError("a report request needs a 2-D uint8 image")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
+        if self.task == "ask" and not (self.question or "").strip():
+            raise ValueError("task 'ask' needs a question")
+
+
+class ReportWriter(Protocol):
+    """The model: writes one text per request, in order. Batching is the writer's business."""
+
+    model: ModelInfo
+
+    def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]: ...
 
 
 class Backend(Protocol):
