@@ -31,6 +31,8 @@ class TrustedIssuer:
     jwks_url: str | None = None
     allowed_jku: tuple[str, ...] = ()
     fhir_servers: tuple[str, ...] = ()
+    # With pinned inline keys, a `jku` header is only a hint: never fetched, never required.
+    ignore_jku: bool = False
 
     def allows_fhir_server(self, url: str) -> bool:
         """True when `url` is one of this issuer's FHIR bases (compared without trailing '/')."""
@@ -51,6 +53,12 @@ class TrustedIssuer:
             isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)
         ):
             raise ConfigurationError(f"trusted issuer {item['iss']!r}: 'jwks' must be a JWK Set")
+        ignore_jku = item.get("ignore_jku", False)
+        if not isinstance(ignore_jku, bool) or (ignore_jku and jwks is None):
+            raise ConfigurationError(
+                f"trusted issuer {item['iss']!r}: 'ignore_jku' must be a boolean and needs "
+                "inline 'jwks'"
+            )
         allowed_jku = item.get("allowed_jku", [])
         fhir_servers = item.get("fhir_servers", [])
         for name, value in (("allowed_jku", allowed_jku), ("fhir_servers", fhir_servers)):
@@ -62,6 +70,7 @@ class TrustedIssuer:
             jwks_url=jwks_url,
             allowed_jku=tuple(allowed_jku),
             fhir_servers=tuple(fhir_servers),
+            ignore_jku=ignore_jku,
         )
 
 
@@ -152,10 +161,21 @@ class Settings:
     jwt_leeway_s: int = 60
     max_request_bytes: int = 5 * 1024 * 1024
     ehr_clients: tuple[EhrClient, ...] = ()  # EHRs to write reports to (Backend Services)
+    # Accept JWTs from the public CDS Hooks sandbox (its private key is public): never in
+    # production. Its keys are pinned in the package; its jku is never fetched.
+    trust_public_sandbox: bool = False
 
     @property
     def simulated(self) -> bool:
         return self.backend == "simulated"
+
+    def accepted_issuers(self) -> tuple[TrustedIssuer, ...]:
+        """The configured issuers, plus the public CDS Hooks sandbox when asked for."""
+        if not self.trust_public_sandbox:
+            return self.trusted_issuers
+        from cds_service.security.public_sandbox import public_sandbox_issuer
+
+        return (*self.trusted_issuers, public_sandbox_issuer())
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
@@ -179,6 +199,20 @@ class Settings:
             raise ConfigurationError(
                 "authentication can be switched off only with CXR_CDS_MODE=development"
             )
+        if self.trust_public_sandbox:
+            if self.mode == "production":
+                raise ConfigurationError(
+                    "CXR_CDS_TRUST_PUBLIC_SANDBOX=1 is refused in production: the public CDS "
+                    "Hooks sandbox's private key is published, anyone can sign as it. Use "
+                    "CXR_CDS_MODE=development or demo."
+                )
+            from cds_service.security.public_sandbox import PUBLIC_SANDBOX_ISS
+
+            if any(i.iss == PUBLIC_SANDBOX_ISS for i in self.trusted_issuers):
+                raise ConfigurationError(
+                    "the public CDS Hooks sandbox is both in CXR_CDS_TRUSTED_ISSUERS and "
+                    "trusted by CXR_CDS_TRUST_PUBLIC_SANDBOX: keep one"
+                )
         if self.mode == "production":
             if not self.public_url.startswith("https://"):
                 raise ConfigurationError(
@@ -256,6 +290,7 @@ class Settings:
                 fhir_connect_timeout_s=float(env.get("CXR_CDS_FHIR_CONNECT_TIMEOUT", "2")),
                 fhir_read_timeout_s=float(env.get("CXR_CDS_FHIR_READ_TIMEOUT", "5")),
                 ehr_clients=ehr_clients,
+                trust_public_sandbox=_bool(env.get("CXR_CDS_TRUST_PUBLIC_SANDBOX", "0")),
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc

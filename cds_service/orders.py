@@ -1,4 +1,9 @@
-"""Decide whether a hook's draft orders include a chest radiograph order (codes, then words)."""
+"""Decide whether a hook's draft orders include a chest imaging order (codes, then words).
+
+Any modality counts (radiograph, CT, MR, PET of the chest): whoever orders chest imaging
+should see what the AI flagged on the patient's recent chest radiographs. Imaging of other
+body parts, and orders that only mention the chest (troponin for chest pain), do not count.
+"""
 
 from __future__ import annotations
 
@@ -11,89 +16,86 @@ LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 CPT_SYSTEMS = frozenset({"http://www.ama-assn.org/go/cpt", "urn:oid:2.16.840.1.113883.6.12"})
 
-# Chest radiograph order codes (STANDARDS.md). CPT 71010/71020 were retired in 2018 but still
-# appear in older order catalogues.
-CHEST_RADIOGRAPH_CODES: dict[str, frozenset[str]] = {
-    LOINC: frozenset({"36643-5", "36554-4", "24648-8", "36572-6"}),
-    SNOMED: frozenset({"399208008"}),
-    "cpt": frozenset({"71045", "71046", "71047", "71048", "71010", "71020"}),
-}
+# Chest imaging order codes (STANDARDS.md; CPT descriptors from the AMA code set). CPT
+# 71010/71020 were retired in 2018 but still appear in older order catalogues. Codes not
+# listed here are still recognised by their text ("PET/CT chest", "MRI thorax").
+CHEST_IMAGING_CODES: dict[str, frozenset[str]] = {
+    LOINC: frozenset(
+        {
+            "36643-5",  # XR Chest 2 Views
+            "36554-4",  # XR Chest Single view
+            "24648-8",  # XR Chest PA upright
+            "36572-6",  # XR Chest PA and Lateral (older catalogues)
+            "24627-2",  # CT Chest
+            "29252-4",  # CT Chest WO contrast
+        }
+    ),
+    SNOMED: frozenset({"399208008", "169069000"}),  # plain chest X-ray; CT of chest
+    "cpt": frozenset(
+        {
+            "71045", "71046", "71047", "71048", "71010", "71020",  # radiographs
+            "71250", "71260", "71270",  # CT thorax without / with / without and with contrast
+            "71271",  # CT thorax, low dose, lung cancer screening
+            "71275",  # CT angiography, chest
+            "71550", "71551", "71552",  # MRI chest
+            "71555",  # MR angiography, chest
+        }
+    ),
+}  # fmt: skip
 
 # Order text is matched word by word (no backtracking regex over caller text), and only its
 # first MAX_TEXT characters are read.
 MAX_TEXT = 256
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)?")
-CHEST_WORDS = frozenset({"chest", "thorax", "cxr"})
-RADIOGRAPH_WORDS = frozenset(
+CHEST_WORDS = frozenset({"chest", "thorax", "thoracic", "cxr", "lung", "lungs", "pulmonary"})
+IMAGING_WORDS = frozenset(
     {
-        "x-ray",
-        "xray",
-        "xr",
-        "radiograph",
-        "radiographs",
-        "radiography",
-        "radiographic",
-        "film",
-        "films",
-        "portable",
-        "view",
-        "views",
-        "pa",
-        "ap",
-        "lateral",
-        "single",
-        "cxr",
+        # radiography
+        "x-ray", "xray", "xr", "radiograph", "radiographs", "radiography", "radiographic",
+        "film", "films", "portable", "view", "views", "pa", "ap", "lateral", "single", "cxr",
+        # cross-sectional and nuclear imaging
+        "ct", "cta", "computed", "tomography", "hrct", "ldct", "mri", "mr", "mra", "magnetic",
+        "pet", "pet-ct", "imaging", "scan",
     }
-)
-# Words that make an order something else: another modality, or a structure of the chest wall.
+)  # fmt: skip
+# Words that make an order something else: a structure of the chest wall or spine, or an
+# examination that is not imaging of the lungs. A test that only names a chest symptom
+# ("troponin - chest pain") has no imaging word and is not matched either.
 OTHER_WORDS = frozenset(
     {
-        "ct",
-        "cta",
-        "computed",
-        "tomography",
-        "mri",
-        "mr",
-        "magnetic",
-        "pet",
-        "ultrasound",
-        "sonography",
-        "echo",
-        "echocardiogram",
-        "spine",
-        "rib",
-        "ribs",
-        "sternum",
-        "pain",
-        "troponin",
-        "function",
-        "fluoroscopy",
+        "spine", "vertebra", "vertebrae", "rib", "ribs", "sternum", "clavicle", "shoulder",
+        "breast", "mammogram", "mammography", "ultrasound", "sonography", "echo",
+        "echocardiogram", "coronary", "function", "fluoroscopy", "biopsy", "physiotherapy",
     }
-)
+)  # fmt: skip
 
 
 def _words(text: str) -> set[str]:
     return set(WORD.findall(text[:MAX_TEXT].lower()))
 
 
-def text_is_chest_radiograph(text: str) -> bool:
+def text_is_chest_imaging(text: str) -> bool:
     words = _words(text)
     if words & OTHER_WORDS:
         return False
     if "cxr" in words:
         return True
-    return bool(words & CHEST_WORDS) and bool(words & RADIOGRAPH_WORDS)
+    if not words & CHEST_WORDS:
+        return False
+    # "Thoracic" and "pulmonary" name the chest only beside an imaging word ("CT pulmonary
+    # angiogram"); "lung function" is excluded above.
+    return bool(words & IMAGING_WORDS) or "angiogram" in words
 
 
-def is_chest_radiograph_order(resource: dict[str, Any]) -> bool:
-    """True for a ServiceRequest-like resource ordering a chest radiograph."""
+def is_chest_imaging_order(resource: dict[str, Any]) -> bool:
+    """True for a ServiceRequest-like resource ordering imaging of the chest (any modality)."""
     for coding in codings(resource.get("code")):
         system = str(coding.get("system", "")).rstrip("/")
         code = str(coding.get("code", "")).strip()
         key = "cpt" if system in CPT_SYSTEMS else system
-        if code in CHEST_RADIOGRAPH_CODES.get(key, frozenset()):
+        if code in CHEST_IMAGING_CODES.get(key, frozenset()):
             return True
-    return any(text_is_chest_radiograph(text) for text in concept_texts(resource.get("code")))
+    return any(text_is_chest_imaging(text) for text in concept_texts(resource.get("code")))
 
 
 def draft_order_resources(draft_orders: Any) -> list[dict[str, Any]]:
@@ -110,11 +112,11 @@ def draft_order_resources(draft_orders: Any) -> list[dict[str, Any]]:
 
 
 def chest_orders(context: dict[str, Any]) -> list[dict[str, Any]]:
-    """Chest radiograph orders among the draft orders (only the selected ones, when given)."""
+    """Chest imaging orders among the draft orders (only the selected ones, when given)."""
     orders = draft_order_resources(context.get("draftOrders"))
     selections = as_list(context.get("selections"))
     if selections:
         wanted = {str(s) for s in selections}
         selected = [o for o in orders if f"{o.get('resourceType')}/{o.get('id')}" in wanted]
         orders = selected or orders
-    return [o for o in orders if is_chest_radiograph_order(o)]
+    return [o for o in orders if is_chest_imaging_order(o)]

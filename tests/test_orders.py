@@ -1,4 +1,4 @@
-"""Recognising chest radiograph orders by code and text, liberal about loose bundles."""
+"""Recognising chest imaging orders (any modality) by code and text, liberal about loose bundles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cds_service.orders import chest_orders, draft_order_resources, is_chest_radiograph_order
+from cds_service.orders import chest_orders, draft_order_resources, is_chest_imaging_order
 
 DATA = Path(__file__).parent / "data" / "cds-hooks"
 
@@ -36,25 +36,39 @@ def order(
         order(text="XR CHEST 1 VIEW"),
         order(text="Portable CXR"),
         order(text="Radiograph of thorax"),
+        # other modalities of the chest (public sandbox's PAMA Imaging tab orders chest CT)
+        order("http://www.ama-assn.org/go/cpt", "71250"),
+        order("http://www.ama-assn.org/go/cpt", "71271"),
+        order("http://www.ama-assn.org/go/cpt", "71551"),
+        order("http://loinc.org", "24627-2", "CT Chest"),
+        order("http://snomed.info/sct", "169069000"),
+        order(text="CT chest without contrast"),
+        order(text="CT pulmonary angiogram"),
+        order(text="MRI thorax with contrast"),
+        order(text="PET/CT chest"),
+        order(text="Low-dose CT lung cancer screening"),
     ],
 )
-def test_chest_radiograph_orders_are_recognised(resource: dict[str, Any]) -> None:
-    assert is_chest_radiograph_order(resource)
+def test_chest_imaging_orders_are_recognised(resource: dict[str, Any]) -> None:
+    assert is_chest_imaging_order(resource)
 
 
 @pytest.mark.parametrize(
     "resource",
     [
         order("http://www.ama-assn.org/go/cpt", "73030", "Shoulder x-ray"),
-        order("http://loinc.org", "24627-2", "CT Chest"),
-        order(text="CT chest without contrast"),
         order(text="Knee X-ray"),
+        order("http://www.ama-assn.org/go/cpt", "72133", "Lumbar spine CT"),
+        order("http://www.ama-assn.org/go/cpt", "74177", "CT abdomen and pelvis with contrast"),
+        order(text="MRI brain"),
+        order(text="CT head without contrast"),
+        order(text="Ultrasound chest wall"),
         order("http://snomed.info/sct", "71045"),  # a CPT code under the wrong system
         {"resourceType": "MedicationRequest", "id": "m"},
     ],
 )
 def test_other_orders_are_not(resource: dict[str, Any]) -> None:
-    assert not is_chest_radiograph_order(resource)
+    assert not is_chest_imaging_order(resource)
 
 
 def test_loose_shapes_of_draft_orders() -> None:
@@ -90,13 +104,18 @@ def test_spec_example_order_select_has_no_chest_order() -> None:
         ("Troponin I - chest pain dx", False),
         ("Lung function test PA", False),
         ("XR ribs left 3 views", False),
+        ("XR chest for chest pain", True),
+        ("Pulmonary function test", False),
+        ("CT thoracic spine", False),
+        ("Echocardiogram", False),
+        ("CT coronary angiography", False),
     ],
 )
 def test_order_words(text: str, expected: bool) -> None:
-    assert is_chest_radiograph_order(order(text=text)) is expected
+    assert is_chest_imaging_order(order(text=text)) is expected
 
 
 def test_only_the_start_of_long_order_text_is_read() -> None:
     """Caller text is read for its first 256 characters only (no regex over megabytes)."""
-    assert not is_chest_radiograph_order(order(text="x " * 200 + "chest x-ray"))
-    assert is_chest_radiograph_order(order(text="chest x-ray " + "chest " * 100_000))
+    assert not is_chest_imaging_order(order(text="x " * 200 + "chest x-ray"))
+    assert is_chest_imaging_order(order(text="chest x-ray " + "chest " * 100_000))

@@ -167,7 +167,7 @@ class ClientJwtVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _deny("no kid")
-        jku = header.get("jku")
+        jku = None if issuer.ignore_jku else header.get("jku")
         if jku is not None:
             # Fetching an arbitrary jku is a server-side request forgery hole: allowlist only.
             if jku not in issuer.allowed_jku:

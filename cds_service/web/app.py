@@ -58,7 +58,7 @@ def create_app(
     handler = handler or HookHandler(settings, store, model_info(settings))
     if settings.auth_enabled:
         verifier = verifier or ClientJwtVerifier(
-            settings.trusted_issuers, store, leeway_s=settings.jwt_leeway_s
+            settings.accepted_issuers(), store, leeway_s=settings.jwt_leeway_s
         )
     else:
         verifier = None
