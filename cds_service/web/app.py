@@ -60,6 +60,11 @@ def create_app(
         verifier = verifier or ClientJwtVerifier(
             settings.accepted_issuers(), store, leeway_s=settings.jwt_leeway_s
         )
+        if settings.trust_public_sandbox:
+            log.warning(
+                "TRUSTING THE PUBLIC CDS HOOKS SANDBOX (CXR_CDS_TRUST_PUBLIC_SANDBOX=1): its "
+                "signing key is public, anyone can call as it. For trials without patient data."
+            )
     else:
         verifier = None
         log.warning(
