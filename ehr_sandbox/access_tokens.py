@@ -32,7 +32,7 @@ class AccessToken:
 
 
 class TokenStore:
-    """Issues and checks bearer tokens; scope enforcement arrives with the SMART issue."""
+    """Issues and checks bearer tokens (ehr_sandbox.auth.policy enforces their scopes)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -51,8 +51,14 @@ class TokenStore:
     def issue(
         self, client_id: str, scope: str, patient: str | None = None, lifetime_s: int = 300
     ) -> AccessToken:
+        return self.save(secrets.token_urlsafe(32), client_id, scope, patient, lifetime_s)
+
+    def save(
+        self, value: str, client_id: str, scope: str, patient: str | None, lifetime_s: int
+    ) -> AccessToken:
+        """Store a token made elsewhere (the SMART authorization server's bearer tokens)."""
         token = AccessToken(
-            token=secrets.token_urlsafe(32),
+            token=value,
             client_id=client_id,
             scope=scope,
             patient=patient,

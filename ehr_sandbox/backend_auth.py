@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -24,9 +23,6 @@ ASSERTION_ALGORITHMS = frozenset({"RS384", "ES384"})
 MAX_ASSERTION_LIFETIME_S = 300
 CLOCK_SKEW_S = 60
 TOKEN_LIFETIME_S = 300
-SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Za-z]+)\.(\*|read|write|c?r?u?d?s?)$")
-# SMART v2 letters for the write interactions; v1 `.write` and `.*` allow all of them.
-INTERACTION_LETTER = {"create": "c", "update": "u", "delete": "d"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS backend_clients (
@@ -47,19 +43,6 @@ class TokenError(Exception):
         self.status = status
         self.error = error
         self.description = description
-
-
-def can_write(scope: str, resource_type: str, interaction: str) -> bool:
-    """True when a scope string allows `interaction` (create/update/delete) on the type."""
-    letter = INTERACTION_LETTER[interaction]
-    for item in scope.split():
-        match = SCOPE.match(item)
-        if not match or match.group(2) not in ("*", resource_type):
-            continue
-        permissions = match.group(3)
-        if permissions in ("*", "write") or (permissions != "read" and letter in permissions):
-            return True
-    return False
 
 
 class BackendServices:

@@ -1,0 +1,1 @@
+"""SMART on FHIR authorization for the EHR sandbox."""
