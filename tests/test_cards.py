@@ -11,6 +11,7 @@ from cds_service.fhir_out.cards import (
     CardContext,
     StudyStatus,
     cards_for_study,
+    incomplete_list_card,
     markdown_text,
     relative_age,
 )
@@ -52,6 +53,17 @@ def test_long_summaries_are_cut_below_140_characters() -> None:
     [card] = cards_for_study(status, ctx(prefix="P" * 200))
     assert len(card["summary"]) == SUMMARY_MAX < 140
     assert card["summary"].endswith("\u2026")
+
+
+def test_order_hook_cards_read_as_a_prior_film() -> None:
+    """On order hooks: 'Prior chest radiograph (CR) 2 days ago: AI flags pleural effusion'."""
+    status = StudyStatus(
+        STUDY, "completed", result(Finding(Observation.PLEURAL_EFFUSION, "present", "x"))
+    )
+    [card] = cards_for_study(status, ctx(prefix="Prior "))
+    assert card["summary"] == "Prior chest radiograph (CR) 2 days ago: AI flags pleural effusion"
+    # The prefix belongs to study cards only, not to the incomplete-list notice.
+    assert incomplete_list_card(ctx(prefix="Prior "))["summary"].startswith("Not all")
 
 
 def test_real_model_cards_are_not_marked_simulated_and_name_the_model() -> None:

@@ -390,7 +390,7 @@ def test_chest_radiograph_order_gets_prior_findings(
     context = hook_context(hook, "cxr-demo-1", "Practitioner/example", order)
     calls = service.client.fire(service.base, hook, context, sandbox.fhir, sandbox.authorization())
     cards = assert_valid_cards(calls[0].response)
-    assert cards and all(c["summary"].startswith("Prior SIMULATED") for c in cards)
+    assert cards and all(c["summary"].startswith("SIMULATED: Prior ") for c in cards)
 
 
 def test_non_chest_order_gets_no_cards(service: ServiceHandle, sandbox: SandboxHandle) -> None:

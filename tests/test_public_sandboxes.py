@@ -260,7 +260,7 @@ def test_pama_tab_chest_ct_order_gets_the_prior_radiograph_findings(
     response = peer.post("cxr-ai-order-select", body)
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
-    assert cards and all(c["summary"].startswith("Prior SIMULATED") for c in cards)
+    assert cards and all(c["summary"].startswith("SIMULATED: Prior ") for c in cards)
     assert any("radiograph" in c["summary"].lower() for c in cards)
 
 

@@ -145,11 +145,12 @@ def _card(
     lines += [SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
     # Stable per tenant, study, model and finding, so feedback on a re-shown card lines up.
     card_uuid = str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.tenant}|{ctx.model.label}|{key}"))
+    if ctx.summary_prefix and study:
+        # "Prior chest radiograph (CR) 2 days ago: ..." on order hooks; study cards only.
+        summary = ctx.summary_prefix + summary[:1].lower() + summary[1:]
     card = {
         "uuid": card_uuid,
-        "summary": _summary(
-            ctx.summary_prefix + ("SIMULATED: " if ctx.model.simulated else ""), summary
-        ),
+        "summary": _summary("SIMULATED: " if ctx.model.simulated else "", summary),
         "indicator": indicator,
         "detail": "\n\n".join(lines),
         "source": {

@@ -92,7 +92,7 @@ def test_order_select_with_a_cpt_coded_draft_order(
     assert result["status"] == 200, result
     assert result["problems"] == []
     assert len(result["cards"]) >= 1
-    assert all(card["summary"].startswith("Prior ") for card in result["cards"])
+    assert all(card["summary"].startswith("SIMULATED: Prior ") for card in result["cards"])
 
 
 def test_forged_and_replayed_client_jwts_are_refused(
