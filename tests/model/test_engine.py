@@ -1,0 +1,140 @@
+"""The batching engine: batches, OOM shrink-and-retry, timeouts, failures, metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from cds_service.inference.engine import BatchEngine, BatchResult, EngineError, RequestTimeout
+
+
+class FakeOom(RuntimeError):
+    """What torch raises: a RuntimeError subclass named OutOfMemoryError."""
+
+
+FakeOom.__name__ = "OutOfMemoryError"
+
+
+class Model:
+    """Squares numbers; records every batch it ran; can OOM above a batch size."""
+
+    def __init__(self, oom_above: int | None = None, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.oom_above = oom_above
+        self.delay_s = delay_s
+        self.released = 0
+
+    def __call__(self, items: list[int]) -> BatchResult[int]:
+        if self.oom_above is not None and len(items) > self.oom_above:
+            raise FakeOom("CUDA out of memory. Tried to allocate 2.00 GiB")
+        time.sleep(self.delay_s)
+        self.batches.append(list(items))
+        return BatchResult([i * i for i in items], new_tokens=3 * len(items))
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_queued_requests_are_served_in_batches_in_order() -> None:
+    model = Model(delay_s=0.05)
+    engine = BatchEngine(model, max_batch_size=4).start()
+    try:
+        first = engine.submit(1)  # occupies the worker while the rest queue up
+        time.sleep(0.01)
+        assert engine.run(list(range(2, 12))) == [i * i for i in range(2, 12)]
+        assert first.result(1) == 1
+    finally:
+        engine.stop()
+    assert max(len(b) for b in model.batches) == 4
+    assert sorted(i for b in model.batches for i in b) == list(range(1, 12))
+    metrics = engine.metrics()
+    assert metrics.completed == 11 and metrics.largest_batch == 4
+    assert metrics.new_tokens == 33 and metrics.tokens_per_s > 0
+    assert metrics.peak_memory_bytes > 0 and metrics.queue_depth == 0
+
+
+def test_out_of_memory_shrinks_the_batch_and_loses_nothing() -> None:
+    model = Model(oom_above=2)
+    engine = BatchEngine(model, max_batch_size=8, release_memory=model.release)
+    futures = [engine.submit(i) for i in range(8)]  # all queued before the worker starts
+    engine.start()
+    try:
+        assert [f.result(5) for f in futures] == [i * i for i in range(8)]
+    finally:
+        engine.stop()
+    served = Counter(i for b in model.batches for i in b)
+    assert served == Counter(range(8))  # each exactly once: none lost, none twice
+    assert all(len(b) <= 2 for b in model.batches)
+    metrics = engine.metrics()
+    assert metrics.oom_retries == 2 and metrics.batch_limit == 2 and model.released == 2
+
+
+def test_out_of_memory_alone_fails_that_request_only() -> None:
+    model = Model(oom_above=0)
+    engine = BatchEngine(model, max_batch_size=2).start()
+    try:
+        with pytest.raises(EngineError, match="out of device memory"):
+            engine.run([5])
+    finally:
+        engine.stop()
+    assert engine.metrics().failed == 1
+
+
+def test_a_stuck_request_times_out_and_the_engine_recovers() -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def run(items: list[int]) -> BatchResult[int]:
+        ran.extend(items)
+        if 99 in items:
+            release.wait(5)
+        return BatchResult(items)
+
+    engine = BatchEngine(run, max_batch_size=1).start()
+    try:
+        with pytest.raises(RequestTimeout):
+            engine.run([99], timeout_s=0.2)
+        queued = engine.submit(7, timeout_s=0.1)  # waits behind the stuck one, then expires
+        time.sleep(0.2)
+        release.set()
+        with pytest.raises(RequestTimeout):
+            queued.result(2)
+        assert engine.run([8], timeout_s=2) == [8]
+    finally:
+        engine.stop()
+    assert ran == [99, 8]  # the expired request never ran; nothing ran twice
+    assert engine.metrics().timed_out == 2
+
+
+def test_a_failing_batch_fails_its_requests_with_a_clear_error() -> None:
+    def run(items: list[int]) -> BatchResult[int]:
+        raise ValueError("boom")
+
+    engine = BatchEngine(run, max_batch_size=4).start()
+    try:
+        with pytest.raises(EngineError, match="inference failed: ValueError"):
+            engine.run([1, 2])
+    finally:
+        engine.stop()
+    assert engine.metrics().failed == 2
+
+
+def test_submit_after_stop_is_refused_and_queued_work_is_failed_not_dropped() -> None:
+    engine: BatchEngine[int, int] = BatchEngine(lambda items: BatchResult(items))
+    pending = engine.submit(1)  # never started
+    engine.stop()
+    with pytest.raises(EngineError):
+        pending.result(1)
+    with pytest.raises(EngineError):
+        engine.submit(2)
+
+
+def test_torch_out_of_memory_is_recognised() -> None:
+    from cds_service.inference.engine import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(ValueError("out of memory"))
