@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -57,3 +57,13 @@ class Backend(Protocol):
     model: ModelInfo
 
     def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult: ...
+
+
+@runtime_checkable
+class SourceAwareBackend(Backend, Protocol):
+    """A Backend that also needs to know which FHIR server the study came from (to re-read
+    it and fetch its images with that EHR's credentials). The worker prefers this method."""
+
+    def analyse_from(
+        self, study_uid: str, study: dict[str, Any], fhir_server: str | None
+    ) -> AnalysisResult: ...

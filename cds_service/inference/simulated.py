@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from cds_service.findings.to_findings import findings_from_report
+from cds_service.inference.base import ReportRequest
 from cds_service.results import AnalysisResult, ModelInfo
 
 SIMULATED_MODEL = ModelInfo(model_id="simulated-no-model", version="sim-1", simulated=True)
@@ -40,3 +42,17 @@ class SimulatedBackend:
             study_started=study.get("started"),
             analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+
+
+class SimulatedReportWriter:
+    """A ReportWriter with no model: a canned report chosen by a hash of the image's pixels
+    (the same image always gets the same text), marked SIMULATED like SimulatedBackend's."""
+
+    model = SIMULATED_MODEL
+
+    def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:
+        texts = []
+        for request in requests:
+            digest = hashlib.sha256(request.image.tobytes()).digest()
+            texts.append(f"{_BANNER}\n\n{_SCENARIOS[digest[0] % len(_SCENARIOS)]}")
+        return texts

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from cds_service.errors import CdsServiceError
 from cds_service.fhir.client import FhirError
-from cds_service.inference.base import Backend
+from cds_service.inference.base import Backend, SourceAwareBackend
 from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import Job, SqliteStore
 from cds_service.results import AnalysisResult
@@ -25,7 +25,10 @@ def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None 
     if job is None:
         return False
     try:
-        result = backend.analyse(job.ref.study_uid, job.study_resource)
+        if isinstance(backend, SourceAwareBackend):
+            result = backend.analyse_from(job.ref.study_uid, job.study_resource, job.fhir_server)
+        else:
+            result = backend.analyse(job.ref.study_uid, job.study_resource)
     except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
         _record_failure(store, job, exc)
         return True

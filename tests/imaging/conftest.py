@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
+
+from tests.conftest import free_port
+from tests.imaging.orthanc import OrthancServer, start_orthanc
 
 SEED_DICOM = Path(__file__).resolve().parents[2] / "ehr_sandbox" / "seed" / "dicom"
 MEAN = 0.5518136078431373
@@ -22,3 +26,10 @@ def rg1_file(name: str) -> Path:
     if path is None:
         pytest.fail(f"pydicom-data does not ship {name}: install the dev extras")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port())
+    yield server
+    server.stop()

@@ -1,0 +1,221 @@
+"""Load the frontal chest image of an ImagingStudy through its DICOMweb Endpoints.
+
+The ImagingStudy is re-read from the FHIR server the job came from (when the service holds a
+Backend Services registration there) before its `endpoint` is trusted; series endpoints
+override the study's. Each candidate instance's header is checked (selection.py); only the
+best one is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cds_service.config import EhrClient
+from cds_service.fhir import imaging_study
+from cds_service.fhir.backend_services import BackendServicesClient
+from cds_service.fhir.client import FhirClient, FhirError
+from cds_service.fhir.shapes import as_dict, as_str, codings, dicts
+from cds_service.imaging import decode, selection
+from cds_service.imaging.errors import ImageFetchError, NotAnalysable, UnsupportedImage
+from cds_service.imaging.files import DecodedImage, decode_dicom_bytes
+from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
+from cds_service.imaging.retrieval import ImageFetcher, fetch_wado_instance, url_under
+
+log = logging.getLogger(__name__)
+
+WADO_RS = "dicom-wado-rs"
+MAX_INSTANCES = 16
+
+
+@dataclass(frozen=True)
+class EhrAccess:
+    """Read access to one EHR's FHIR server (a Backend Services token, or none)."""
+
+    fhir_base: str
+    token: str | None
+    timeout: tuple[float, float] = (2.0, 10.0)
+
+    def client(self) -> FhirClient:
+        return FhirClient(self.fhir_base, self.token, timeout=self.timeout)
+
+
+# The EHRs we hold credentials for, by FHIR base; None when we hold none for that server.
+FhirAccess = Callable[[str], EhrAccess | None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    address: str
+    series_uid: str
+    instance_uid: str
+
+
+def _reference_id(reference: str, resource_type: str) -> str | None:
+    if reference.startswith("#"):
+        return reference
+    if f"{resource_type}/" not in reference:
+        return None
+    return reference.rsplit(f"{resource_type}/", 1)[1].split("/", 1)[0] or None
+
+
+def endpoint_address(endpoint: dict[str, Any]) -> str | None:
+    """The WADO-RS base of an active `dicom-wado-rs` Endpoint (None for any other)."""
+    if endpoint.get("resourceType") != "Endpoint" or endpoint.get("status", "active") != "active":
+        return None
+    kinds = {c.get("code") for c in codings(endpoint.get("connectionType"))}
+    if isinstance(endpoint.get("connectionType"), dict):
+        kinds.add(endpoint["connectionType"].get("code"))
+    address = as_str(endpoint.get("address"))
+    return address.rstrip("/") if WADO_RS in kinds and address else None
+
+
+class StudyImages:
+    """Finds, fetches and decodes the frontal chest radiograph of one ImagingStudy."""
+
+    def __init__(
+        self,
+        fetcher: ImageFetcher,
+        fhir_access: FhirAccess,
+        *,
+        image_servers: Sequence[str] = (),
+    ) -> None:
+        self.fetcher = fetcher
+        self._fhir_access = fhir_access
+        self._image_servers = tuple(image_servers)
+
+    def load(self, study: dict[str, Any], fhir_server: str | None) -> DecodedImage:
+        """The best frontal chest image. NotAnalysable / UnsupportedImage say why there is
+        none; ImageFetchError and FhirError mean "try again later"."""
+        access = self._fhir_access(fhir_server) if fhir_server else None
+        client = access.client() if access is not None else None
+        vetted = self._vetted_study(study, client)
+        token = access.token if access is not None else None
+        candidates, reasons = self._candidates(vetted, client, trusted=client is not None)
+        if not candidates:
+            raise NotAnalysable("; ".join(reasons) or "the study names no DICOMweb endpoint")
+        uid = imaging_study.study_uid(vetted) or ""
+        best: tuple[selection.Selection, bytes] | None = None
+        for candidate in candidates[:MAX_INSTANCES]:
+            data = fetch_wado_instance(
+                self.fetcher,
+                candidate.address,
+                uid,
+                candidate.series_uid,
+                candidate.instance_uid,
+                token,
+            )
+            chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
+            if not chosen.analysable:
+                reasons.append(chosen.reason)
+            elif best is None or chosen.rank > best[0].rank:
+                best = (chosen, data)
+        if best is None:
+            raise NotAnalysable("; ".join(dict.fromkeys(reasons)))
+        return decode_dicom_bytes(best[1], limits=self.fetcher.limits)
+
+    def _vetted_study(self, study: dict[str, Any], client: FhirClient | None) -> dict[str, Any]:
+        """The EHR's own copy of the study when we can read it; the Study UID must match."""
+        study_id = as_str(study.get("id"))
+        if client is None or study_id is None:
+            return study
+        try:
+            fresh = client.get_json(f"ImagingStudy/{study_id}")
+        except FhirError as exc:
+            raise ImageFetchError(
+                f"cannot re-read the ImagingStudy ({type(exc).__name__})"
+            ) from exc
+        if imaging_study.study_uid(fresh) != imaging_study.study_uid(study):
+            raise NotAnalysable("the EHR's ImagingStudy does not match the queued study")
+        return fresh
+
+    def _endpoint(
+        self, reference: dict[str, Any], study: dict[str, Any], client: FhirClient | None
+    ) -> str | None:
+        ref = as_str(reference.get("reference")) or ""
+        ident = _reference_id(ref, "Endpoint")
+        if ident is None:
+            return None
+        if ident.startswith("#"):
+            contained = [r for r in dicts(study.get("contained")) if r.get("id") == ident[1:]]
+            return endpoint_address(contained[0]) if contained else None
+        if client is None:
+            return None
+        try:
+            return endpoint_address(client.get_json(f"Endpoint/{ident}"))
+        except FhirError as exc:
+            raise ImageFetchError(
+                f"cannot read the study's Endpoint ({type(exc).__name__})"
+            ) from exc
+
+    def _allowed(self, address: str, trusted: bool) -> bool:
+        """Endpoints from an EHR copy we read ourselves are followed; otherwise only those
+        under a configured image server."""
+        return trusted or any(url_under(address, base) for base in self._image_servers)
+
+    def _candidates(
+        self, study: dict[str, Any], client: FhirClient | None, *, trusted: bool
+    ) -> tuple[list[Candidate], list[str]]:
+        study_endpoints = [
+            a for a in (self._endpoint(r, study, client) for r in dicts(study.get("endpoint"))) if a
+        ]
+        candidates: list[Candidate] = []
+        reasons: list[str] = []
+        for series in dicts(study.get("series")):
+            modality = (as_str(as_dict(series.get("modality")).get("code")) or "").upper()
+            if modality and modality not in selection.RADIOGRAPH_MODALITIES:
+                reasons.append(f"modality {modality}")
+                continue
+            own = [
+                a
+                for a in (self._endpoint(r, study, client) for r in dicts(series.get("endpoint")))
+                if a
+            ]
+            addresses = [a for a in (own or study_endpoints) if self._allowed(a, trusted)]
+            series_uid = as_str(series.get("uid"))
+            if not addresses or not series_uid:
+                continue
+            for instance in dicts(series.get("instance")):
+                instance_uid = as_str(instance.get("uid"))
+                if instance_uid:
+                    candidates.append(Candidate(addresses[0], series_uid, instance_uid))
+        return candidates, reasons
+
+
+def unreadable_reason(exc: UnsupportedImage) -> str:
+    return f"image cannot be read: {exc.description}"
+
+
+def backend_services_access(ehrs: Sequence[EhrClient]) -> FhirAccess:
+    """FhirAccess through SMART Backend Services for the EHRs the service is registered with."""
+    clients: dict[str, BackendServicesClient] = {}
+    registered = {ehr.fhir_base.rstrip("/"): ehr for ehr in ehrs}
+
+    def access(fhir_server: str) -> EhrAccess | None:
+        base = fhir_server.rstrip("/")
+        if base not in registered:
+            return None
+        if base not in clients:
+            clients[base] = BackendServicesClient(registered[base])
+        try:
+            token = clients[base].access_token()
+        except FhirError as exc:
+            raise ImageFetchError(f"no access token from the EHR ({type(exc).__name__})") from exc
+        return EhrAccess(base, token)
+
+    return access
+
+
+def study_images_for(
+    ehr_clients: Sequence[EhrClient],
+    image_servers: Sequence[str] = (),
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> StudyImages:
+    """The loader the service uses: its EHR registrations (settings.ehr_clients), the image
+    servers that may receive a token (CXR_CDS_IMAGE_SERVERS) and the image limits."""
+    fetcher = ImageFetcher(limits=limits, token_servers=tuple(image_servers))
+    return StudyImages(
+        fetcher, backend_services_access(ehr_clients), image_servers=tuple(image_servers)
+    )

@@ -1,0 +1,149 @@
+"""End to end: the sandbox's ImagingStudy -> its Endpoint -> Orthanc WADO-RS -> selection and
+decode -> ImagePipelineBackend(SimulatedReportWriter) through the real job worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from cds_service.config import EhrClient
+from cds_service.fhir import imaging_study
+from cds_service.imaging.files import read_image_file
+from cds_service.imaging.study import StudyImages, study_images_for
+from cds_service.inference.pipeline import ImagePipelineBackend
+from cds_service.inference.simulated import SimulatedReportWriter
+from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
+from cds_service.jobs.worker import drain
+from ehr_sandbox.app import Sandbox, SandboxSettings
+from ehr_sandbox.app import create_app as create_sandbox_app
+from ehr_sandbox.cds_client import SigningKey
+from ehr_sandbox.seed import imaging_study_resource, seed
+from tests.conftest import ServerThread, free_port
+from tests.imaging.conftest import seed_file
+from tests.imaging.orthanc import OrthancServer
+
+READ_SCOPE = "system/ImagingStudy.rs system/Endpoint.rs"
+CLIENT_ID = "cxr-cds-imaging-test"
+DOG = "dog-lateral-thorax-dx.dcm"
+
+
+@dataclass
+class Ehr:
+    fhir: str
+    sandbox: Sandbox
+    studies: dict[str, dict[str, Any]]
+    client: EhrClient
+
+
+@pytest.fixture(scope="module")
+def ehr(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[Ehr]:
+    workdir = tmp_path_factory.mktemp("imaging-ehr")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    box = Sandbox.open(SandboxSettings(data_dir=workdir, base_url=base))
+    seeded = {s["id"]: s for s in seed(box.store)}
+    box.store.update(
+        {
+            "resourceType": "Endpoint",
+            "id": "orthanc-wado",
+            "status": "active",
+            "connectionType": {
+                "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                "code": "dicom-wado-rs",
+            },
+            "payloadType": [{"text": "DICOM"}],
+            "payloadMimeType": ["application/dicom"],
+            "address": orthanc.dicomweb,
+        }
+    )
+    studies: dict[str, dict[str, Any]] = {}
+    for study_id, study in seeded.items():
+        study = {**study, "endpoint": [{"reference": "Endpoint/orthanc-wado"}]}
+        box.store.update(study)
+        studies[study_id] = study
+    dog = pydicom.dcmread(seed_file(DOG), stop_before_pixels=True)
+    lateral = imaging_study_resource(dog, "cxr-dog-lateral", "cxr-demo-3", _now())
+    lateral["endpoint"] = [{"reference": "Endpoint/orthanc-wado"}]
+    box.store.update(lateral)
+    studies[lateral["id"]] = lateral
+    for name in (
+        "nih-cxr14-00000002_000-no-finding-dx.dcm",
+        "nema-rg1-cr-chest-pa-j2k-lossy.dcm",
+        DOG,
+    ):
+        orthanc.upload(seed_file(name).read_bytes())
+    key = SigningKey.load_or_create(workdir / "backend.jwk.json")
+    box.backend.register(CLIENT_ID, key.public_jwks(), READ_SCOPE)
+    client = EhrClient(
+        fhir_base=f"{base}/fhir",
+        token_url=f"{base}/auth/token",
+        client_id=CLIENT_ID,
+        key_file=workdir / "backend.jwk.json",
+        scope=READ_SCOPE,
+    )
+    server = ServerThread(create_sandbox_app(sandbox=box), port)
+    yield Ehr(f"{base}/fhir", box, studies, client)
+    server.stop()
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _images(ehr: Ehr) -> StudyImages:
+    return study_images_for((ehr.client,))
+
+
+def _analyse(ehr: Ehr, tmp_path: Path, study: dict[str, Any]) -> Any:
+    backend = ImagePipelineBackend(SimulatedReportWriter(), _images(ehr))
+    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    uid = imaging_study.study_uid(study)
+    assert uid
+    ref = StudyRef(ehr.fhir, uid, imaging_study.subject_patient_id(study))
+    store.enqueue(ref, backend.model, study, ehr.fhir)
+    assert drain(store, backend) == 1
+    stored = store.get_result(ref, backend.model)
+    assert stored is not None
+    return stored.result
+
+
+def test_study_in_orthanc_is_analysed_through_wado_rs(ehr: Ehr, tmp_path: Path) -> None:
+    result = _analyse(ehr, tmp_path, ehr.studies["cxr-nema-rg1"])
+    assert result.status == "completed", result.reason
+    assert result.report_text.startswith("SIMULATED OUTPUT")
+    assert "inverted (MONOCHROME1)" in result.extra["image_notes"]
+    assert result.extra["transfer_syntax"] == "1.2.840.10008.1.2.4.91"
+
+
+def test_pixels_through_wado_rs_equal_the_local_file(ehr: Ehr) -> None:
+    study = ehr.studies["cxr-nih-00000002"]
+    fetched = _images(ehr).load(study, ehr.fhir)
+    local = read_image_file(seed_file("nih-cxr14-00000002_000-no-finding-dx.dcm"))
+    assert np.array_equal(fetched.pixels, local.pixels)
+
+
+def test_lateral_only_study_is_not_analysed(ehr: Ehr, tmp_path: Path) -> None:
+    result = _analyse(ehr, tmp_path, ehr.studies["cxr-dog-lateral"])
+    assert result.status == "not-analysed"
+    assert result.reason == "lateral view"
+    assert not result.findings and not result.report_text
+
+
+def test_endpoint_of_a_study_not_reread_from_a_registered_ehr_is_not_followed(
+    ehr: Ehr, tmp_path: Path
+) -> None:
+    # Same study, but from a FHIR server we hold no registration for: its Endpoint (and
+    # any address in it) is not trusted, so nothing is fetched.
+    images = study_images_for(())
+    backend = ImagePipelineBackend(SimulatedReportWriter(), images)
+    result = backend.analyse_from("1.2.3", ehr.studies["cxr-nema-rg1"], "http://elsewhere/fhir")
+    assert result.status == "not-analysed"
+    assert "endpoint" in result.reason
