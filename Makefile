@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the project needs at run or test time, as COMMAND=PACKAGE: installed only
 # when the command is missing. node/npm run the independent CDS client in tests/interop.
-SYSTEM_PACKAGES := node=nodejs npm=npm
+# Orthanc + its DICOMweb plugin are the real PACS of tests/imaging (a path checks a file).
+SYSTEM_PACKAGES := node=nodejs npm=npm /usr/sbin/Orthanc=orthanc \
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so=orthanc-dicomweb
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench-hooks clean system-packages

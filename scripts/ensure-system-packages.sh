@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Install Debian packages for the commands that are missing, so that `make run` / `make test`
-# work on a fresh Debian machine. Arguments: COMMAND=PACKAGE pairs; a package is installed only
-# when its command is not on PATH (a command that came another way, e.g. nodesource, is kept).
+# work on a fresh Debian machine. Arguments: COMMAND=PACKAGE pairs (COMMAND may be an absolute
+# path of a file the package installs); a package is installed only when its command is not
+# on PATH or its file is absent (a command that came another way, e.g. nodesource, is kept).
 set -euo pipefail
 missing=()
 for pair in "$@"; do
   cmd="${pair%%=*}"
   pkg="${pair#*=}"
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  if [[ "$cmd" == /* ]]; then
+    [ -e "$cmd" ] || missing+=("$pkg")  # an absolute path: a file the package installs
+  else
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  fi
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${missing[*]}"
