@@ -1,33 +1,467 @@
-"""The SMART app's routes. Minimal until the SMART app issue: it acknowledges the launch."""
+"""The SMART app's routes: EHR and standalone launch, the OAuth callback, the patient's chest
+studies and the study viewer (image, AI report, findings, request analysis, file to chart).
+
+A session is named by an opaque handle in the URL path (`/app/s/<sid>/...`), so the app works
+inside an EHR iframe without third-party cookies; the tokens stay on the server."""
 
 from __future__ import annotations
 
-from html import escape
+import json
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from threading import Lock
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, redirect, render_template, request, url_for
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>AI chest X-ray viewer</title></head>
-<body>
-<h1>AI chest X-ray viewer</h1>
-<p><strong>Not available yet in this release.</strong> The launch reached the app, but the
-SMART authorization and study viewer are not built yet, so no patient data is shown.</p>
-<dl><dt>iss</dt><dd>{iss}</dd><dt>launch</dt><dd>{launch}</dd></dl>
-</body></html>
-"""
+from cds_service.config import Settings
+from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
+from cds_service.fhir_out.bundle import transaction_bundle
+from cds_service.fhir_out.resources import build_ai_report
+from cds_service.inference.registry import device_info
+from cds_service.jobs.filing import analysis_time
+from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
+from cds_service.results import ModelInfo
+from smart_app import smart_client, viewer
+from smart_app.sessions import Session, SessionStore, binding_hash, expiry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_CLIENT_ID = "cxr-cds-viewer"
+DATA_SCOPES = (
+    "patient/Patient.rs patient/ImagingStudy.rs patient/Media.rs patient/Binary.r "
+    "patient/DiagnosticReport.cruds patient/Observation.cs patient/Device.cs "
+    "patient/Provenance.cs"
+)
+EHR_LAUNCH_SCOPE = f"launch offline_access {DATA_SCOPES}"
+STANDALONE_SCOPE = f"launch/patient offline_access {DATA_SCOPES}"
+BINDING_COOKIE = "cxr_smart_launch"
+NOTICES = {
+    "queued": "Analysis requested. The status updates when the model has finished.",
+    "already-queued": "An analysis of this study is already queued or running.",
+    "filed": "The AI report was filed to the chart as a preliminary, AI-generated report.",
+}
+PNG_CACHE_SIZE = 16
 
 
-def create_smart_blueprint() -> Blueprint:
-    bp = Blueprint("smart_app", __name__)
+def _page(template: str, http_status: int = 200, **values: Any) -> Response:
+    body = render_template(template, **values)
+    return Response(body, status=http_status, mimetype="text/html")
+
+
+def _error(title: str, detail: str, status: int = 400) -> Response:
+    return _page("smart_app/error.html", status, title=title, detail=detail)
+
+
+class SmartApp:
+    def __init__(self, settings: Settings, store: SqliteStore, model: ModelInfo) -> None:
+        self.settings = settings
+        self.store = store
+        self.model = model
+        self.client_id = os.environ.get("CXR_CDS_SMART_CLIENT_ID", DEFAULT_CLIENT_ID)
+        database = Path(settings.database)
+        self.sessions = SessionStore(database.with_name(f"{database.stem}-smart-app.sqlite3"))
+        self._png_cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._png_lock = Lock()
+
+    # -- configuration ----------------------------------------------------------------------
+    def tenant_for(self, iss: str) -> str | None:
+        """The CDS client issuer (result-store tenant) whose FHIR servers include `iss`. Only
+        these EHRs are contacted: `iss` comes from the browser (SSRF otherwise)."""
+        for issuer in self.settings.trusted_issuers:
+            if issuer.allows_fhir_server(iss):
+                return issuer.iss
+        return None
+
+    def ehr_origins(self) -> list[str]:
+        origins = []
+        for issuer in self.settings.trusted_issuers:
+            for server in issuer.fhir_servers:
+                parts = urlsplit(server)
+                origins.append(f"{parts.scheme}://{parts.netloc}")
+        return sorted(set(origins))
+
+    def redirect_uri(self) -> str:
+        return f"{self.settings.public_url}/app/callback"
+
+    def secure(self) -> bool:
+        return self.settings.public_url.startswith("https://")
+
+    # -- launch -----------------------------------------------------------------------------
+    def start(self, iss: str, launch: str | None, scope: str) -> Response:
+        iss = iss.rstrip("/")
+        tenant = self.tenant_for(iss)
+        if not iss or tenant is None:
+            return _error(
+                "Unknown EHR",
+                "This app is not configured for the EHR that launched it (iss). Ask your "
+                "administrator to add it to the service's trusted issuers.",
+            )
+        try:
+            config = smart_client.discover(iss)
+        except smart_client.SmartError as exc:
+            return _error("Cannot start the app", f"The EHR cannot be used: {exc}.", 502)
+        binding = secrets.token_urlsafe(32)
+        verifier = smart_client.new_code_verifier()
+        pending = self.sessions.new_launch(
+            iss=iss,
+            tenant=tenant,
+            token_endpoint=config.token_endpoint,
+            code_verifier=verifier,
+            redirect_uri=self.redirect_uri(),
+            browser_binding=binding,
+        )
+        url = smart_client.authorization_url(
+            config,
+            client_id=self.client_id,
+            redirect_uri=self.redirect_uri(),
+            scope=scope,
+            state=pending.state,
+            code_verifier=verifier,
+            iss=iss,
+            launch=launch,
+        )
+        response: Response = redirect(url, 302)  # type: ignore[assignment]
+        # Binds the launch to this browser where cookies work; inside an iframe without
+        # third-party cookies the server-side state alone carries the launch.
+        response.set_cookie(
+            BINDING_COOKIE,
+            binding,
+            max_age=600,
+            path="/app/callback",
+            httponly=True,
+            secure=self.secure(),
+            samesite="None" if self.secure() else "Lax",
+        )
+        return response
+
+    def callback(self) -> Response:
+        args = request.args
+        if args.get("error"):
+            return _error(
+                "The EHR did not authorize the app",
+                f"{args.get('error')}: {args.get('error_description') or 'no detail given'}",
+                403,
+            )
+        pending = self.sessions.take_launch(args.get("state", ""))
+        if pending is None:
+            return _error(
+                "Sign-in not accepted",
+                "The sign-in answer does not match a launch of this app (unknown, expired or "
+                "already used 'state'). Nothing was shown. Start the app again from the EHR.",
+            )
+        cookie = request.cookies.get(BINDING_COOKIE, "")
+        if (
+            cookie
+            and pending.browser_binding
+            and not secrets.compare_digest(binding_hash(cookie), pending.browser_binding)
+        ):
+            return _error(
+                "Sign-in not accepted",
+                "The sign-in answer belongs to a launch made in another browser.",
+            )
+        code = args.get("code")
+        if not code:
+            return _error("Sign-in not accepted", "The EHR sent no authorization code.")
+        try:
+            token = smart_client.exchange_code(
+                token_endpoint=pending.token_endpoint,
+                client_id=self.client_id,
+                redirect_uri=pending.redirect_uri,
+                code=code,
+                code_verifier=pending.code_verifier,
+            )
+        except smart_client.SmartError as exc:
+            return _error("Sign-in not accepted", f"{exc}. Start the app again from the EHR.")
+        fhir_context = token.get("fhirContext")
+        app_context = token.get("appContext")
+        session = self.sessions.create_session(
+            iss=pending.iss,
+            tenant=pending.tenant,
+            token_endpoint=pending.token_endpoint,
+            access_token=str(token["access_token"]),
+            expires_at=expiry(token),
+            scope=str(token.get("scope") or ""),
+            refresh_token=str(token["refresh_token"]) if token.get("refresh_token") else None,
+            patient=str(token["patient"]) if token.get("patient") else None,
+            encounter=str(token["encounter"]) if token.get("encounter") else None,
+            fhir_context=[c for c in fhir_context if isinstance(c, dict)]
+            if isinstance(fhir_context, list)
+            else [],
+            app_context=app_context if isinstance(app_context, str) else None,
+            need_patient_banner=bool(token.get("need_patient_banner", True)),
+        )
+        response: Response = redirect(url_for("smart_app.home", sid=session.sid), 303)  # type: ignore[assignment]
+        response.delete_cookie(BINDING_COOKIE, path="/app/callback")
+        return response
+
+    # -- tokens -----------------------------------------------------------------------------
+    def refreshed(self, session: Session) -> Session:
+        if not session.refresh_token:
+            raise viewer.ViewerError(
+                "your EHR session has expired; open the app again from the EHR"
+            )
+        try:
+            token = smart_client.refresh(
+                token_endpoint=session.token_endpoint,
+                client_id=self.client_id,
+                refresh_token=session.refresh_token,
+            )
+        except smart_client.SmartError as exc:
+            raise viewer.ViewerError(
+                f"your EHR session could not be renewed ({exc}); open the app again"
+            ) from None
+        fresh = session.with_tokens(token)
+        self.sessions.save(fresh)
+        log.info("SMART session token refreshed")
+        return fresh
+
+    def with_fhir(self, session: Session, call: Callable[[FhirClient, Session], T]) -> T:
+        """Run `call` with a FHIR client holding a live token: refreshed when it has expired,
+        and once more when the EHR answers 401 (revoked or expired early)."""
+        if session.expired:
+            session = self.refreshed(session)
+        try:
+            return call(FhirClient(session.iss, session.access_token, timeout=(3, 15)), session)
+        except FhirAccessDenied as exc:
+            if "401" not in str(exc):
+                raise
+        session = self.refreshed(session)
+        return call(FhirClient(session.iss, session.access_token, timeout=(3, 15)), session)
+
+    # -- views ------------------------------------------------------------------------------
+    def session_or_error(self, sid: str) -> Session | Response:
+        session = self.sessions.session(sid)
+        if session is None:
+            return _error(
+                "Session not found",
+                "This viewer session is unknown or has ended. Open the app again from the EHR.",
+                404,
+            )
+        return session
+
+    def banner(self, session: Session) -> viewer.PatientBanner | None:
+        if not (session.need_patient_banner and session.patient):
+            return None
+        patient = self.with_fhir(session, lambda f, s: f.get_json(f"Patient/{s.patient}"))
+        return viewer.patient_banner(patient)
+
+    def context_study(self, session: Session) -> str | None:
+        """The study the launch points at: the card's appContext, else fhirContext."""
+        if session.app_context:
+            try:
+                app_context = json.loads(session.app_context)
+            except ValueError:
+                app_context = None
+            reference = app_context.get("imagingStudy") if isinstance(app_context, dict) else None
+            if isinstance(reference, str) and reference.startswith("ImagingStudy/"):
+                return reference.split("/", 1)[1]
+        for item in session.fhir_context:
+            reference = item.get("reference")
+            if isinstance(reference, str) and reference.startswith("ImagingStudy/"):
+                return reference.split("/", 1)[1]
+        return None
+
+    def home(self, session: Session) -> Response:
+        study = self.context_study(session)
+        if study and not request.args.get("list"):
+            return redirect(  # type: ignore[return-value]
+                url_for("smart_app.study", sid=session.sid, study_id=study), 303
+            )
+        if not session.patient:
+            return _error("No patient", "The EHR launched the app without a patient.")
+        rows = self.with_fhir(
+            session,
+            lambda f, s: viewer.study_rows(f, str(s.patient), s.tenant, self.store, self.model),
+        )
+        return _page(
+            "smart_app/studies.html",
+            session=session,
+            banner=self.banner(session),
+            rows=rows,
+            model=self.model,
+        )
+
+    def study(self, session: Session, study_id: str) -> Response:
+        study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
+        stored = viewer.stored_result(self.store, session.tenant, study, self.model)
+        ref = viewer.study_ref(session.tenant, study)
+        status = viewer.ai_status(self.store, ref, self.model) if ref else "not analysed"
+        device = device_info(self.settings, self.model)
+        notice = NOTICES.get(request.args.get("notice", ""))
+        return _page(
+            "smart_app/study.html",
+            session=session,
+            banner=self.banner(session),
+            study=study,
+            study_id=study_id,
+            stored=stored,
+            ai_state=status,
+            model=self.model,
+            device=device,
+            filing_refusal=viewer.filing_refusal(session.scope),
+            notice=notice,
+        )
+
+    def image(self, session: Session, study_id: str) -> Response:
+        key = (session.sid, study_id)
+        with self._png_lock:
+            png = self._png_cache.get(key)
+        if png is None:
+
+            def load(fhir: FhirClient, s: Session) -> bytes:
+                study = viewer.read_study(fhir, study_id, s.patient)
+                return viewer.render_png(viewer.fetch_dicom(fhir, s.access_token, study))
+
+            png = self.with_fhir(session, load)
+            with self._png_lock:
+                self._png_cache[key] = png
+                while len(self._png_cache) > PNG_CACHE_SIZE:
+                    self._png_cache.popitem(last=False)
+        response = Response(png, mimetype="image/png")
+        response.headers["Cache-Control"] = "private, max-age=300"
+        return response
+
+    def request_analysis(self, session: Session, study_id: str) -> Response:
+        study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
+        ref = viewer.study_ref(session.tenant, study)
+        if ref is None:
+            return _error("Cannot analyse", "The study has no DICOM Study UID.")
+        try:
+            queued = self.store.enqueue(ref, self.model, study, session.iss)
+        except QueueFull:
+            return _error("Cannot analyse now", "The analysis queue is full; try later.", 503)
+        notice = "queued" if queued else "already-queued"
+        return redirect(  # type: ignore[return-value]
+            url_for("smart_app.study", sid=session.sid, study_id=study_id, notice=notice), 303
+        )
+
+    def file_to_chart(self, session: Session, study_id: str) -> Response:
+        refusal = viewer.filing_refusal(session.scope)
+        if refusal:
+            return _error("Cannot file to chart", refusal, 403)
+
+        def file(fhir: FhirClient, s: Session) -> Response:
+            study = viewer.read_study(fhir, study_id, s.patient)
+            stored = viewer.stored_result(self.store, s.tenant, study, self.model)
+            if stored is None or stored.result.status != "completed":
+                return _error("Cannot file to chart", "There is no completed AI analysis.")
+            resources = build_ai_report(
+                stored.result,
+                study,
+                device_info(self.settings, self.model),
+                fhir_study_reference=f"ImagingStudy/{study_id}",
+                issued=analysis_time(stored.result),
+            )
+            answer = fhir.post_json("", transaction_bundle(resources))
+            location = _report_location(answer)
+            if location:
+                self.store.mark_filed(s.tenant, stored.result.study_uid, self.model, location)
+            return redirect(  # type: ignore[return-value]
+                url_for("smart_app.study", sid=s.sid, study_id=study_id, notice="filed"), 303
+            )
+
+        return self.with_fhir(session, file)
+
+
+def _report_location(answer: dict[str, Any]) -> str | None:
+    for entry in answer.get("entry") or []:
+        response = entry.get("response") if isinstance(entry, dict) else None
+        location = response.get("location") if isinstance(response, dict) else None
+        if isinstance(location, str) and location.startswith("DiagnosticReport/"):
+            return location
+    return None
+
+
+def _content_security_policy(frame_ancestors: list[str]) -> str:
+    return (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; "
+        f"frame-ancestors 'self' {' '.join(frame_ancestors)}".rstrip()
+    )
+
+
+def create_smart_blueprint(
+    settings: Settings | None = None,
+    store: SqliteStore | None = None,
+    model: ModelInfo | None = None,
+) -> Blueprint:
+    bp = Blueprint(
+        "smart_app",
+        __name__,
+        template_folder="templates",
+        static_folder="static",
+        static_url_path="/static",
+    )
+    if settings is None or store is None or model is None:
+        raise ValueError("the SMART app needs the service's settings, result store and model")
+    app = SmartApp(settings, store, model)
+    csp = _content_security_policy(app.ehr_origins())
+
+    @bp.after_request
+    def headers(response: Response) -> Response:
+        response.headers["Content-Security-Policy"] = csp
+        response.headers["Referrer-Policy"] = "no-referrer"  # the URL holds the session handle
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if response.mimetype == "text/html":
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def with_session(
+        sid: str, view: Callable[[Session], Response], *, form: bool = False
+    ) -> Response:
+        found = app.session_or_error(sid)
+        if isinstance(found, Response):
+            return found
+        if form and not secrets.compare_digest(request.form.get("csrf", ""), found.csrf):
+            return _error("Form not accepted", "The form has expired; reload the page.", 403)
+        try:
+            return view(found)
+        except viewer.ViewerError as exc:
+            return _error("Cannot show this", str(exc).capitalize() + ".", 502)
+        except FhirError as exc:
+            log.warning("FHIR call from the viewer failed: %s", type(exc).__name__)
+            return _error("The EHR did not answer", "The EHR refused or failed a request.", 502)
 
     @bp.get("/launch")
     def launch() -> Response:
-        body = PAGE.format(
-            iss=escape(request.args.get("iss", "(none)")),
-            launch=escape("given" if request.args.get("launch") else "(none)"),
+        return app.start(request.args.get("iss", ""), request.args.get("launch"), EHR_LAUNCH_SCOPE)
+
+    @bp.get("/standalone")
+    def standalone() -> Response:
+        iss = request.args.get("iss") or next(
+            (s for i in settings.trusted_issuers for s in i.fhir_servers), ""
         )
-        response = Response(body, mimetype="text/html")
-        response.headers["Content-Security-Policy"] = "default-src 'none'"
-        return response
+        return app.start(iss, None, STANDALONE_SCOPE)
+
+    @bp.get("/callback")
+    def callback() -> Response:
+        return app.callback()
+
+    @bp.get("/s/<sid>/")
+    def home(sid: str) -> Response:
+        return with_session(sid, app.home)
+
+    @bp.get("/s/<sid>/study/<study_id>")
+    def study(sid: str, study_id: str) -> Response:
+        return with_session(sid, lambda s: app.study(s, study_id))
+
+    @bp.get("/s/<sid>/study/<study_id>/image.png")
+    def image(sid: str, study_id: str) -> Response:
+        return with_session(sid, lambda s: app.image(s, study_id))
+
+    @bp.post("/s/<sid>/study/<study_id>/analyse")
+    def analyse(sid: str, study_id: str) -> Response:
+        return with_session(sid, lambda s: app.request_analysis(s, study_id), form=True)
+
+    @bp.post("/s/<sid>/study/<study_id>/file")
+    def file(sid: str, study_id: str) -> Response:
+        return with_session(sid, lambda s: app.file_to_chart(s, study_id), form=True)
 
     return bp

@@ -79,7 +79,9 @@ def create_app(
 
     from smart_app.web import create_smart_blueprint
 
-    app.register_blueprint(create_smart_blueprint(), url_prefix="/app")
+    app.register_blueprint(
+        create_smart_blueprint(settings, store, handler.model), url_prefix="/app"
+    )
 
     @app.get("/healthz")
     def health() -> Response:

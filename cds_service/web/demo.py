@@ -20,8 +20,10 @@ from cds_service.jobs.worker import run_forever
 from cds_service.web.app import create_app as create_service_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
+from ehr_sandbox.auth.smart_store import SmartApp
 from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, format_cards, hook_context
 from ehr_sandbox.seed import seed
+from smart_app.web import DATA_SCOPES, DEFAULT_CLIENT_ID
 
 log = logging.getLogger(__name__)
 DEMO_PATIENT = "cxr-demo-1"
@@ -45,6 +47,28 @@ def _banner(lines: list[str]) -> None:
     print("#" * width)
 
 
+def register_viewer(sandbox: Sandbox, service_base: str) -> None:
+    """Register the service's SMART app (a public client) with the sandbox EHR."""
+    sandbox.smart.register_app(
+        SmartApp(
+            client_id=DEFAULT_CLIENT_ID,
+            name="AI chest X-ray viewer",
+            redirect_uris=(f"{service_base}/app/callback",),
+            launch_url=f"{service_base}/app/launch",
+            scope=f"launch launch/patient offline_access online_access {DATA_SCOPES}",
+        )
+    )
+
+
+def smart_launch_url(sandbox_base: str, studies: list[dict[str, Any]]) -> str:
+    """The sandbox's EHR launch of the viewer on the demo patient's newest study."""
+    study = next((s for s in studies if imaging_study.subject_patient_id(s) == DEMO_PATIENT), None)
+    query = f"app={DEFAULT_CLIENT_ID}&patient={DEMO_PATIENT}"
+    if study is not None:
+        query += f"&study={study['id']}"
+    return f"{sandbox_base}/ehr/launch?{query}"
+
+
 def run_demo(
     *, host: str, service_port: int, sandbox_port: int, data_dir: Path, keep_running: bool
 ) -> int:
@@ -63,6 +87,7 @@ def run_demo(
     )
     # The service writes reports back as a SMART Backend Services client of the sandbox.
     service_key = SigningKey.load_or_create(data_dir / "cds-backend-key.jwk.json")
+    register_viewer(sandbox, service_base)
     sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), WRITE_BACK_SCOPE)
     ehr = EhrClient(
         fhir_base=f"{sandbox_base}/fhir",
@@ -135,7 +160,9 @@ def run_demo(
     print()
     print(f"CDS service discovery: {service_base}/cds-services")
     print(f"EHR sandbox FHIR base: {sandbox_base}/fhir")
-    print(f"SMART app launch:      {service_base}/app/launch")
+    print(f"SMART app (standalone): {service_base}/app/standalone")
+    print(f"EHR launch page:       {sandbox_base}/ehr/launch")
+    print(f"Open the study viewer: {smart_launch_url(sandbox_base, studies)}")
     print(
         "Fire another hook:     .venv/bin/cxr-cds hook --service "
         f"{service_base} --hook patient-view --patient cxr-demo-2 --fhir {sandbox_base}/fhir "

@@ -1,0 +1,199 @@
+"""What the viewer shows, gathered with the user's token: the patient, their chest studies
+with the service's AI status, one study's image (DICOM through our pixel pipeline), and the
+AI report from the service's result store. No Flask here."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from cds_service.fhir import imaging_study
+from cds_service.fhir.client import FhirClient, FhirError
+from cds_service.fhir.shapes import as_dict, as_str, dicts
+from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
+from cds_service.results import ModelInfo
+
+MAX_DICOM_BYTES = 64 * 1024 * 1024
+TIMEOUT = (3.0, 15.0)
+FILING_TYPES = ("DiagnosticReport", "Observation", "Device", "Provenance")
+
+
+class ViewerError(Exception):
+    """Something the viewer cannot show; the text is safe for the user to read."""
+
+
+@dataclass(frozen=True)
+class PatientBanner:
+    name: str
+    gender: str
+    birth_date: str
+    identifier: str
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    id: str
+    description: str
+    started: str
+    modality: str
+    status: str  # analysed / in progress / not analysed: <reason> / not analysed yet
+
+
+def patient_banner(patient: dict[str, Any]) -> PatientBanner:
+    name = as_dict((patient.get("name") or [{}])[0])
+    given = " ".join(str(g) for g in name.get("given") or [])
+    identifier = as_dict((patient.get("identifier") or [{}])[0])
+    return PatientBanner(
+        name=" ".join(p for p in (str(name.get("family") or "").upper(), given) if p)
+        or "(no name)",
+        gender=as_str(patient.get("gender")) or "unknown",
+        birth_date=as_str(patient.get("birthDate")) or "unknown",
+        identifier=as_str(identifier.get("value")) or "",
+    )
+
+
+def ai_status(store: SqliteStore, ref: StudyRef, model: ModelInfo) -> str:
+    stored = store.get_result(ref, model)
+    if stored is not None:
+        if stored.result.status == "completed":
+            return "analysed"
+        return f"not analysed: {stored.result.reason or stored.result.status}"
+    if store.job_state(ref, model):
+        return "in progress"
+    return "not analysed yet"
+
+
+def study_ref(tenant: str, study: dict[str, Any]) -> StudyRef | None:
+    uid = imaging_study.study_uid(study)
+    if uid is None:
+        return None
+    return StudyRef(tenant, uid, imaging_study.subject_patient_id(study))
+
+
+def study_rows(
+    fhir: FhirClient, patient: str, tenant: str, store: SqliteStore, model: ModelInfo
+) -> list[StudyRow]:
+    bundle = fhir.get_json("ImagingStudy", [("patient", patient), ("_count", "50")])
+    rows = []
+    for entry in dicts(bundle.get("entry")):
+        study = as_dict(entry.get("resource"))
+        study_id = as_str(study.get("id"))
+        if study_id is None or not imaging_study.is_radiograph_candidate(study):
+            continue
+        ref = study_ref(tenant, study)
+        rows.append(
+            StudyRow(
+                id=study_id,
+                description=as_str(study.get("description")) or "Imaging study",
+                started=as_str(study.get("started")) or "date unknown",
+                modality="/".join(sorted(imaging_study.modalities(study))),
+                status=ai_status(store, ref, model) if ref else "not analysed: no Study UID",
+            )
+        )
+    return sorted(rows, key=lambda r: r.started, reverse=True)
+
+
+def read_study(fhir: FhirClient, study_id: str, patient: str | None) -> dict[str, Any]:
+    try:
+        study = fhir.get_json(f"ImagingStudy/{study_id}")
+    except FhirError:
+        raise ViewerError("the EHR did not return this imaging study") from None
+    if patient is not None and imaging_study.subject_patient_id(study) != patient:
+        raise ViewerError("this imaging study belongs to another patient")
+    return study
+
+
+def _dicom_binary_url(fhir: FhirClient, study: dict[str, Any]) -> str | None:
+    """The Binary holding the study's DICOM, found through Media.partOf (how the EHR links
+    its DICOM attachments to the ImagingStudy)."""
+    patient = imaging_study.subject_patient_id(study)
+    study_ref_text = f"ImagingStudy/{study.get('id')}"
+    if patient is None:
+        return None
+    bundle = fhir.get_json("Media", [("patient", patient), ("_count", "200")])
+    for entry in dicts(bundle.get("entry")):
+        media = as_dict(entry.get("resource"))
+        part_of = [as_str(as_dict(p).get("reference")) for p in media.get("partOf") or []]
+        content = as_dict(media.get("content"))
+        url = as_str(content.get("url"))
+        if study_ref_text in part_of and url and content.get("contentType") == "application/dicom":
+            return url
+    return None
+
+
+def fetch_dicom(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> bytes:
+    """The study's DICOM bytes, read with the user's token (Binary, Accept application/dicom)."""
+    url = _dicom_binary_url(fhir, study)
+    if url is None:
+        raise ViewerError("the EHR has no DICOM image for this study")
+    full = url if "://" in url else f"{fhir.base_url}/{url.lstrip('/')}"
+    if not fhir.owns(full):
+        raise ViewerError("the study's image lies outside the EHR's FHIR server")
+    try:
+        response = requests.get(
+            full,
+            headers={"Accept": "application/dicom", "Authorization": f"Bearer {access_token}"},
+            timeout=TIMEOUT,
+            allow_redirects=False,
+            stream=True,
+        )
+        data = response.raw.read(MAX_DICOM_BYTES + 1, decode_content=True)
+        response.close()
+    except requests.RequestException:
+        raise ViewerError("the EHR's image could not be read") from None
+    if response.status_code != 200 or len(data) > MAX_DICOM_BYTES:
+        raise ViewerError(f"the EHR's image could not be read (HTTP {response.status_code})")
+    return bytes(data)
+
+
+def render_png(dicom: bytes) -> bytes:
+    """The DICOM as PNG through the service's own pixel pipeline (no chest check: the
+    clinician sees whatever film the EHR holds)."""
+    try:
+        files = importlib.import_module("cds_service.imaging.files")
+        render = importlib.import_module("cds_service.imaging.render")
+        errors = importlib.import_module("cds_service.imaging.errors")
+    except ImportError:
+        raise ViewerError("image rendering is not available in this build") from None
+    try:
+        decoded = files.decode_image_bytes(dicom, check_frontal_chest=False)
+        return bytes(render.png_bytes(decoded.pixels))
+    except errors.ImagingError as exc:
+        raise ViewerError(f"the image cannot be shown: {exc}") from None
+
+
+def stored_result(
+    store: SqliteStore, tenant: str, study: dict[str, Any], model: ModelInfo
+) -> StoredResult | None:
+    ref = study_ref(tenant, study)
+    return store.get_result(ref, model) if ref else None
+
+
+def scope_allows(scope: str, resource_type: str, letter: str) -> bool:
+    """True when a SMART v1/v2 scope string lets the user do `letter` (c/r/u/d/s) on a type."""
+    v1 = {"read": "rs", "write": "cud", "*": "cruds"}
+    for item in scope.split():
+        context, _, rest = item.partition("/")
+        rtype, _, permissions = rest.partition(".")
+        if context not in ("patient", "user") or rtype not in ("*", resource_type):
+            continue
+        if letter in v1.get(permissions, permissions):
+            return True
+    return False
+
+
+def filing_refusal(scope: str) -> str | None:
+    """Why the user's token cannot file the AI report, or None when it can."""
+    missing = [t for t in FILING_TYPES if not scope_allows(scope, t, "c")]
+    if missing:
+        return (
+            "Your EHR session does not allow creating "
+            + ", ".join(missing)
+            + " resources (scopes granted: "
+            + (scope or "none")
+            + "), so the AI report cannot be filed from here."
+        )
+    return None
