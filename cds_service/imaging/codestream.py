@@ -1,7 +1,8 @@
 """Read the image size a compressed frame claims, before any decoder allocates memory.
 
 JPEG (ISO 10918-1, incl. lossless) and JPEG-LS (ISO 14495-1) put it in the SOF segment,
-JPEG 2000 (ISO 15444-1) in the SIZ segment of the codestream (optionally inside a JP2 box).
+JPEG 2000 (ISO 15444-1) in the SIZ segment right after the start of the codestream
+(optionally inside a JP2 'jp2c' box). Other frames (RLE) are not inspected.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ def claimed_size(frame: bytes) -> tuple[int, int] | None:
     """(rows, columns) a compressed frame declares, or None when no header is recognised."""
     if frame.startswith(b"\xff\xd8"):
         return _jpeg_size(frame)
-    start = frame.find(_J2K_SOC_SIZ, 0, _SCAN_LIMIT)
-    if start >= 0:
-        return _j2k_size(frame, start + 4)
+    if frame.startswith(_J2K_SOC_SIZ):
+        return _j2k_size(frame, 4)
+    if frame[4:8] == b"jP  ":  # JP2 file format: the codestream is in the 'jp2c' box
+        box = frame.find(b"jp2c" + _J2K_SOC_SIZ, 0, _SCAN_LIMIT)
+        return _j2k_size(frame, box + 8) if box >= 0 else None
     return None
 
 

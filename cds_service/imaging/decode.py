@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from importlib.util import find_spec
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from cds_service.imaging import codestream
@@ -25,7 +27,7 @@ from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 
 PLUGIN_BY_TRANSFER_SYNTAX: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": "gdcm",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51": "gdcm",  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.51": "gdcm",  # JPEG Extended (8-bit; 12-bit see below)
     "1.2.840.10008.1.2.4.57": "gdcm",  # JPEG Lossless
     "1.2.840.10008.1.2.4.70": "gdcm",  # JPEG Lossless SV1
     "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless
@@ -34,6 +36,7 @@ PLUGIN_BY_TRANSFER_SYNTAX: dict[str, str] = {
     "1.2.840.10008.1.2.4.91": "pylibjpeg",  # JPEG 2000
     "1.2.840.10008.1.2.5": "pydicom",  # RLE Lossless
 }
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 NATIVE_SYNTAXES = frozenset(
     {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 )
@@ -141,12 +144,27 @@ def _check_first_frame(dataset: Dataset, shape: Geometry) -> None:
         frame = get_frame(dataset.PixelData, 0, number_of_frames=shape.frames)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedImage("encapsulated pixel data are malformed") from exc
+    if shape.transfer_syntax == "1.2.840.10008.1.2.5":  # RLE: sizes are not in the stream
+        return
     claimed = codestream.claimed_size(frame)
     if claimed is not None and claimed != (shape.rows, shape.columns):
         raise UnsupportedImage(
             f"compressed frame claims {claimed[0]} x {claimed[1]}, header says "
             f"{shape.rows} x {shape.columns}"
         )
+
+
+def _twelve_bit_jpeg_plugin() -> str:
+    """12-bit JPEG Extended: pydicom decodes it only with pylibjpeg-libjpeg (GPL-3), which the
+    project does not install; it is used when a deployment has installed it on purpose."""
+    if (
+        find_spec("libjpeg") is not None
+        and "pylibjpeg" in get_decoder(UID(JPEG_EXTENDED)).available_plugins
+    ):
+        return "pylibjpeg"
+    raise UnsupportedImage(
+        "12-bit JPEG Extended needs the GPL-3 plugin pylibjpeg-libjpeg, which is not installed"
+    )
 
 
 def first_frame(dataset: Dataset, shape: Geometry) -> npt.NDArray[np.generic]:
@@ -157,6 +175,8 @@ def first_frame(dataset: Dataset, shape: Geometry) -> npt.NDArray[np.generic]:
     else:
         _check_first_frame(dataset, shape)
     plugin = "" if native else PLUGIN_BY_TRANSFER_SYNTAX[shape.transfer_syntax]
+    if shape.transfer_syntax == JPEG_EXTENDED and shape.bits_stored > 8:
+        plugin = _twelve_bit_jpeg_plugin()
     try:
         dataset.pixel_array_options(index=0, decoding_plugin=plugin)
         array = dataset.pixel_array

@@ -94,10 +94,11 @@ def percentile_window(
 
 
 def full_range_window(bits_stored: int, signed: bool) -> Window:
-    """The identity window over the whole stored range (8-bit data with no VOI stay as stored)."""
+    """The identity window over the whole stored range: lowest value -> 0, highest -> 1
+    (8-bit data with no VOI stay exactly as stored)."""
     low = -(2 ** (bits_stored - 1)) if signed else 0
-    span = 2**bits_stored
-    return Window(center=low + span / 2, width=span, function="LINEAR_EXACT")
+    high = low + 2**bits_stored - 1
+    return Window(center=(low + high) / 2, width=high - low, function="LINEAR_EXACT")
 
 
 def unit_to_uint8(unit: FloatArray, invert: bool) -> npt.NDArray[np.uint8]:
