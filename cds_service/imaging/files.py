@@ -38,10 +38,10 @@ def decode_dicom_bytes(
     data: bytes, *, check_frontal_chest: bool = True, limits: ImageLimits = DEFAULT_LIMITS
 ) -> DecodedImage:
     dataset = decode.read_dataset(data, limits)
+    shape = decode.geometry(dataset, limits)  # unreadable wins over "not analysable"
     chosen = selection.select_dataset(dataset)
     if check_frontal_chest:
         selection.require_frontal_chest(chosen)
-    shape = decode.geometry(dataset, limits)
     array = decode.first_frame(dataset, shape)
     image, notes = display.to_8bit(dataset, array, shape)
     if shape.frames > 1:
