@@ -3,32 +3,110 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 from cds_service.config import Settings
 from cds_service.errors import ConfigurationError
 from cds_service.fhir_out.resources import DeviceInfo
-from cds_service.inference.base import Backend
+from cds_service.inference.base import Backend, ReportWriter
+from cds_service.inference.cxr_llava.config import MODEL_LICENCE
 from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedBackend
 from cds_service.results import ModelInfo
 
 log = logging.getLogger(__name__)
 
-MODEL_LICENCE = (
-    "CXR-LLaVA v2 weights: CC BY-NC 4.0 plus the Llama 2 licence; research use only, "
-    "not for clinical decisions."
-)
+
 SIMULATED_WARNING = (
     "NO MODEL CONFIGURED: using the SIMULATED backend. Every card, report and resource is made "
     "up and marked SIMULATED. Set CXR_CDS_BACKEND and CXR_CDS_MODEL_DIR to serve a real model."
 )
 
 
+TINY_LABEL = "tiny-random-cxr-llava-meaningless"
+
+
+def _model_folder(settings: Settings) -> Path:
+    if not settings.model_dir:
+        hint = (
+            "make one with `cxr-cds model make-tiny DIR`"
+            if settings.backend == "tiny"
+            else "download one with `cxr-cds model fetch`"
+        )
+        raise ConfigurationError(f"backend {settings.backend!r} needs CXR_CDS_MODEL_DIR ({hint})")
+    folder = Path(settings.model_dir)
+    if not folder.is_dir():
+        raise ConfigurationError(f"CXR_CDS_MODEL_DIR {folder} is not a folder")
+    return folder
+
+
 def model_info(settings: Settings) -> ModelInfo:
+    """Which model the settings name, without loading it (the weights' sha256 is cached).
+
+    Version = the first 12 hex digits of a sha256 over the weight files.
+    """
     if settings.backend == "simulated":
         return SIMULATED_MODEL
-    raise ConfigurationError(
-        f"backend {settings.backend!r} is not available in this release yet (model runtime issue);"
-        " use CXR_CDS_BACKEND=simulated"
+    from cds_service.inference.cxr_llava.identity import (
+        checkpoint_identity,
+        safetensors_files,
+        weights_sha256,
+    )
+
+    folder = _model_folder(settings)
+    version = weights_sha256(folder, safetensors_files(folder))[:12]
+    if settings.backend == "hf_vlm":
+        from cds_service.inference.hf_vlm import hf_model_id
+
+        return ModelInfo(model_id=hf_model_id(folder), version=version)
+    model_id, _revision, tiny = checkpoint_identity(folder)
+    if tiny or settings.backend == "tiny":
+        return ModelInfo(model_id=TINY_LABEL, version=version, simulated=True)
+    return ModelInfo(model_id=model_id, version=version)
+
+
+def runtime_options(settings: Settings) -> dict[str, Any]:
+    """CXR_CDS_MODEL_DEVICE, _MAX_NEW_TOKENS, _MODEL_BATCH_SIZE, _MODEL_TIMEOUT (with defaults)."""
+    return {
+        "device": getattr(settings, "model_device", "auto"),
+        "max_new_tokens": getattr(settings, "max_new_tokens", 512),
+        "batch_size": getattr(settings, "model_batch_size", 8),
+        "timeout_s": getattr(settings, "model_timeout_s", 600.0),
+    }
+
+
+def load_report_writer(settings: Settings, **overrides: Any) -> ReportWriter:
+    """The ReportWriter the settings name; models are loaded onto their device now.
+
+    `overrides` replace runtime options (device, max_new_tokens, batch_size, timeout_s).
+    """
+    options = {**runtime_options(settings), **overrides}
+    if settings.backend == "simulated":
+        from cds_service.inference.simulated import SimulatedReportWriter
+
+        log.warning(SIMULATED_WARNING)
+        return SimulatedReportWriter()
+    folder = _model_folder(settings)
+    if settings.backend == "hf_vlm":
+        from cds_service.inference.hf_vlm import HfVlmReportWriter
+
+        log.warning("loading %s: check its licence before use", folder)
+        return HfVlmReportWriter.from_folder(
+            folder, device=options["device"], max_new_tokens=options["max_new_tokens"]
+        )
+    from cds_service.inference.cxr_llava.loader import load_checkpoint
+    from cds_service.inference.cxr_llava.writer import CxrLlavaReportWriter
+
+    if settings.backend == "cxr_llava":
+        log.warning(MODEL_LICENCE)
+    ckpt = load_checkpoint(folder, device=options["device"])
+    if settings.backend == "tiny":
+        ckpt.tiny = True
+    return CxrLlavaReportWriter(
+        ckpt,
+        max_new_tokens=options["max_new_tokens"],
+        max_batch_size=options["batch_size"],
+        timeout_s=options["timeout_s"],
     )
 
 
@@ -53,5 +131,8 @@ def load_backend(settings: Settings) -> Backend:
     if settings.backend == "simulated":
         log.warning(SIMULATED_WARNING)
         return SimulatedBackend()
-    model_info(settings)  # raises with the reason
-    raise AssertionError("unreachable")
+    model_info(settings)  # raises with the reason when the model folder is unusable
+    raise ConfigurationError(
+        f"backend {settings.backend!r}: the study pipeline (image selection + ReportWriter) is "
+        "not wired to the worker yet; use CXR_CDS_BACKEND=simulated or `cxr-cds analyze`"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,11 +10,11 @@ from pathlib import Path
 import torch
 
 from cds_service.inference.cxr_llava.config import (
-    MODEL_ID,
     CheckpointError,
     CxrLlavaConfig,
     read_config,
 )
+from cds_service.inference.cxr_llava.identity import checkpoint_identity, weights_sha256
 from cds_service.inference.cxr_llava.model import CxrLlava, build_empty
 from cds_service.inference.cxr_llava.prompt import PromptTokenizer
 from cds_service.inference.cxr_llava.weights import (
@@ -24,11 +23,9 @@ from cds_service.inference.cxr_llava.weights import (
     stored_shapes,
     verify_layout,
     weight_files,
-    weights_sha256,
 )
 
 log = logging.getLogger(__name__)
-MARKER_FILE = "cxr-cds-checkpoint.json"  # written by make-tiny: {"tiny": true, ...}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,18 +61,6 @@ class LoadedCheckpoint:
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def checkpoint_identity(folder: Path) -> tuple[str, str, bool]:
-    """(model id, revision, tiny) from our marker file, or the published id by default."""
-    marker = folder / MARKER_FILE
-    if marker.is_file():
-        try:
-            raw = json.loads(marker.read_text(encoding="utf-8"))
-            return str(raw["model_id"]), str(raw["revision"]), bool(raw.get("tiny", False))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
-    return MODEL_ID, "unknown (local folder)", False
 
 
 def inspect_checkpoint(folder: Path) -> tuple[CxrLlavaConfig, dict[str, str]]:

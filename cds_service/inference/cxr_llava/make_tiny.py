@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from cds_service.inference.cxr_llava.config import parse_config
-from cds_service.inference.cxr_llava.loader import MARKER_FILE
+from cds_service.inference.cxr_llava.identity import MARKER_FILE
 from cds_service.inference.cxr_llava.model import build_empty
 from cds_service.inference.cxr_llava.prompt import (
     DIFFERENTIAL_REQUEST,
@@ -28,6 +29,7 @@ from cds_service.inference.cxr_llava.prompt import (
 )
 from cds_service.inference.cxr_llava.weights import INDEX_FILE, Entry, published_layout
 
+log = logging.getLogger(__name__)
 TINY_MODEL_ID = "cxr-cds/tiny-random-cxr-llava (meaningless output)"
 FULL_MODEL_ID = "cxr-cds/random-7b-cxr-llava (meaningless output)"
 SHARDS = 3
@@ -135,9 +137,12 @@ def write_tokenizer(folder: Path) -> int:
     (folder / "tokenizer.model").write_bytes(data)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(data)
-        converted = LlamaTokenizer.from_pretrained(tmp)
-        converted.save_pretrained(tmp)
-        (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
+        try:
+            converted = LlamaTokenizer.from_pretrained(tmp)
+            converted.save_pretrained(tmp)
+            (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
+        except (ImportError, ValueError, OSError) as exc:  # conversion needs protobuf
+            log.warning("no tokenizer.json written (%s); the loader reads tokenizer.model", exc)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     tokenizer_config: dict[str, Any] = {
         "add_bos_token": True,

@@ -7,10 +7,9 @@ Only safetensors are read; a folder with only pickled `.bin` weights is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import torch
 from safetensors import safe_open
 
 from cds_service.inference.cxr_llava.config import CheckpointError
+from cds_service.inference.cxr_llava.identity import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-HASH_CACHE = ".cxr-cds-weights-sha256.json"
 LISTED = 15  # names shown per category in an error message
 _VISION = "vision_tower."
 _BLOCK = {
@@ -194,41 +191,3 @@ def iter_state_dict(
                     continue
                 for target, part in zip(entry.targets, tensor.chunk(3, dim=0), strict=True):
                     yield target, part.contiguous()
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_sha256(folder: Path, file_names: Iterable[str]) -> str:
-    """sha256 over the weight files' sha256s (sorted by name); cached next to the weights."""
-    names = sorted(set(file_names))
-    stamp = {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
-    cache = folder / HASH_CACHE
-    try:
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("files") == stamp:
-            return str(cached["sha256"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    total = sum(size for size, _ in stamp.values())
-    log.info(
-        "hashing %d weight files (%.1f GB) for the model version; this takes a while "
-        "once and is cached in %s",
-        len(names),
-        total / 1e9,
-        cache.name,
-    )
-    combined = hashlib.sha256()
-    for name in names:
-        combined.update(f"{name}:{_file_digest(folder / name)}\n".encode())
-    value = combined.hexdigest()
-    try:
-        cache.write_text(json.dumps({"files": stamp, "sha256": value}), encoding="utf-8")
-    except OSError:
-        log.info("cannot cache the weights hash in %s (read-only folder)", folder)
-    return value

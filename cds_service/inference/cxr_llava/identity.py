@@ -1,0 +1,84 @@
+"""Which checkpoint a folder holds: id, revision, tiny marker and a sha256 over the weights.
+
+Standard library only, so the web tier can name the model without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from cds_service.inference.cxr_llava.config import MODEL_ID, CheckpointError
+
+log = logging.getLogger(__name__)
+MARKER_FILE = "cxr-cds-checkpoint.json"  # written by make-tiny: {"tiny": true, ...}
+HASH_CACHE = ".cxr-cds-weights-sha256.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def safetensors_files(folder: Path) -> list[str]:
+    """The weight files named by the index (or the single file); never .bin."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return sorted({str(v) for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: unreadable index ({exc})") from exc
+    if (folder / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    raise CheckpointError(f"{folder}: no {INDEX_FILE} or {SINGLE_FILE} (safetensors only)")
+
+
+def checkpoint_identity(folder: Path) -> tuple[str, str, bool]:
+    """(model id, revision, tiny) from our marker file, or the published id by default."""
+    marker = folder / MARKER_FILE
+    if marker.is_file():
+        try:
+            raw = json.loads(marker.read_text(encoding="utf-8"))
+            return str(raw["model_id"]), str(raw["revision"]), bool(raw.get("tiny", False))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
+    return MODEL_ID, "unknown (local folder)", False
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(folder: Path, file_names: Iterable[str]) -> str:
+    """sha256 over the weight files' sha256s (sorted by name); cached next to the weights."""
+    names = sorted(set(file_names))
+    stamp = {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+    cache = folder / HASH_CACHE
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("files") == stamp:
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    total = sum(size for size, _ in stamp.values())
+    log.info(
+        "hashing %d weight files (%.1f GB) for the model version; this takes a while "
+        "once and is cached in %s",
+        len(names),
+        total / 1e9,
+        cache.name,
+    )
+    combined = hashlib.sha256()
+    for name in names:
+        combined.update(f"{name}:{_file_digest(folder / name)}\n".encode())
+    value = combined.hexdigest()
+    try:
+        cache.write_text(json.dumps({"files": stamp, "sha256": value}), encoding="utf-8")
+    except OSError:
+        log.info("cannot cache the weights hash in %s (read-only folder)", folder)
+    return value

@@ -1,0 +1,122 @@
+"""ReportWriter for a CXR-LLaVA v2 checkpoint: preprocessing, batched generation, the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cds_service.imaging.preprocess import model_input
+from cds_service.inference.base import ReportRequest
+from cds_service.inference.cxr_llava.generate import (
+    Sampling,
+    generate_tokens,
+    left_pad,
+    splice,
+)
+from cds_service.inference.cxr_llava.loader import LoadedCheckpoint
+from cds_service.inference.engine import (
+    BatchEngine,
+    BatchResult,
+    EngineMetrics,
+    process_peak_memory,
+)
+from cds_service.results import ModelInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 512
+TINY_BANNER = (
+    "TINY RANDOM MODEL - MEANINGLESS OUTPUT. Random weights for testing the pipeline; "
+    "this text is not an interpretation of the image."
+)
+WARMUP_IMAGE_SIDE = 64
+
+
+def model_info_for(ckpt: LoadedCheckpoint) -> ModelInfo:
+    """A tiny (random) checkpoint is marked like the simulated backend: never a real result."""
+    if ckpt.tiny:
+        return ModelInfo(
+            model_id="tiny-random-cxr-llava-meaningless", version=ckpt.version, simulated=True
+        )
+    return ModelInfo(model_id=ckpt.model_id, version=ckpt.version)
+
+
+class CxrLlavaReportWriter:
+    """Serves `write_reports` through a BatchEngine that owns the model's device."""
+
+    def __init__(
+        self,
+        ckpt: LoadedCheckpoint,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_batch_size: int = 8,
+        timeout_s: float = 600.0,
+        sampling: Sampling | None = None,
+        warmup: bool = True,
+        ignore_eos: bool = False,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        self.ckpt = ckpt
+        self.model: ModelInfo = model_info_for(ckpt)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or Sampling()
+        self.ignore_eos = ignore_eos
+        on_cuda = ckpt.device.type == "cuda"
+        self.engine: BatchEngine[ReportRequest, str] = BatchEngine(
+            self.run_batch,
+            max_batch_size=max_batch_size,
+            timeout_s=timeout_s,
+            peak_memory=_cuda_peak if on_cuda else process_peak_memory,
+            release_memory=torch.cuda.empty_cache if on_cuda else None,
+            name="cxr-llava",
+        )
+        blank = np.full((WARMUP_IMAGE_SIDE, WARMUP_IMAGE_SIDE), 128, dtype=np.uint8)
+        self.engine.start([ReportRequest(blank)] if warmup else [])
+
+    def pixels(self, requests: Sequence[ReportRequest]) -> torch.Tensor:
+        cfg = self.ckpt.config
+        arrays = [
+            model_input(r.image, cfg.image_mean, cfg.image_std, size=cfg.vision.image_size)
+            for r in requests
+        ]
+        return torch.from_numpy(np.stack(arrays)).to(self.ckpt.device, self.ckpt.dtype)
+
+    @torch.inference_mode()
+    def run_batch(self, requests: list[ReportRequest]) -> BatchResult[str]:
+        model, tokenizer = self.ckpt.model, self.ckpt.tokenizer
+        images = model.encode_images(self.pixels(requests))
+        rows = [
+            splice(model, tokenizer.prompt_ids(r.task, r.question), image)
+            for r, image in zip(requests, images, strict=True)
+        ]
+        embeds, mask = left_pad(rows)
+        tokens = generate_tokens(
+            model,
+            embeds,
+            mask,
+            max_new_tokens=self.max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            sampling=self.sampling,
+            ignore_eos=self.ignore_eos,
+        )
+        texts = [tokenizer.decode(t) for t in tokens]
+        if self.ckpt.tiny:
+            texts = [f"{TINY_BANNER}\n\n{text}" for text in texts]
+        return BatchResult(texts, new_tokens=sum(len(t) for t in tokens))
+
+    def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:
+        return self.engine.run(list(requests))
+
+    def metrics(self) -> EngineMetrics:
+        return self.engine.metrics()
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _cuda_peak() -> int:
+    return int(torch.cuda.max_memory_allocated())
