@@ -122,6 +122,8 @@ def _weighted_percentile_window(
 def grayscale_to_8bit(stored: npt.NDArray[np.integer], plan: DisplayPlan) -> npt.NDArray[np.uint8]:
     """Apply the plan to an integer image, through a table over its stored value range."""
     low, high = int(stored.min()), int(stored.max())
+    if low >= 0:
+        low = 0  # unsigned data index the table directly: no per-pixel offset needed
     if high - low >= _TABLE_DOMAIN_LIMIT:
         raise UnsupportedImage("stored value range too large for an 8-bit conversion")
     domain = np.arange(low, high + 1, dtype=np.float64)

@@ -117,17 +117,13 @@ def luminance(rgb: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
     return np.asarray(rgb, dtype=np.float64) @ weights
 
 
-def stored_value_domain(stored: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
-    """Every integer from the image's minimum to its maximum (the table's input)."""
-    return np.arange(int(stored.min()), int(stored.max()) + 1, dtype=np.int64)
-
-
 def map_by_table(
     stored: npt.NDArray[np.integer], domain_start: int, table: npt.NDArray[np.uint8]
 ) -> npt.NDArray[np.uint8]:
-    """Apply a stored-value -> uint8 table computed on `stored_value_domain`."""
-    offset = stored.astype(np.int64) - domain_start if domain_start else stored
-    return np.take(table, offset)
+    """Apply a table whose entry i is the uint8 value of stored value domain_start + i."""
+    if domain_start == 0:
+        return np.take(table, stored)
+    return np.take(table, stored.astype(np.int64) - domain_start)
 
 
 def first_number(value: object) -> float | None:
