@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2 import OAuth2Error
 
@@ -95,7 +96,7 @@ def authorization_url(
 def _token_call(call: Any) -> dict[str, Any]:
     try:
         token = call()
-    except OAuth2Error as exc:
+    except (OAuth2Error, OAuthError) as exc:
         raise SmartError(f"the EHR refused the token request ({exc.error})") from None
     except (requests.RequestException, ValueError):
         raise SmartError("the EHR's token endpoint could not be reached") from None

@@ -11,7 +11,7 @@ from typing import Any
 import requests
 
 from cds_service.fhir import imaging_study
-from cds_service.fhir.client import FhirClient, FhirError
+from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir.shapes import as_dict, as_str, dicts
 from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.results import ModelInfo
@@ -99,6 +99,8 @@ def study_rows(
 def read_study(fhir: FhirClient, study_id: str, patient: str | None) -> dict[str, Any]:
     try:
         study = fhir.get_json(f"ImagingStudy/{study_id}")
+    except FhirAccessDenied:
+        raise  # the caller may refresh the token and try again
     except FhirError:
         raise ViewerError("the EHR did not return this imaging study") from None
     if patient is not None and imaging_study.subject_patient_id(study) != patient:
@@ -144,6 +146,8 @@ def fetch_dicom(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> b
         response.close()
     except requests.RequestException:
         raise ViewerError("the EHR's image could not be read") from None
+    if response.status_code == 401:
+        raise FhirAccessDenied("FHIR server answered 401")
     if response.status_code != 200 or len(data) > MAX_DICOM_BYTES:
         raise ViewerError(f"the EHR's image could not be read (HTTP {response.status_code})")
     return bytes(data)

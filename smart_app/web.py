@@ -69,6 +69,7 @@ class SmartApp:
         self.sessions = SessionStore(database.with_name(f"{database.stem}-smart-app.sqlite3"))
         self._png_cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._png_lock = Lock()
+        self._refresh_lock = Lock()
 
     # -- configuration ----------------------------------------------------------------------
     def tenant_for(self, iss: str) -> str | None:
@@ -202,29 +203,36 @@ class SmartApp:
         return response
 
     # -- tokens -----------------------------------------------------------------------------
-    def refreshed(self, session: Session) -> Session:
-        if not session.refresh_token:
-            raise viewer.ViewerError(
-                "your EHR session has expired; open the app again from the EHR"
-            )
-        try:
-            token = smart_client.refresh(
-                token_endpoint=session.token_endpoint,
-                client_id=self.client_id,
-                refresh_token=session.refresh_token,
-            )
-        except smart_client.SmartError as exc:
-            raise viewer.ViewerError(
-                f"your EHR session could not be renewed ({exc}); open the app again"
-            ) from None
-        fresh = session.with_tokens(token)
-        self.sessions.save(fresh)
+    def refreshed(self, failed: Session) -> Session:
+        """A session with a fresh access token. Concurrent requests of one session (the page
+        and its image) share one refresh: the refresh token is rotated on every use."""
+        with self._refresh_lock:
+            session = self.sessions.session(failed.sid) or failed
+            if session.access_token != failed.access_token and not session.expired:
+                return session  # another request refreshed it meanwhile
+            if not session.refresh_token:
+                raise viewer.ViewerError(
+                    "your EHR session has expired; open the app again from the EHR"
+                )
+            try:
+                token = smart_client.refresh(
+                    token_endpoint=session.token_endpoint,
+                    client_id=self.client_id,
+                    refresh_token=session.refresh_token,
+                )
+            except smart_client.SmartError as exc:
+                raise viewer.ViewerError(
+                    f"your EHR session could not be renewed ({exc}); open the app again"
+                ) from None
+            fresh = session.with_tokens(token)
+            self.sessions.save(fresh)
         log.info("SMART session token refreshed")
         return fresh
 
     def with_fhir(self, session: Session, call: Callable[[FhirClient, Session], T]) -> T:
         """Run `call` with a FHIR client holding a live token: refreshed when it has expired,
         and once more when the EHR answers 401 (revoked or expired early)."""
+        session = self.sessions.session(session.sid) or session  # latest tokens
         if session.expired:
             session = self.refreshed(session)
         try:
@@ -424,7 +432,8 @@ def create_smart_blueprint(
         try:
             return view(found)
         except viewer.ViewerError as exc:
-            return _error("Cannot show this", str(exc).capitalize() + ".", 502)
+            text = str(exc)
+            return _error("Cannot show this", text[:1].upper() + text[1:] + ".", 502)
         except FhirError as exc:
             log.warning("FHIR call from the viewer failed: %s", type(exc).__name__)
             return _error("The EHR did not answer", "The EHR refused or failed a request.", 502)

@@ -57,6 +57,7 @@ class LaunchContext:
     encounter: str | None = None
     fhir_context: list[dict[str, str]] = field(default_factory=list)
     need_patient_banner: bool = True
+    app_context: str | None = None  # a CDS Hooks card link's appContext, passed through
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -74,6 +75,8 @@ class LaunchContext:
             fields["encounter"] = self.encounter
         if self.fhir_context:
             fields["fhirContext"] = self.fhir_context
+        if self.app_context:
+            fields["appContext"] = self.app_context
         return fields
 
 

@@ -333,7 +333,7 @@ class SmartAuth:
         known = {str(p.get("id")) for p in patients}
         if "launch/patient" in requested.split() and patient not in known:
             return _error_page("No patient chosen", "Choose a patient for the app.")
-        chosen = set(request.form.getlist("scope"))
+        chosen = set(request.form.getlist("grant_scope"))
         scope = " ".join(s for s in offered if s in chosen)
         context = LaunchContext(user=user, patient=patient, need_patient_banner=True)
         return self._approve(grant, Approval(context, scope))
@@ -382,6 +382,7 @@ class SmartAuth:
             fhir_context=fhir_context,
             # Inside the EHR frame the EHR shows its own patient banner.
             need_patient_banner=request.args.get("embed") != "1",
+            app_context=request.args.get("appContext") or None,
         )
         launch = self.smart.create_launch(registered.client_id, context)
         target = f"{registered.launch_url}?{urlencode({'iss': self.fhir_base(), 'launch': launch})}"
