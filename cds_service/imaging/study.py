@@ -11,18 +11,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import BackendServicesClient
-from cds_service.fhir.client import FhirClient, FhirError
+from cds_service.fhir.client import FhirClient, FhirError, bundle_resources
 from cds_service.fhir.shapes import as_dict, as_str, codings, dicts
 from cds_service.imaging import decode, selection
 from cds_service.imaging.errors import ImageFetchError, NotAnalysable, UnsupportedImage
 from cds_service.imaging.files import DecodedImage, decode_dicom_bytes
 from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
-from cds_service.imaging.retrieval import ImageFetcher, fetch_wado_instance, url_under
+from cds_service.imaging.retrieval import (
+    ImageFetcher,
+    attachment_bytes,
+    fetch_wado_instance,
+    url_under,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +94,39 @@ class StudyImages:
 
     def load(self, study: dict[str, Any], fhir_server: str | None) -> DecodedImage:
         """The best frontal chest image. NotAnalysable / UnsupportedImage say why there is
-        none; ImageFetchError and FhirError mean "try again later"."""
+        none; ImageFetchError means "try again later"."""
         access = self._fhir_access(fhir_server) if fhir_server else None
         client = access.client() if access is not None else None
         vetted = self._vetted_study(study, client)
         token = access.token if access is not None else None
         candidates, reasons = self._candidates(vetted, client, trusted=client is not None)
-        if not candidates:
-            raise NotAnalysable("; ".join(reasons) or "the study names no DICOMweb endpoint")
         uid = imaging_study.study_uid(vetted) or ""
-        best: tuple[selection.Selection, bytes] | None = None
-        for candidate in candidates[:MAX_INSTANCES]:
-            data = fetch_wado_instance(
+        sources: list[Callable[[], bytes]] = [
+            partial(
+                fetch_wado_instance,
                 self.fetcher,
-                candidate.address,
+                c.address,
                 uid,
-                candidate.series_uid,
-                candidate.instance_uid,
+                c.series_uid,
+                c.instance_uid,
                 token,
             )
-            chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
+            for c in candidates
+        ]
+        if not sources and access is not None and client is not None:
+            sources = self._media_sources(vetted, client, access)
+        if not sources:
+            raise NotAnalysable(
+                "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
+            )
+        best: tuple[selection.Selection, bytes] | None = None
+        for source in sources[:MAX_INSTANCES]:
+            try:
+                data = source()
+                chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
+            except UnsupportedImage as exc:
+                reasons.append(f"image cannot be read: {exc.description}")
+                continue
             if not chosen.analysable:
                 reasons.append(chosen.reason)
             elif best is None or chosen.rank > best[0].rank:
@@ -115,6 +134,30 @@ class StudyImages:
         if best is None:
             raise NotAnalysable("; ".join(dict.fromkeys(reasons)))
         return decode_dicom_bytes(best[1], limits=self.fetcher.limits)
+
+    def _media_sources(
+        self, study: dict[str, Any], client: FhirClient, access: EhrAccess
+    ) -> list[Callable[[], bytes]]:
+        """DICOM attachments of the EHR's Media that are `partOf` this ImagingStudy."""
+        study_id = as_str(study.get("id"))
+        patient = imaging_study.subject_patient_id(study)
+        if study_id is None or patient is None:
+            return []
+        try:
+            bundle = client.get_json("Media", params=[("subject", f"Patient/{patient}")])
+        except FhirError as exc:
+            raise ImageFetchError(
+                f"cannot search the study's Media ({type(exc).__name__})"
+            ) from exc
+        sources: list[Callable[[], bytes]] = []
+        for media in bundle_resources(bundle, "Media"):
+            parts = {as_str(r.get("reference")) for r in dicts(media.get("partOf"))}
+            content = as_dict(media.get("content"))
+            if f"ImagingStudy/{study_id}" in parts and content:
+                sources.append(
+                    partial(attachment_bytes, self.fetcher, content, access.fhir_base, access.token)
+                )
+        return sources
 
     def _vetted_study(self, study: dict[str, Any], client: FhirClient | None) -> dict[str, Any]:
         """The EHR's own copy of the study when we can read it; the Study UID must match."""

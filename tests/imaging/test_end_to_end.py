@@ -28,7 +28,7 @@ from tests.conftest import ServerThread, free_port
 from tests.imaging.conftest import seed_file
 from tests.imaging.orthanc import OrthancServer
 
-READ_SCOPE = "system/ImagingStudy.rs system/Endpoint.rs"
+READ_SCOPE = "system/ImagingStudy.rs system/Endpoint.rs system/Media.rs system/Binary.rs"
 CLIENT_ID = "cxr-cds-imaging-test"
 DOG = "dog-lateral-thorax-dx.dcm"
 
@@ -147,3 +147,15 @@ def test_endpoint_of_a_study_not_reread_from_a_registered_ehr_is_not_followed(
     result = backend.analyse_from("1.2.3", ehr.studies["cxr-nema-rg1"], "http://elsewhere/fhir")
     assert result.status == "not-analysed"
     assert "endpoint" in result.reason
+
+
+def test_study_without_endpoint_is_read_from_its_dicom_media(ehr: Ehr, tmp_path: Path) -> None:
+    """The seeded Media (partOf the ImagingStudy, content -> Binary application/dicom)."""
+    study = {k: v for k, v in ehr.studies["cxr-siim-0001"].items() if k != "endpoint"}
+    ehr.sandbox.store.update(study)
+    try:
+        fetched = _images(ehr).load(study, ehr.fhir)
+    finally:
+        ehr.sandbox.store.update(ehr.studies["cxr-siim-0001"])
+    local = read_image_file(seed_file("siim-cr-jpeg-baseline-no-pneumothorax.dcm"))
+    assert np.array_equal(fetched.pixels, local.pixels)
