@@ -97,6 +97,12 @@ def main() -> int:
     parser.add_argument("--engine-batch", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--decoder",
+        choices=["auto", "dynamic", "static"],
+        default="auto",
+        help="engine decode path (auto: static cache + CUDA graphs on CUDA, dynamic on CPU)",
+    )
     args = parser.parse_args()
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="cxr-bench-"))
@@ -112,7 +118,11 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     writer = CxrLlavaReportWriter(
-        ckpt, max_new_tokens=args.tokens, max_batch_size=args.engine_batch, ignore_eos=True
+        ckpt,
+        max_new_tokens=args.tokens,
+        max_batch_size=args.engine_batch,
+        ignore_eos=True,
+        decoder=args.decoder,
     )
     one = studies(1)
     queued = studies(args.queued, seed=1)
@@ -145,7 +155,9 @@ def main() -> int:
         f"device: {device_name(device)}; dtype {str(ckpt.dtype).removeprefix('torch.')}; "
         f"{kind} random checkpoint, {ckpt.parameter_count() / 1e9:.3f} B parameters; "
         f"load {load_s:.1f} s; prompt+image {prompt_tokens} tokens; {args.tokens} forced new "
-        f"tokens; same greedy tokens: {'yes' if same else 'NO'}"
+        f"tokens; engine decoder {'static' if writer.static else 'dynamic'} cache"
+        f"{', CUDA graphs' if writer.static and writer.static.cuda_graphs else ''}; "
+        f"same greedy tokens: {'yes' if same else 'NO'}"
     )
     print("| case | plain generate() | engine | ratio (engine faster by) |")
     print("|---|---|---|---|")

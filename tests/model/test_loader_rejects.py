@@ -120,3 +120,29 @@ def test_writer_batches_give_the_same_greedy_text_as_one_by_one(tiny: LoadedChec
         alone.close()
     assert together == separately
     assert len(set(together)) == 3
+
+
+def test_static_cache_decoder_gives_the_dynamic_caches_greedy_text(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """The decoder used on CUDA (static cache, prepared 4D mask, bucketed batch) runs eagerly
+    on CPU here: same tokens as the dynamic-cache path, with padding and bucket filler rows."""
+    rng = np.random.default_rng(2)
+    requests = [
+        ReportRequest(rng.integers(0, 256, (70, 90), dtype=np.uint8)),
+        ReportRequest(rng.integers(0, 256, (64, 64), dtype=np.uint8), "ask", "Is the tube ok?"),
+        ReportRequest(rng.integers(0, 256, (90, 70), dtype=np.uint8), "differential"),
+    ]
+    results = []
+    for decoder in ("dynamic", "static"):
+        writer = CxrLlavaReportWriter(
+            tiny, max_new_tokens=12, max_batch_size=3, warmup=False, decoder=decoder
+        )
+        try:
+            results.append(writer.write_reports(requests))
+            results.append(writer.write_reports(requests[:1]))  # another shape, reused slots
+            results.append(writer.write_reports(requests))
+        finally:
+            writer.close()
+    assert results[:3] == results[3:]
+    assert results[0][0] == results[1][0] == results[2][0]

@@ -57,7 +57,7 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
-def _pick(
+def pick_tokens(
     logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
 ) -> torch.Tensor:
     if sampling.greedy:
@@ -102,7 +102,7 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
     steps: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        token = _pick(out.logits[:, -1, :], sampling, generator)
+        token = pick_tokens(out.logits[:, -1, :], sampling, generator)
         if not ignore_eos:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
@@ -120,7 +120,11 @@ def generate_tokens(
         next_position = next_position + 1
     if not steps:
         return [[] for _ in range(batch)]
-    table = torch.stack(steps, dim=1).tolist()
+    return cut_at_eos(torch.stack(steps, dim=1).tolist(), eos_id, ignore_eos)
+
+
+def cut_at_eos(table: list[list[int]], eos_id: int, ignore_eos: bool) -> list[list[int]]:
+    """Each row's tokens up to (without) the first `</s>`; all of them when EOS is ignored."""
     if ignore_eos:
-        return [list(map(int, row)) for row in table]
-    return [[int(t) for t in row[: row.index(eos_id)]] if eos_id in row else row for row in table]
+        return [[int(t) for t in row] for row in table]
+    return [[int(t) for t in (row[: row.index(eos_id)] if eos_id in row else row)] for row in table]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from cds_service.inference.cxr_llava.generate import (
     splice,
 )
 from cds_service.inference.cxr_llava.loader import LoadedCheckpoint
+from cds_service.inference.cxr_llava.static_decode import StaticDecoder
 from cds_service.inference.engine import (
     BatchEngine,
     BatchResult,
@@ -57,6 +59,7 @@ class CxrLlavaReportWriter:
         sampling: Sampling | None = None,
         warmup: bool = True,
         ignore_eos: bool = False,
+        decoder: str = "auto",
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -66,12 +69,20 @@ class CxrLlavaReportWriter:
         self.sampling = sampling or Sampling()
         self.ignore_eos = ignore_eos
         on_cuda = ckpt.device.type == "cuda"
+        if decoder not in ("auto", "dynamic", "static"):
+            raise ValueError("decoder must be auto, dynamic or static")
+        # auto: static cache + CUDA graphs on CUDA; the dynamic cache on CPU.
+        self.static = (
+            StaticDecoder(ckpt.model, cuda_graphs=on_cuda)
+            if decoder == "static" or (decoder == "auto" and on_cuda)
+            else None
+        )
         self.engine: BatchEngine[ReportRequest, str] = BatchEngine(
             self.run_batch,
             max_batch_size=max_batch_size,
             timeout_s=timeout_s,
             peak_memory=_cuda_peak if on_cuda else process_peak_memory,
-            release_memory=torch.cuda.empty_cache if on_cuda else None,
+            release_memory=self._release_memory,
             name="cxr-llava",
         )
         blank = np.full((WARMUP_IMAGE_SIDE, WARMUP_IMAGE_SIDE), 128, dtype=np.uint8)
@@ -94,8 +105,10 @@ class CxrLlavaReportWriter:
             for r, image in zip(requests, images, strict=True)
         ]
         embeds, mask = left_pad(rows)
-        tokens = generate_tokens(
-            model,
+        generate = (
+            self.static.generate if self.static is not None else partial(generate_tokens, model)
+        )
+        tokens = generate(
             embeds,
             mask,
             max_new_tokens=self.max_new_tokens,
@@ -113,6 +126,12 @@ class CxrLlavaReportWriter:
 
     def metrics(self) -> EngineMetrics:
         return self.engine.metrics()
+
+    def _release_memory(self) -> None:
+        if self.static is not None:
+            self.static.release()
+        if self.ckpt.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         self.engine.stop()
