@@ -4,20 +4,19 @@ AI report from the service's result store. No Flask here."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
-
-import requests
 
 from cds_service.fhir import imaging_study
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir.shapes import as_dict, as_str, dicts
+from cds_service.imaging.errors import ImageFetchError, ImagingError
+from cds_service.imaging.files import decode_image_bytes
+from cds_service.imaging.render import png_bytes
+from cds_service.imaging.retrieval import ImageFetcher, fetch_binary
 from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.results import ModelInfo
 
-MAX_DICOM_BYTES = 64 * 1024 * 1024
-TIMEOUT = (3.0, 15.0)
 FILING_TYPES = ("DiagnosticReport", "Observation", "Device", "Provenance")
 
 
@@ -127,7 +126,8 @@ def _dicom_binary_url(fhir: FhirClient, study: dict[str, Any]) -> str | None:
 
 
 def fetch_dicom(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> bytes:
-    """The study's DICOM bytes, read with the user's token (Binary, Accept application/dicom)."""
+    """The study's DICOM bytes, read with the user's token (Binary, Accept application/dicom)
+    through the imaging pipeline's bounded fetcher (size cap, same-host redirects only)."""
     url = _dicom_binary_url(fhir, study)
     if url is None:
         raise ViewerError("the EHR has no DICOM image for this study")
@@ -135,37 +135,22 @@ def fetch_dicom(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> b
     if not fhir.owns(full):
         raise ViewerError("the study's image lies outside the EHR's FHIR server")
     try:
-        response = requests.get(
-            full,
-            headers={"Accept": "application/dicom", "Authorization": f"Bearer {access_token}"},
-            timeout=TIMEOUT,
-            allow_redirects=False,
-            stream=True,
-        )
-        data = response.raw.read(MAX_DICOM_BYTES + 1, decode_content=True)
-        response.close()
-    except requests.RequestException:
-        raise ViewerError("the EHR's image could not be read") from None
-    if response.status_code == 401:
-        raise FhirAccessDenied("FHIR server answered 401")
-    if response.status_code != 200 or len(data) > MAX_DICOM_BYTES:
-        raise ViewerError(f"the EHR's image could not be read (HTTP {response.status_code})")
-    return bytes(data)
+        return fetch_binary(ImageFetcher(), full, fhir.base_url, access_token)
+    except ImageFetchError as exc:
+        if "(401)" in str(exc):
+            raise FhirAccessDenied("FHIR server answered 401") from None
+        raise ViewerError(f"the EHR's image could not be read: {exc}") from None
+    except ImagingError as exc:
+        raise ViewerError(f"the EHR's image could not be read: {exc}") from None
 
 
 def render_png(dicom: bytes) -> bytes:
     """The DICOM as PNG through the service's own pixel pipeline (no chest check: the
     clinician sees whatever film the EHR holds)."""
     try:
-        files = importlib.import_module("cds_service.imaging.files")
-        render = importlib.import_module("cds_service.imaging.render")
-        errors = importlib.import_module("cds_service.imaging.errors")
-    except ImportError:
-        raise ViewerError("image rendering is not available in this build") from None
-    try:
-        decoded = files.decode_image_bytes(dicom, check_frontal_chest=False)
-        return bytes(render.png_bytes(decoded.pixels))
-    except errors.ImagingError as exc:
+        decoded = decode_image_bytes(dicom, check_frontal_chest=False)
+        return png_bytes(decoded.pixels)
+    except ImagingError as exc:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
 
 
