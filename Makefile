@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # Debian packages the project needs at run or test time, as COMMAND=PACKAGE: installed only
 # when the command is missing. node/npm run the independent CDS client in tests/interop.
 # Orthanc + its DICOMweb plugin are the real PACS of tests/imaging (a path checks a file).
+# Debian's chromium runs the SMART app's browser tests (tests/smart; never a browser download).
 SYSTEM_PACKAGES := node=nodejs npm=npm /usr/sbin/Orthanc=orthanc \
-	/usr/share/orthanc/plugins/libOrthancDicomWeb.so=orthanc-dicomweb
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so=orthanc-dicomweb chromium=chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench-hooks clean system-packages
