@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,6 +49,7 @@ NOTICES = {
     "filed": "The AI report was filed to the chart as a preliminary, AI-generated report.",
 }
 PNG_CACHE_SIZE = 16
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _page(template: str, http_status: int = 200, **values: Any) -> Response:
@@ -424,6 +426,11 @@ def create_smart_blueprint(
     def with_session(
         sid: str, view: Callable[[Session], Response], *, form: bool = False
     ) -> Response:
+        study_id = request.view_args.get("study_id") if request.view_args else None
+        if study_id is not None and (
+            not FHIR_ID.fullmatch(str(study_id)) or not str(study_id).strip(".")
+        ):
+            return _error("Not found", "That is not a FHIR resource id.", 404)
         found = app.session_or_error(sid)
         if isinstance(found, Response):
             return found

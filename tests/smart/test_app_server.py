@@ -1,0 +1,85 @@
+"""The SMART app's pages over plain HTTP: sessions, CSRF, CSP, issuers, compartment."""
+
+from __future__ import annotations
+
+import re
+
+import requests
+
+from tests.smart.conftest import SmartEnv
+
+
+def launched(smart_env: SmartEnv) -> requests.Response:
+    """A full EHR launch with requests following every redirect; lands on the study view."""
+    answer = requests.get(smart_env.ehr_launch_url(), timeout=20)
+    assert answer.status_code == 200 and "/app/s/" in answer.url
+    return answer
+
+
+def session_base(answer: requests.Response) -> str:
+    return answer.url.split("/study/", 1)[0]
+
+
+def test_study_view_headers_and_content(smart_env: SmartEnv) -> None:
+    answer = launched(smart_env)
+    csp = answer.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert f"frame-ancestors 'self' {smart_env.sandbox.base}" in csp
+    assert answer.headers["Referrer-Policy"] == "no-referrer"
+    assert answer.headers["Cache-Control"] == "no-store"
+    assert "<script>" not in answer.text and "style=" not in answer.text
+    assert re.search(r"<script src=\"/app/static/viewer\.js\"></script>", answer.text)
+    assert "access_token" not in answer.text and "refresh" not in answer.text.lower()
+    image = requests.get(answer.url + "/image.png", timeout=20)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
+def test_unknown_session_and_bad_ids(smart_env: SmartEnv) -> None:
+    gone = requests.get(f"{smart_env.service.base}/app/s/not-a-session/", timeout=10)
+    assert gone.status_code == 404 and "Session not found" in gone.text
+    base = session_base(launched(smart_env))
+    for bad in ("%2E%2E", "a%2Fb", "x" * 65, "a%20b"):
+        answer = requests.get(f"{base}/study/{bad}", timeout=10)
+        assert answer.status_code == 404, bad
+
+
+def test_forms_need_the_csrf_token(smart_env: SmartEnv) -> None:
+    answer = launched(smart_env)
+    forged = requests.post(answer.url + "/file", data={"csrf": "guess"}, timeout=10)
+    assert forged.status_code == 403 and "Form not accepted" in forged.text
+    missing = requests.post(answer.url + "/analyse", timeout=10)
+    assert missing.status_code == 403
+
+
+def test_another_patients_study_is_not_shown(smart_env: SmartEnv) -> None:
+    base = session_base(launched(smart_env))  # a session for cxr-demo-1
+    answer = requests.get(f"{base}/study/cxr-nema-rg1", timeout=10)  # cxr-demo-2's study
+    assert answer.status_code == 502
+    assert "AI report" not in answer.text and "OKAFOR" not in answer.text
+    image = requests.get(f"{base}/study/cxr-nema-rg1/image.png", timeout=10)
+    assert image.status_code == 502 and not image.content.startswith(b"\x89PNG")
+
+
+def test_only_configured_ehrs_are_contacted(smart_env: SmartEnv) -> None:
+    for iss in ("http://127.0.0.1:1/fhir", "https://evil.example/fhir", ""):
+        answer = requests.get(
+            f"{smart_env.service.base}/app/launch",
+            params={"iss": iss, "launch": "x"},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert answer.status_code == 400 and "Unknown EHR" in answer.text
+
+
+def test_state_has_at_least_122_bits(smart_env: SmartEnv) -> None:
+    answer = requests.get(
+        f"{smart_env.service.base}/app/standalone", allow_redirects=False, timeout=10
+    )
+    assert answer.status_code == 302
+    state = re.search(r"[?&]state=([^&]+)", answer.headers["Location"])
+    assert state is not None and len(state.group(1)) * 6 >= 122
+    assert "code_challenge_method=S256" in answer.headers["Location"]
+    assert (
+        "aud=" + requests.utils.quote(smart_env.sandbox.fhir, safe="") in answer.headers["Location"]
+    )
