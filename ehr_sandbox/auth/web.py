@@ -43,9 +43,8 @@ SANDBOX_USERS = {
     "Practitioner/sandbox-radiologist": "Dr Noor Haddad (sandbox radiologist)",
 }
 # SMART App Launch 2.x scopes this server understands (v2 letters; v1 .read/.write also work).
+# No OpenID Connect id_token is issued, so `openid fhirUser` are not offered.
 SCOPES_SUPPORTED = [
-    "openid",
-    "fhirUser",
     "launch",
     "launch/patient",
     "offline_access",
@@ -75,7 +74,6 @@ CAPABILITIES = [
     "permission-user",
     "permission-v1",
     "permission-v2",
-    "authorize-post",
 ]
 STANDALONE_ONLY_SCOPES = frozenset({"launch", "launch/patient"})
 PAGE_CSP = (
