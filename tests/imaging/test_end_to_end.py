@@ -14,6 +14,7 @@ import pytest
 
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
+from cds_service.imaging.errors import ImageFetchError
 from cds_service.imaging.files import read_image_file
 from cds_service.imaging.study import StudyImages, study_images_for
 from cds_service.inference.pipeline import ImagePipelineBackend
@@ -159,3 +160,30 @@ def test_study_without_endpoint_is_read_from_its_dicom_media(ehr: Ehr, tmp_path:
         ehr.sandbox.store.update(ehr.studies["cxr-siim-0001"])
     local = read_image_file(seed_file("siim-cr-jpeg-baseline-no-pneumothorax.dcm"))
     assert np.array_equal(fetched.pixels, local.pixels)
+
+
+def test_series_endpoint_overrides_the_study_endpoint(ehr: Ehr) -> None:
+    dead = {
+        "resourceType": "Endpoint",
+        "id": "dead-wado",
+        "status": "active",
+        "connectionType": {"code": "dicom-wado-rs"},
+        "payloadType": [{"text": "DICOM"}],
+        "address": f"http://127.0.0.1:{free_port()}/dicom-web",
+    }
+    ehr.sandbox.store.update(dead)
+    original = ehr.studies["cxr-nih-00000002"]
+    study = {**original, "endpoint": [{"reference": "Endpoint/dead-wado"}]}
+    study["series"] = [
+        {**original["series"][0], "endpoint": [{"reference": "Endpoint/orthanc-wado"}]}
+    ]
+    ehr.sandbox.store.update(study)
+    try:
+        fetched = _images(ehr).load(study, ehr.fhir)
+        assert fetched.pixels.shape == (1024, 1024)
+        # and without the series override, the dead study endpoint is a retryable failure
+        ehr.sandbox.store.update({**study, "series": original["series"]})
+        with pytest.raises(ImageFetchError, match="unreachable"):
+            _images(ehr).load({**study, "series": original["series"]}, ehr.fhir)
+    finally:
+        ehr.sandbox.store.update(original)
