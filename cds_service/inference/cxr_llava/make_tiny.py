@@ -91,7 +91,7 @@ def config_json(full_size: bool, vocab_size: int) -> dict[str, Any]:
         },
         "model_type": "CXR-LLAVA",
         "clip_vision_cfg": vision,
-        "clip_embed_dim": 768 if full_size else 32,
+        "clip_embed_dim": 128 if full_size else 32,
         "clip_quick_gelu": False,
         "clip_precision": "bf16",
         "image_preprocess_cfg": {"mean": 0.5518136078431373, "std": 0.3821719215686275},
@@ -162,10 +162,14 @@ def write_tokenizer(folder: Path) -> int:
     return int(spm.SentencePieceProcessor(model_proto=data).get_piece_size())
 
 
+def _is_norm(name: str) -> bool:
+    return name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight")) or (
+        name.endswith(("norm.weight", "layernorm.weight"))
+    )
+
+
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight")) or (
-        name.endswith("norm.weight") or name.endswith("layernorm.weight")
-    ):
+    if _is_norm(name):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     scale = 0.02 if len(shape) > 1 else 0.01
     return scale * torch.randn(shape, generator=gen)
@@ -187,11 +191,30 @@ def _shards(layout: dict[str, Entry]) -> list[list[str]]:
     return shards
 
 
+class _RandomPool:
+    """Full size: slices of one pool of random values (fast; never zeros), not 7e9 draws."""
+
+    def __init__(self, gen: torch.Generator, size: int = 1 << 24) -> None:
+        self.values = torch.randn(size, generator=gen)
+        self.offset = 0
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        count = int(torch.Size(shape).numel())
+        repeats = -(-(self.offset % 4099 + count) // self.values.numel())
+        flat = self.values.repeat(repeats)[self.offset % 4099 : self.offset % 4099 + count]
+        self.offset += 7919
+        scale = 0.1 if _is_norm(name) else (0.02 if len(shape) > 1 else 0.01)
+        base = 1.0 if _is_norm(name) else 0.0
+        return (base + scale * flat).reshape(shape)
+
+
 def _shard_tensors(
-    names: list[str], layout: dict[str, Entry], gen: torch.Generator
+    names: list[str], layout: dict[str, Entry], gen: torch.Generator, pool: _RandomPool | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
-        yield name, _random_tensor(name, layout[name].shape, gen).to(torch.bfloat16)
+        shape = layout[name].shape
+        tensor = pool.tensor(name, shape) if pool else _random_tensor(name, shape, gen)
+        yield name, tensor.to(torch.bfloat16)
 
 
 def make_checkpoint(folder: str | Path, *, full_size: bool = False, seed: int = 0) -> Path:
@@ -209,11 +232,12 @@ def make_checkpoint(folder: str | Path, *, full_size: bool = False, seed: int = 
     shapes = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
     layout = published_layout(shapes, config.vision.width, config.vision.embed_dim)
     gen = torch.Generator().manual_seed(seed)
+    pool = _RandomPool(gen) if full_size else None
     weight_map: dict[str, str] = {}
     total = 0
     for number, names in enumerate(_shards(layout), start=1):
         file_name = f"model-{number:05d}-of-{SHARDS:05d}.safetensors"
-        tensors = dict(_shard_tensors(names, layout, gen))
+        tensors = dict(_shard_tensors(names, layout, gen, pool))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(root / file_name), metadata={"format": "pt"})
         del tensors
