@@ -112,6 +112,13 @@ def load_report_writer(settings: Settings, **overrides: Any) -> ReportWriter:
 
 def device_info(settings: Settings, model: ModelInfo) -> DeviceInfo:
     """The model as a FHIR Device. The model card page is served by the service itself."""
+    if model.simulated and model.model_id == TINY_LABEL:
+        return DeviceInfo.for_model(
+            model,
+            manufacturer="cxr-cds tiny random model (random weights, meaningless output)",
+            model_card_url=f"{settings.public_url}/model-card",
+            licence_note="Random weights made by cxr-cds model make-tiny: for testing only.",
+        )
     if model.simulated:
         return DeviceInfo.for_model(
             model,

@@ -83,6 +83,8 @@ def test_make_tiny_then_analyze_text_json_fhir(
     )
     assert report["subject"]["reference"] == "Patient/p1"
     assert "SIMULATED" in json.dumps(report)
+    device = next(r for r in resources if r["resourceType"] == "Device")
+    assert "meaningless" in json.dumps(device)
 
 
 def test_analyze_refuses_bad_input_cleanly(
