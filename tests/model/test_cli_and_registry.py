@@ -74,13 +74,9 @@ def test_make_tiny_then_analyze_text_json_fhir(
     assert payload["task"] == "differential" and isinstance(payload["findings"], list)
     code, out, _ = _run(capsys, *common, "--format", "fhir", "--patient", "p1")
     bundle = json.loads(out)
-    types = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert bundle["type"] == "transaction" and "DiagnosticReport" in types
-    report = next(
-        e["resource"]
-        for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "DiagnosticReport"
-    )
+    resources = [e["resource"] for e in bundle["entry"]]
+    assert bundle["type"] == "transaction"
+    report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
     assert report["subject"]["reference"] == "Patient/p1"
     assert "SIMULATED" in json.dumps(report)
     device = next(r for r in resources if r["resourceType"] == "Device")
