@@ -22,6 +22,8 @@ missing = [m for m in ("torch", "transformers", "safetensors", "sentencepiece", 
 if missing:
     sys.exit(f"bench/gpu.sh: missing Python packages: {', '.join(missing)}")
 import torch, transformers
+if int(transformers.__version__.split(".")[0]) < 5:
+    sys.exit(f"bench/gpu.sh: transformers {transformers.__version__} < 5 (the static cache API differs)")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
       f"{transformers.__version__}, cuda {torch.cuda.is_available()}", file=sys.stderr)
 PYCHECK
