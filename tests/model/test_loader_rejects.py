@@ -109,7 +109,7 @@ def test_writer_batches_give_the_same_greedy_text_as_one_by_one(tiny: LoadedChec
         ReportRequest(rng.integers(0, 256, (90, 70), dtype=np.uint8), "differential"),
         ReportRequest(rng.integers(0, 256, (64, 64), dtype=np.uint8), "ask", "Any effusion?"),
     ]
-    batched = CxrLlavaReportWriter(tiny, max_new_tokens=10, max_batch_size=3, warmup=False)
+    batched = CxrLlavaReportWriter(tiny, max_new_tokens=10, max_batch_size=3, warmup=True)
     alone = CxrLlavaReportWriter(tiny, max_new_tokens=10, max_batch_size=1, warmup=False)
     try:
         together = batched.write_reports(requests)

@@ -57,7 +57,7 @@ class CxrLlavaReportWriter:
         max_batch_size: int = 8,
         timeout_s: float = 600.0,
         sampling: Sampling | None = None,
-        warmup: bool = True,
+        warmup: bool | None = None,
         ignore_eos: bool = False,
         decoder: str = "auto",
     ) -> None:
@@ -86,7 +86,10 @@ class CxrLlavaReportWriter:
             name="cxr-llava",
         )
         blank = np.full((WARMUP_IMAGE_SIDE, WARMUP_IMAGE_SIDE), 128, dtype=np.uint8)
-        self.engine.start([ReportRequest(blank)] if warmup else [])
+        # Warm-up (allocator, kernels, the batch-1 CUDA graph) pays on CUDA; on CPU it would
+        # only delay start-up by a whole report.
+        warm = on_cuda if warmup is None else warmup
+        self.engine.start([ReportRequest(blank)] if warm else [])
 
     def pixels(self, requests: Sequence[ReportRequest]) -> torch.Tensor:
         cfg = self.ckpt.config
