@@ -84,3 +84,14 @@ def test_a_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
     with pytest.raises(ConfigurationError, match="no .safetensors"):
         HfVlmReportWriter.from_folder(tmp_path, device="cpu")
+
+
+def test_registry_serves_hf_vlm_from_the_settings(llava_dir: Path) -> None:
+    from cds_service.config import Settings
+    from cds_service.inference.registry import load_report_writer, model_info
+
+    settings = Settings(backend="hf_vlm", model_dir=str(llava_dir))
+    writer = load_report_writer(settings, device="cpu", max_new_tokens=3)
+    assert writer.model == model_info(settings)
+    image = np.full((40, 40), 100, dtype=np.uint8)
+    assert len(writer.write_reports([ReportRequest(image, "differential")])) == 1
