@@ -99,7 +99,9 @@ class StudyImages:
         client = access.client() if access is not None else None
         vetted = self._vetted_study(study, client)
         token = access.token if access is not None else None
-        candidates, reasons = self._candidates(vetted, client, trusted=client is not None)
+        # Only a study re-read from the EHR itself may send us to any Endpoint address.
+        trusted = vetted is not study
+        candidates, reasons = self._candidates(vetted, client, trusted=trusted)
         uid = imaging_study.study_uid(vetted) or ""
         sources: list[Callable[[], bytes]] = [
             partial(
