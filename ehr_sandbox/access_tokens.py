@@ -83,3 +83,7 @@ class TokenStore:
         if row is None or row[4] < time.time():
             return None
         return AccessToken(*row)
+
+    def revoke(self, token: str) -> None:
+        with self._connect() as conn:
+            conn.execute("DELETE FROM access_tokens WHERE token = ?", (token,))

@@ -133,8 +133,14 @@ class SmartAuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         record = _store(self).code(code)
         if record is None or record.client_id != client.client_id:
             return None
-        # One use only: a replayed code (or one past its lifetime) gets invalid_grant.
-        if record.expires_at < time.time() or not _store(self).use_code(code):
+        if record.expires_at < time.time():
+            return None
+        if not _store(self).use_code(code):
+            # A replayed code: refused, and what it was exchanged for is revoked (RFC 6749
+            # section 4.1.2), since the code has leaked.
+            for issued in _store(self).issued_for(code):
+                _store(self).revoke_refresh_token(issued)
+                self.server.token_store.revoke(issued)
             return None
         return CodeRecord(record)
 
@@ -168,6 +174,7 @@ def save_token(
     approval: Approval,
     tokens: TokenStore,
     smart: SmartStore,
+    code: str | None = None,
 ) -> None:
     """Persist what authlib generated and add the SMART launch context to the response."""
     scope = str(token.get("scope") or approval.scope)
@@ -184,3 +191,7 @@ def save_token(
         smart.save_refresh_token(str(refresh), client.client_id, scope, approval.context)
         token["refresh_token"] = refresh
     token.update(approval.context.token_fields())
+    if code is not None:
+        smart.record_issued(
+            code, [str(token["access_token"]), *([str(refresh)] if refresh else [])]
+        )

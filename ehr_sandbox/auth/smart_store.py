@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS smart_launches (
 CREATE TABLE IF NOT EXISTS smart_codes (
     code TEXT PRIMARY KEY, client_id TEXT NOT NULL, redirect_uri TEXT NOT NULL,
     scope TEXT NOT NULL, challenge TEXT NOT NULL, challenge_method TEXT NOT NULL,
-    context TEXT NOT NULL, expires_at REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0
+    context TEXT NOT NULL, expires_at REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0,
+    issued TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS smart_refresh_tokens (
     token TEXT PRIMARY KEY, client_id TEXT NOT NULL, scope TEXT NOT NULL,
@@ -108,6 +109,9 @@ class SmartStore:
         self.database = Path(database)
         with self._connect() as conn:
             conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(smart_codes)")}
+            if "issued" not in columns:  # files made before replay revocation existed
+                conn.execute("ALTER TABLE smart_codes ADD COLUMN issued TEXT NOT NULL DEFAULT '[]'")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -168,7 +172,8 @@ class SmartStore:
         with self._connect() as conn:
             conn.execute("DELETE FROM smart_codes WHERE expires_at < ?", (time.time() - 3600,))
             conn.execute(
-                "INSERT INTO smart_codes VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                "INSERT INTO smart_codes (code, client_id, redirect_uri, scope, challenge, "
+                "challenge_method, context, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     code.code,
                     code.client_id,
@@ -209,6 +214,18 @@ class SmartStore:
                 "UPDATE smart_codes SET used = 1 WHERE code = ? AND used = 0", (code,)
             )
             return cursor.rowcount == 1
+
+    def record_issued(self, code: str, tokens: list[str]) -> None:
+        """Remember the tokens a code was exchanged for (revoked if the code is replayed)."""
+        with self._connect() as conn:
+            conn.execute(
+                "UPDATE smart_codes SET issued = ? WHERE code = ?", (json.dumps(tokens), code)
+            )
+
+    def issued_for(self, code: str) -> list[str]:
+        with self._connect() as conn:
+            row = conn.execute("SELECT issued FROM smart_codes WHERE code = ?", (code,)).fetchone()
+        return [str(t) for t in json.loads(row[0])] if row else []
 
     # -- refresh tokens ---------------------------------------------------------------------
     def save_refresh_token(

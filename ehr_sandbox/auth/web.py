@@ -24,6 +24,7 @@ from ehr_sandbox.access_tokens import TokenStore
 from ehr_sandbox.auth.grants import (
     USER_TOKEN_LIFETIME_S,
     Approval,
+    CodeRecord,
     S256Only,
     SmartAuthorizationCodeGrant,
     SmartClient,
@@ -181,6 +182,7 @@ class SmartAuth:
         self.server = AuthorizationServer()
         self.server.init_app(app, query_client=self._query_client, save_token=self._save_token)
         self.server.smart_store = smart
+        self.server.token_store = tokens
         self.server.register_grant(SmartAuthorizationCodeGrant, [S256Only(required=True)])
         self.server.register_grant(SmartRefreshTokenGrant)
         app.config.setdefault("OAUTH2_REFRESH_TOKEN_GENERATOR", True)
@@ -198,7 +200,15 @@ class SmartAuth:
         return SmartClient(registered) if registered else None
 
     def _save_token(self, token: dict[str, Any], oauth_request: Any) -> None:
-        save_token(token, oauth_request.client, oauth_request.user, self.tokens, self.smart)
+        code = getattr(oauth_request, "authorization_code", None)
+        save_token(
+            token,
+            oauth_request.client,
+            oauth_request.user,
+            self.tokens,
+            self.smart,
+            code.record.code if isinstance(code, CodeRecord) else None,
+        )
 
     # -- helpers ----------------------------------------------------------------------------
     def base(self) -> str:

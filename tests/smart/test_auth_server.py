@@ -176,11 +176,23 @@ def test_wrong_code_verifier_is_refused(ehr: SandboxHandle) -> None:
     assert missing.status_code == 400 and missing.json()["error"] == "invalid_request"
 
 
-def test_code_is_single_use(ehr: SandboxHandle) -> None:
+def test_code_is_single_use_and_a_replay_revokes_its_tokens(ehr: SandboxHandle) -> None:
     code = code_for(ehr)
-    assert exchange(ehr, code).status_code == 200
+    first = exchange(ehr, code)
+    assert first.status_code == 200
+    bearer = first.json()["access_token"]
+    assert get(ehr, "Patient/cxr-demo-1", bearer).status_code == 200
     replay = exchange(ehr, code)
     assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant"
+    # The code leaked: the tokens it was exchanged for no longer work.
+    assert get(ehr, "Patient/cxr-demo-1", bearer).status_code == 401
+    refreshed = token(
+        ehr,
+        grant_type="refresh_token",
+        refresh_token=first.json()["refresh_token"],
+        client_id=CLIENT,
+    )
+    assert refreshed.status_code == 400
 
 
 def test_wrong_aud_is_refused_with_a_page(ehr: SandboxHandle) -> None:
