@@ -10,10 +10,11 @@ from typing import Any
 from cds_service.fhir import imaging_study
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir.shapes import as_dict, as_str, dicts
-from cds_service.imaging.errors import ImageFetchError, ImagingError
+from cds_service.imaging.errors import ImageFetchError, ImagingError, NotAnalysable
 from cds_service.imaging.files import decode_image_bytes
 from cds_service.imaging.render import png_bytes
 from cds_service.imaging.retrieval import ImageFetcher, fetch_binary
+from cds_service.imaging.study import EhrAccess, StudyImages
 from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.results import ModelInfo
 
@@ -56,6 +57,8 @@ def patient_banner(patient: dict[str, Any]) -> PatientBanner:
 
 def ai_status(store: SqliteStore, ref: StudyRef, model: ModelInfo) -> str:
     stored = store.get_result(ref, model)
+    if stored is not None and stored.patient_id not in (None, ref.patient_id):
+        stored = None  # analysed for another patient under the same Study UID: never shown
     if stored is not None:
         if stored.result.status == "completed":
             return "analysed"
@@ -154,11 +157,35 @@ def render_png(dicom: bytes) -> bytes:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
 
 
+def study_png(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> bytes:
+    """The study's film as PNG: the frontal chest image the model would analyse, found as the
+    service does (the study's WADO-RS endpoints, else its DICOM Media), all with the user's
+    token; for a study with no analysable image, its first DICOM Binary as it is."""
+    base = fhir.base_url
+    images = StudyImages(
+        ImageFetcher(token_servers=(base,)),  # the user's token goes only to the FHIR server
+        lambda server: EhrAccess(base, access_token) if server.rstrip("/") == base else None,
+    )
+    try:
+        return png_bytes(images.load(study, base).pixels)
+    except NotAnalysable:
+        return render_png(fetch_dicom(fhir, access_token, study))
+    except ImageFetchError as exc:
+        if "401" in str(exc):
+            raise FhirAccessDenied("FHIR server answered 401") from None
+        raise ViewerError(f"the EHR's image could not be read: {exc}") from None
+    except ImagingError as exc:
+        raise ViewerError(f"the image cannot be shown: {exc}") from None
+
+
 def stored_result(
     store: SqliteStore, tenant: str, study: dict[str, Any], model: ModelInfo
 ) -> StoredResult | None:
     ref = study_ref(tenant, study)
-    return store.get_result(ref, model) if ref else None
+    stored = store.get_result(ref, model) if ref else None
+    if stored is not None and stored.patient_id not in (None, ref.patient_id if ref else None):
+        return None  # analysed for another patient under the same Study UID: never shown
+    return stored
 
 
 def scope_allows(scope: str, resource_type: str, letter: str) -> bool:

@@ -37,8 +37,8 @@ T = TypeVar("T")
 DEFAULT_CLIENT_ID = "cxr-cds-viewer"
 DATA_SCOPES = (
     "patient/Patient.rs patient/ImagingStudy.rs patient/Media.rs patient/Binary.r "
-    "patient/DiagnosticReport.cruds patient/Observation.cs patient/Device.cs "
-    "patient/Provenance.cs"
+    "patient/Endpoint.r patient/DiagnosticReport.cruds patient/Observation.cs "
+    "patient/Device.cs patient/Provenance.cs"
 )
 EHR_LAUNCH_SCOPE = f"launch offline_access {DATA_SCOPES}"
 STANDALONE_SCOPE = f"launch/patient offline_access {DATA_SCOPES}"
@@ -327,7 +327,7 @@ class SmartApp:
 
             def load(fhir: FhirClient, s: Session) -> bytes:
                 study = viewer.read_study(fhir, study_id, s.patient)
-                return viewer.render_png(viewer.fetch_dicom(fhir, s.access_token, study))
+                return viewer.study_png(fhir, s.access_token, study)
 
             png = self.with_fhir(session, load)
             with self._png_lock:
