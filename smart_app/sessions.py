@@ -4,6 +4,7 @@ third-party cookies are dropped). Tokens never leave the server."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import secrets
@@ -102,6 +103,17 @@ class SessionStore:
                 yield conn
         finally:
             conn.close()
+
+    @contextmanager
+    def refresh_lock(self) -> Iterator[None]:
+        """One token refresh at a time across threads and processes (gunicorn workers): the
+        refresh token rotates on every use, so two concurrent refreshes would lose one."""
+        with open(self.path.with_name(self.path.name + ".refresh-lock"), "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- launches -----------------------------------------------------------------------------
     def new_launch(

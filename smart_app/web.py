@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
 
 from cds_service.config import Settings
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
@@ -71,7 +72,6 @@ class SmartApp:
         self.sessions = SessionStore(database.with_name(f"{database.stem}-smart-app.sqlite3"))
         self._png_cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._png_lock = Lock()
-        self._refresh_lock = Lock()
 
     # -- configuration ----------------------------------------------------------------------
     def tenant_for(self, iss: str) -> str | None:
@@ -207,8 +207,8 @@ class SmartApp:
     # -- tokens -----------------------------------------------------------------------------
     def refreshed(self, failed: Session) -> Session:
         """A session with a fresh access token. Concurrent requests of one session (the page
-        and its image) share one refresh: the refresh token is rotated on every use."""
-        with self._refresh_lock:
+        and its image, maybe in two worker processes) share one refresh."""
+        with self.sessions.refresh_lock():
             session = self.sessions.session(failed.sid) or failed
             if session.access_token != failed.access_token and not session.expired:
                 return session  # another request refreshed it meanwhile
@@ -444,6 +444,13 @@ def create_smart_blueprint(
         except FhirError as exc:
             log.warning("FHIR call from the viewer failed: %s", type(exc).__name__)
             return _error("The EHR did not answer", "The EHR refused or failed a request.", 502)
+
+    @bp.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):
+            return _error(exc.name, exc.description or "", exc.code or 500)
+        log.exception("unhandled error in the SMART app")
+        return _error("Something went wrong", "The viewer hit an internal error.", 500)
 
     @bp.get("/launch")
     def launch() -> Response:

@@ -159,13 +159,16 @@ class SmartRefreshTokenGrant(grants.RefreshTokenGrant):
         record = _store(self).refresh_token(refresh_token)
         if record is None or record.revoked or record.expires_at < time.time():
             return None
-        return RefreshCredential(record)
+        if record.client_id != self.request.client.client_id:
+            return None  # authlib answers invalid_grant; the token stays usable by its client
+        # Used up now, atomically: two concurrent uses of one refresh token cannot both win.
+        return RefreshCredential(record) if _store(self).use_refresh_token(refresh_token) else None
 
     def authenticate_user(self, credential: RefreshCredential) -> Approval:
         return Approval(credential.record.context, credential.record.scope)
 
     def revoke_old_credential(self, credential: RefreshCredential) -> None:
-        _store(self).revoke_refresh_token(credential.record.token)
+        """Nothing left to do: the refresh token was revoked when it was looked up."""
 
 
 def save_token(

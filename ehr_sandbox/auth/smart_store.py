@@ -253,6 +253,15 @@ class SmartStore:
             row[0], row[1], row[2], LaunchContext.from_json(row[3]), float(row[4]), bool(row[5])
         )
 
+    def use_refresh_token(self, token: str) -> bool:
+        """Revoke a refresh token as it is used (it rotates); False when it already was."""
+        with self._connect() as conn:
+            cursor = conn.execute(
+                "UPDATE smart_refresh_tokens SET revoked = 1 WHERE token = ? AND revoked = 0",
+                (token,),
+            )
+            return cursor.rowcount == 1
+
     def revoke_refresh_token(self, token: str) -> None:
         with self._connect() as conn:
             conn.execute("UPDATE smart_refresh_tokens SET revoked = 1 WHERE token = ?", (token,))

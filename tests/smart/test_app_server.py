@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -83,3 +86,38 @@ def test_state_has_at_least_122_bits(smart_env: SmartEnv) -> None:
     assert (
         "aud=" + requests.utils.quote(smart_env.sandbox.fhir, safe="") in answer.headers["Location"]
     )
+
+
+def test_concurrent_requests_share_one_token_refresh(smart_env: SmartEnv) -> None:
+    answer = launched(smart_env)
+    with sqlite3.connect(smart_env.sandbox.sandbox.settings.database) as conn:
+        conn.execute("UPDATE access_tokens SET expires_at = 0 WHERE client_id = 'cxr-cds-viewer'")
+    urls = [answer.url, answer.url + "/image.png"] * 3
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(lambda u: requests.get(u, timeout=30).status_code, urls))
+    # The refresh token rotates on use: without one shared refresh some requests would fail.
+    assert statuses == [200] * 6
+
+
+def test_two_workers_refreshing_one_session_share_the_refresh(smart_env: SmartEnv) -> None:
+    """Two app instances (as two gunicorn workers) over the same session file refresh the same
+    expired session at once: the refresh token rotates, so only a shared refresh keeps both."""
+    from cds_service.inference.simulated import SimulatedBackend
+    from smart_app.web import SmartApp
+
+    sid = launched(smart_env).url.split("/app/s/", 1)[1].split("/", 1)[0]
+    service = smart_env.service
+    workers = [
+        SmartApp(service.settings, service.store, SimulatedBackend().model) for _ in range(2)
+    ]
+    expired = workers[0].sessions.session(sid)
+    assert expired is not None
+    barrier = threading.Barrier(2)
+
+    def refresh(worker: SmartApp) -> str:
+        barrier.wait()
+        return worker.refreshed(expired).access_token
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        tokens = list(pool.map(refresh, workers))
+    assert tokens[0] == tokens[1] != expired.access_token
