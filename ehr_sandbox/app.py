@@ -98,6 +98,8 @@ def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None 
                 "name": "cxr-cds EHR sandbox",
                 "fhir": request.host_url + "fhir",
                 "jwks": request.host_url + ".well-known/jwks.json",
+                "smart_configuration": request.host_url + "fhir/.well-known/smart-configuration",
+                "ehr_launch": request.host_url + "ehr/launch",
             }
         )
 
