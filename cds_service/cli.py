@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cds_service.errors import ConfigurationError
+from cds_service.imaging.cli import register as register_dicom_commands
+from cds_service.inference.model_cli import register as register_model_commands
 from cds_service.inference.registry import SIMULATED_WARNING
 
 log = logging.getLogger("cxr_cds")
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default="var/demo")
     demo.add_argument("--once", action="store_true", help="exit after printing the cards")
     demo.set_defaults(func=cmd_demo)
+    register_model_commands(sub)
+    register_dicom_commands(sub)
     return parser
 
 

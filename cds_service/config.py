@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["production", "development", "demo"]
 MODES: tuple[Mode, ...] = ("production", "development", "demo")
 BACKENDS = ("simulated", "cxr_llava", "hf_vlm", "tiny")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # CXR_CDS_MODEL_DEVICE
 # CDS Hooks 2.0 security: ES384/RS384 recommended; none and every HS* are forbidden.
 ALLOWED_JWT_ALGORITHMS = frozenset({"ES256", "ES384", "RS256", "RS384"})
 
@@ -149,6 +151,11 @@ class Settings:
     database: Path = Path("var/cxr-cds.sqlite3")
     backend: str = "simulated"
     model_dir: str | None = None
+    # Model runtime (cds_service.inference): device, generation length, batching, timeout.
+    model_device: str = "auto"
+    max_new_tokens: int = 512
+    model_batch_size: int = 8
+    model_timeout_s: float = 600.0
     smart_app_url: str = ""
     lookback_days: int = 365
     max_studies: int = 5
@@ -164,6 +171,11 @@ class Settings:
     # Accept JWTs from the public CDS Hooks sandbox (its private key is public): never in
     # production. Its keys are pinned in the package; its jku is never fetched.
     trust_public_sandbox: bool = False
+    # Image servers (WADO-RS bases, URL prefixes) that may receive the EHR's bearer token,
+    # and the limits on every image fetched or decoded (cds_service.imaging.limits).
+    image_servers: tuple[str, ...] = ()
+    image_max_bytes: int = 64 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
 
     @property
     def simulated(self) -> bool:
@@ -254,6 +266,18 @@ class Settings:
             raise ConfigurationError("CXR_CDS_HOOK_WAIT_MS must be between 0 and 10000")
         if self.on_missing_data not in ("412", "no-card"):
             raise ConfigurationError("CXR_CDS_ON_MISSING_DATA must be '412' or 'no-card'")
+        if not (1 <= self.max_new_tokens <= 4096 and 1 <= self.model_batch_size <= 256):
+            raise ConfigurationError(
+                "CXR_CDS_MAX_NEW_TOKENS must be 1..4096 and CXR_CDS_MODEL_BATCH_SIZE 1..256"
+            )
+        if self.model_timeout_s <= 0 or not _DEVICE.fullmatch(self.model_device):
+            raise ConfigurationError(
+                "CXR_CDS_MODEL_TIMEOUT must be > 0; CXR_CDS_MODEL_DEVICE auto, cpu or cuda[:N]"
+            )
+        if self.image_max_bytes < 1 or self.image_max_pixels < 1:
+            raise ConfigurationError("CXR_CDS_IMAGE_MAX_BYTES and _MAX_PIXELS must be >= 1")
+        if any(urlsplit(u).scheme not in {"http", "https"} for u in self.image_servers):
+            raise ConfigurationError("CXR_CDS_IMAGE_SERVERS must be absolute http(s) URLs")
         return self
 
     @classmethod
@@ -280,6 +304,10 @@ class Settings:
                 database=Path(env.get("CXR_CDS_DB", "var/cxr-cds.sqlite3")),
                 backend=env.get("CXR_CDS_BACKEND", "simulated"),
                 model_dir=env.get("CXR_CDS_MODEL_DIR") or None,
+                model_device=env.get("CXR_CDS_MODEL_DEVICE", "auto"),
+                max_new_tokens=int(env.get("CXR_CDS_MAX_NEW_TOKENS", "512")),
+                model_batch_size=int(env.get("CXR_CDS_MODEL_BATCH_SIZE", "8")),
+                model_timeout_s=float(env.get("CXR_CDS_MODEL_TIMEOUT", "600")),
                 smart_app_url=env.get("CXR_CDS_SMART_APP_URL", "").rstrip("/"),
                 lookback_days=int(env.get("CXR_CDS_LOOKBACK_DAYS", "365")),
                 max_studies=int(env.get("CXR_CDS_MAX_STUDIES", "5")),
@@ -291,6 +319,9 @@ class Settings:
                 fhir_read_timeout_s=float(env.get("CXR_CDS_FHIR_READ_TIMEOUT", "5")),
                 ehr_clients=ehr_clients,
                 trust_public_sandbox=_bool(env.get("CXR_CDS_TRUST_PUBLIC_SANDBOX", "0")),
+                image_servers=tuple(env.get("CXR_CDS_IMAGE_SERVERS", "").split()),
+                image_max_bytes=int(env.get("CXR_CDS_IMAGE_MAX_BYTES", str(64 * 1024 * 1024))),
+                image_max_pixels=int(env.get("CXR_CDS_IMAGE_MAX_PIXELS", "40000000")),
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc
