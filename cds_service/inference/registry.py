@@ -66,12 +66,12 @@ def model_info(settings: Settings) -> ModelInfo:
 
 
 def runtime_options(settings: Settings) -> dict[str, Any]:
-    """CXR_CDS_MODEL_DEVICE, _MAX_NEW_TOKENS, _MODEL_BATCH_SIZE, _MODEL_TIMEOUT (with defaults)."""
+    """CXR_CDS_MODEL_DEVICE, CXR_CDS_MAX_NEW_TOKENS, CXR_CDS_MODEL_BATCH_SIZE, _MODEL_TIMEOUT."""
     return {
-        "device": getattr(settings, "model_device", "auto"),
-        "max_new_tokens": getattr(settings, "max_new_tokens", 512),
-        "batch_size": getattr(settings, "model_batch_size", 8),
-        "timeout_s": getattr(settings, "model_timeout_s", 600.0),
+        "device": settings.model_device,
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.model_batch_size,
+        "timeout_s": settings.model_timeout_s,
     }
 
 
