@@ -100,6 +100,10 @@ WRITE_BACK_SCOPE = (
     "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
     "system/ImagingStudy.rs"
 )
+# Find the study's pixels: its DICOMweb Endpoints, else its DICOM Media and their Binary.
+IMAGE_READ_SCOPE = "system/Endpoint.rs system/Media.rs system/Binary.rs"
+# What the service asks an EHR for by default: write-back plus image retrieval.
+SERVICE_SCOPE = f"{WRITE_BACK_SCOPE} {IMAGE_READ_SCOPE}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class EhrClient:
     token_url: str
     client_id: str
     key_file: Path
-    scope: str = WRITE_BACK_SCOPE
+    scope: str = SERVICE_SCOPE
 
     @classmethod
     def from_json(cls, item: Any) -> EhrClient:

@@ -9,9 +9,12 @@ from typing import Any
 from cds_service.config import Settings
 from cds_service.errors import ConfigurationError
 from cds_service.fhir_out.resources import DeviceInfo
+from cds_service.imaging.limits import ImageLimits
+from cds_service.imaging.study import study_images_for
 from cds_service.inference.base import Backend, ReportWriter
 from cds_service.inference.cxr_llava.config import MODEL_LICENCE
-from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedBackend
+from cds_service.inference.pipeline import ImagePipelineBackend
+from cds_service.inference.simulated import SIMULATED_MODEL
 from cds_service.results import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -135,11 +138,14 @@ def device_info(settings: Settings, model: ModelInfo) -> DeviceInfo:
 
 
 def load_backend(settings: Settings) -> Backend:
+    """The worker's backend: fetch and select the study's frontal chest image (from the EHRs
+    in settings.ehr_clients and the image servers), then the configured model writes the
+    report. Even the simulated model only ever 'reports' on a real, selected image."""
     if settings.backend == "simulated":
         log.warning(SIMULATED_WARNING)
-        return SimulatedBackend()
-    model_info(settings)  # raises with the reason when the model folder is unusable
-    raise ConfigurationError(
-        f"backend {settings.backend!r}: the study pipeline (image selection + ReportWriter) is "
-        "not wired to the worker yet; use CXR_CDS_BACKEND=simulated or `cxr-cds analyze`"
+    images = study_images_for(
+        settings.ehr_clients,
+        settings.image_servers,
+        ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels),
     )
+    return ImagePipelineBackend(load_report_writer(settings), images)

@@ -10,14 +10,10 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cds_service.config import WRITE_BACK_SCOPE, Settings, TrustedIssuer
+from cds_service.config import SERVICE_SCOPE, Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import EhrClient
-from cds_service.imaging.study import study_images_for
-from cds_service.inference.base import Backend
-from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.registry import SIMULATED_WARNING, device_info, load_backend
-from cds_service.inference.simulated import SimulatedReportWriter
 from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.jobs.worker import run_forever
@@ -30,7 +26,6 @@ from ehr_sandbox.seed import seed
 from smart_app.web import DATA_SCOPES, DEFAULT_CLIENT_ID
 
 # Write-back, plus reading the studies' images (Media -> Binary, or a DICOMweb Endpoint).
-DEMO_BACKEND_SCOPE = f"{WRITE_BACK_SCOPE} system/Media.rs system/Binary.rs system/Endpoint.rs"
 
 log = logging.getLogger(__name__)
 DEMO_PATIENT = "cxr-demo-1"
@@ -95,13 +90,13 @@ def run_demo(
     # The service writes reports back as a SMART Backend Services client of the sandbox.
     service_key = SigningKey.load_or_create(data_dir / "cds-backend-key.jwk.json")
     register_viewer(sandbox, service_base)
-    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), DEMO_BACKEND_SCOPE)
+    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), SERVICE_SCOPE)
     ehr = EhrClient(
         fhir_base=f"{sandbox_base}/fhir",
         token_url=f"{sandbox_base}/auth/token",
         client_id=BACKEND_CLIENT_ID,
         key_file=data_dir / "cds-backend-key.jwk.json",
-        scope=DEMO_BACKEND_SCOPE,
+        scope=SERVICE_SCOPE,
     )
     settings = Settings(
         mode="demo",
@@ -112,13 +107,9 @@ def run_demo(
         ehr_clients=(ehr,),
     ).validated()
     store = SqliteStore(settings.database)
-    backend: Backend = load_backend(settings)
-    if backend.model.simulated:
-        # The simulated model still gets real pixels: each study's DICOM is read from the
-        # sandbox (its Media -> Binary), selected and decoded before the canned report.
-        backend = ImagePipelineBackend(
-            SimulatedReportWriter(), study_images_for(settings.ehr_clients)
-        )
+    # The simulated model still gets real pixels: each study's DICOM is read from the
+    # sandbox (its Media -> Binary), selected and decoded before the canned report.
+    backend = load_backend(settings)
     if backend.model.simulated:
         _banner([SIMULATED_WARNING[i : i + 90] for i in range(0, len(SIMULATED_WARNING), 90)])
     service_server = make_server(
