@@ -178,6 +178,9 @@ class Settings:
     # Image servers (WADO-RS bases, URL prefixes) that may receive the EHR's bearer token,
     # and the limits on every image fetched or decoded (cds_service.imaging.limits).
     image_servers: tuple[str, ...] = ()
+    # FHIR bases (URL prefixes) that may launch the SMART app without being a CDS client,
+    # e.g. the SMART launcher's https://launch.smarthealthit.org/v/r4/ (CXR_CDS_APP_FHIR_SERVERS).
+    app_fhir_servers: tuple[str, ...] = ()
     image_max_bytes: int = 64 * 1024 * 1024
     image_max_pixels: int = 40_000_000
 
@@ -282,6 +285,12 @@ class Settings:
             raise ConfigurationError("CXR_CDS_IMAGE_MAX_BYTES and _MAX_PIXELS must be >= 1")
         if any(urlsplit(u).scheme not in {"http", "https"} for u in self.image_servers):
             raise ConfigurationError("CXR_CDS_IMAGE_SERVERS must be absolute http(s) URLs")
+        for url in self.app_fhir_servers:
+            wanted = {"https"} if self.mode == "production" else {"http", "https"}
+            if urlsplit(url).scheme not in wanted or not urlsplit(url).netloc:
+                raise ConfigurationError(
+                    "CXR_CDS_APP_FHIR_SERVERS must be absolute URLs (https:// in production)"
+                )
         return self
 
     @classmethod
@@ -324,6 +333,7 @@ class Settings:
                 ehr_clients=ehr_clients,
                 trust_public_sandbox=_bool(env.get("CXR_CDS_TRUST_PUBLIC_SANDBOX", "0")),
                 image_servers=tuple(env.get("CXR_CDS_IMAGE_SERVERS", "").split()),
+                app_fhir_servers=tuple(env.get("CXR_CDS_APP_FHIR_SERVERS", "").split()),
                 image_max_bytes=int(env.get("CXR_CDS_IMAGE_MAX_BYTES", str(64 * 1024 * 1024))),
                 image_max_pixels=int(env.get("CXR_CDS_IMAGE_MAX_PIXELS", "40000000")),
             )

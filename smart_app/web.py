@@ -25,6 +25,7 @@ from cds_service.config import Settings
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir_out.bundle import transaction_bundle
 from cds_service.fhir_out.resources import build_ai_report
+from cds_service.imaging.retrieval import url_under
 from cds_service.inference.registry import device_info
 from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
@@ -80,14 +81,18 @@ class SmartApp:
         for issuer in self.settings.trusted_issuers:
             if issuer.allows_fhir_server(iss):
                 return issuer.iss
+        # EHRs that only launch the app (e.g. the SMART launcher): their own tenant.
+        for base in self.settings.app_fhir_servers:
+            if url_under(iss, base):
+                return base
         return None
 
     def ehr_origins(self) -> list[str]:
         origins = []
-        for issuer in self.settings.trusted_issuers:
-            for server in issuer.fhir_servers:
-                parts = urlsplit(server)
-                origins.append(f"{parts.scheme}://{parts.netloc}")
+        servers = [s for i in self.settings.trusted_issuers for s in i.fhir_servers]
+        for server in [*servers, *self.settings.app_fhir_servers]:
+            parts = urlsplit(server)
+            origins.append(f"{parts.scheme}://{parts.netloc}")
         return sorted(set(origins))
 
     def redirect_uri(self) -> str:

@@ -6,9 +6,12 @@ import re
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
+from cds_service.web.demo import register_viewer
+from tests.conftest import SandboxHandle, make_service
 from tests.smart.conftest import SmartEnv
 
 
@@ -121,3 +124,29 @@ def test_two_workers_refreshing_one_session_share_the_refresh(smart_env: SmartEn
     with ThreadPoolExecutor(max_workers=2) as pool:
         tokens = list(pool.map(refresh, workers))
     assert tokens[0] == tokens[1] != expired.access_token
+
+
+def test_an_ehr_that_only_launches_the_app_is_accepted_under_its_prefix(
+    tmp_path: Path, sandbox: SandboxHandle
+) -> None:
+    """The SMART launcher is not a CDS client: CXR_CDS_APP_FHIR_SERVERS lets it launch the app
+    (its iss carries launch settings in the path, so a prefix is configured)."""
+    prefix = f"{sandbox.base}/"
+    service, server = make_service(
+        tmp_path, sandbox, trusted_issuers=(), app_fhir_servers=(prefix,)
+    )
+    try:
+        register_viewer(sandbox.sandbox, service.base)
+        accepted = requests.get(
+            f"{service.base}/app/launch",
+            params={"iss": sandbox.fhir, "launch": "x"},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert accepted.status_code in (302, 303), accepted.text
+        assert accepted.headers["Location"].startswith(f"{sandbox.base}/auth/authorize")
+        for iss in ("http://127.0.0.1:1/fhir", f"{sandbox.base}/../evil/fhir"):
+            refused = requests.get(f"{service.base}/app/launch", params={"iss": iss}, timeout=10)
+            assert refused.status_code == 400 and "Unknown EHR" in refused.text
+    finally:
+        server.stop()
