@@ -47,44 +47,54 @@ CHEST_IMAGING_CODES: dict[str, frozenset[str]] = {
 # first MAX_TEXT characters are read.
 MAX_TEXT = 256
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)?")
-CHEST_WORDS = frozenset({"chest", "thorax", "thoracic", "cxr", "lung", "lungs", "pulmonary"})
-IMAGING_WORDS = frozenset(
+# A chest word and an imaging word must stand within NEAR words of each other ("CT of the
+# chest" but not "CT head, history of chest pain"). Strong chest words pair with any imaging
+# word; "lung" and "pulmonary" only with a modality ("CT pulmonary angiogram", not
+# "pulmonary artery (PA) catheter").
+NEAR = 2
+FILLER_WORDS = frozenset({"of", "the", "a", "an"})  # not counted in the distance
+CHEST_WORDS = frozenset({"chest", "thorax", "thoracic", "cxr"})
+LUNG_WORDS = frozenset({"lung", "lungs", "pulmonary"})
+MODALITY_WORDS = frozenset(
     {
-        # radiography
         "x-ray", "xray", "xr", "radiograph", "radiographs", "radiography", "radiographic",
-        "film", "films", "portable", "view", "views", "pa", "ap", "lateral", "single", "cxr",
-        # cross-sectional and nuclear imaging
-        "ct", "cta", "computed", "tomography", "hrct", "ldct", "mri", "mr", "mra", "magnetic",
-        "pet", "pet-ct", "imaging", "scan",
+        "film", "films", "cxr", "ct", "cta", "computed", "tomography", "hrct", "ldct", "mri",
+        "mr", "mra", "magnetic", "pet", "pet-ct", "imaging", "scan", "angiogram", "angiography",
     }
 )  # fmt: skip
-# Words that make an order something else: a structure of the chest wall or spine, or an
-# examination that is not imaging of the lungs. A test that only names a chest symptom
-# ("troponin - chest pain") has no imaging word and is not matched either.
+VIEW_WORDS = frozenset({"portable", "view", "views", "pa", "ap", "lateral", "single", "frontal"})
+# Words that make an order something else: a structure of the chest wall or spine, another
+# body region, or a procedure or examination that is not imaging of the lungs.
 OTHER_WORDS = frozenset(
     {
         "spine", "vertebra", "vertebrae", "rib", "ribs", "sternum", "clavicle", "shoulder",
-        "breast", "mammogram", "mammography", "ultrasound", "sonography", "echo",
-        "echocardiogram", "coronary", "function", "fluoroscopy", "biopsy", "physiotherapy",
+        "breast", "mammogram", "mammography", "head", "brain", "ultrasound", "sonography",
+        "echo", "echocardiogram", "cardiac", "coronary", "nuclear", "function", "fluoroscopy",
+        "biopsy", "catheter", "insertion", "transplant", "physiotherapy",
     }
 )  # fmt: skip
 
 
-def _words(text: str) -> set[str]:
-    return set(WORD.findall(text[:MAX_TEXT].lower()))
+def _words(text: str) -> list[str]:
+    return [w for w in WORD.findall(text[:MAX_TEXT].lower()) if w not in FILLER_WORDS]
 
 
 def text_is_chest_imaging(text: str) -> bool:
     words = _words(text)
-    if words & OTHER_WORDS:
+    if OTHER_WORDS.intersection(words):
         return False
     if "cxr" in words:
         return True
-    if not words & CHEST_WORDS:
-        return False
-    # "Thoracic" and "pulmonary" name the chest only beside an imaging word ("CT pulmonary
-    # angiogram"); "lung function" is excluded above.
-    return bool(words & IMAGING_WORDS) or "angiogram" in words
+    for at, word in enumerate(words):
+        if word in CHEST_WORDS:
+            partners = MODALITY_WORDS | VIEW_WORDS
+        elif word in LUNG_WORDS:
+            partners = MODALITY_WORDS
+        else:
+            continue
+        if partners.intersection(words[max(0, at - NEAR) : at + NEAR + 1]):
+            return True
+    return False
 
 
 def is_chest_imaging_order(resource: dict[str, Any]) -> bool:
