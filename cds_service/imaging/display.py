@@ -29,9 +29,16 @@ class DisplayPlan:
     notes: tuple[str, ...]
 
 
-def _lut_from_item(item: Dataset, what: str) -> pixels.Lut:
+def signed_first_mapped(first: int, signed: bool) -> int:
+    """A LUT Descriptor's first mapped value: for signed pixel data (Pixel Representation 1) it
+    is a signed 16-bit value even when written with VR US (PS3.3 C.11.1.1, C.11.2.1.1)."""
+    return first - (1 << 16) if signed and first >= 1 << 15 else first
+
+
+def _lut_from_item(item: Dataset, what: str, signed: bool) -> pixels.Lut:
     try:
         entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        first = signed_first_mapped(first, signed)
         raw = item.LUTData
         data = np.asarray(raw if not isinstance(raw, bytes) else np.frombuffer(raw, "<u2"))
         data = data.astype(np.float64).ravel()
@@ -45,10 +52,10 @@ def _lut_from_item(item: Dataset, what: str) -> pixels.Lut:
     return pixels.Lut(first_mapped=first, bits=bits, data=data[:entries])
 
 
-def _modality_map(dataset: Dataset) -> tuple[UnitMap, list[str]]:
+def _modality_map(dataset: Dataset, signed: bool) -> tuple[UnitMap, list[str]]:
     sequence = dataset.get("ModalityLUTSequence")
     if sequence:
-        lut = _lut_from_item(sequence[0], "Modality LUT Sequence")
+        lut = _lut_from_item(sequence[0], "Modality LUT Sequence", signed)
         return (lambda v: pixels.apply_lut(v, lut)), ["modality LUT sequence applied"]
     slope = pixels.first_number(dataset.get("RescaleSlope"))
     intercept = pixels.first_number(dataset.get("RescaleIntercept"))
@@ -61,7 +68,7 @@ def _modality_map(dataset: Dataset) -> tuple[UnitMap, list[str]]:
 def _voi_map(dataset: Dataset, shape: Geometry, rescaled: bool) -> tuple[UnitMap | None, list[str]]:
     sequence = dataset.get("VOILUTSequence")
     if sequence:
-        lut = _lut_from_item(sequence[0], "VOI LUT Sequence")
+        lut = _lut_from_item(sequence[0], "VOI LUT Sequence", shape.signed)
         note = "VOI LUT sequence" + (" (first of several)" if len(sequence) > 1 else "")
         return (lambda v: pixels.lut_to_unit(v, lut)), [note]
     center = pixels.first_number(dataset.get("WindowCenter"))
@@ -90,7 +97,7 @@ def _voi_map(dataset: Dataset, shape: Geometry, rescaled: bool) -> tuple[UnitMap
 
 def plan_for(dataset: Dataset, shape: Geometry) -> DisplayPlan:
     """Read the modality LUT, VOI and inversion a grayscale image asks for."""
-    modality, modality_notes = _modality_map(dataset)
+    modality, modality_notes = _modality_map(dataset, shape.signed)
     voi, voi_notes = _voi_map(dataset, shape, rescaled=bool(modality_notes))
     presentation_inverse = str(dataset.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
     invert = shape.photometric == "MONOCHROME1" or presentation_inverse

@@ -150,3 +150,29 @@ def test_colour_image_becomes_luminance() -> None:
     assert decoded.pixels.shape == (8, 8)
     assert int(decoded.pixels[0, 0]) == round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)
     assert "colour image: converted to luminance" in decoded.notes
+
+
+@pytest.mark.parametrize("sequence", ["ModalityLUTSequence", "VOILUTSequence"])
+def test_signed_image_lut_first_mapped_value_written_as_us_is_negative(sequence: str) -> None:
+    """Pixel Representation 1 and a LUT Descriptor whose first mapped value -100 is written
+    with VR US (65436): the LUT starts at -100, as pydicom reads it, not at 65436."""
+    stored = np.tile(np.arange(-100, 200, dtype=np.int16), (4, 1))
+    lut_data = (np.arange(300) * 10).astype(np.uint16)  # -100 -> 0 ... 199 -> 2990
+
+    def edit(ds: Dataset) -> None:
+        item = Dataset()
+        item.LUTDescriptor = [300, 65536 - 100, 12]
+        item["LUTDescriptor"].VR = "US"
+        item.LUTData = lut_data.tolist()
+        item["LUTData"].VR = "US"
+        setattr(ds, sequence, [item])
+        if sequence == "ModalityLUTSequence":
+            ds.WindowCenter, ds.WindowWidth = 1495, 2991
+
+    ds = synthetic(stored, bits_stored=16, edit=edit)
+    pixels_out = decode_image_bytes(to_bytes(ds)).pixels.astype(np.float64)
+    expected = np.round(lut_data[stored.astype(np.int64) + 100] / 4095 * 255)
+    if sequence == "ModalityLUTSequence":
+        expected = reference_window(lut_data[stored.astype(np.int64) + 100], 1495, 2991)
+    assert pixels_out[0, 0] < pixels_out[0, -1]  # before the fix: one flat grey
+    assert np.abs(pixels_out - expected).max() <= 0.5 + 1e-9
