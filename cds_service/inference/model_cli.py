@@ -182,6 +182,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from cds_service.inference.registry import load_report_writer
 
     path = Path(args.file)
+    if args.format == "fhir" and args.task != "report":
+        print(  # noqa: T201
+            f"--format fhir files a radiology report; --task {args.task} is not one "
+            "(use --format text or json)",
+            file=sys.stderr,
+        )
+        return 2
     progress(f"reading {path.name}")
     try:
         decoded = read_image_file(path, check_frontal_chest=not args.no_view_check)
@@ -212,7 +219,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             close = getattr(writer, "close", None)
             if close is not None:
                 close()
-    findings = findings_from_report(text)
+    # Only a report is coded: a differential or a free answer lists possibilities, not findings.
+    findings = findings_from_report(text) if args.task == "report" else ()
     result = AnalysisResult(
         study_uid=_study_uid(path, args.study_uid),
         model=writer.model,
@@ -222,18 +230,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     if args.format == "json":
-        payload = {
+        payload: dict[str, Any] = {
             "notice": AI_NOTICE,
             "model": {**vars(writer.model), "label": writer.model.label},
             "task": args.task,
             "question": args.question,
             "report": text,
-            "findings": [
-                {"observation": str(f.key), "state": f.state, "evidence": f.evidence}
-                for f in findings
-            ],
             "image_notes": list(decoded.notes),
         }
+        if args.task == "report":
+            payload["findings"] = [
+                {"observation": str(f.key), "state": f.state, "evidence": f.evidence}
+                for f in findings
+            ]
+        else:
+            payload["findings_note"] = "findings are coded from --task report only"
         out(json.dumps(payload, indent=2))
     elif args.format == "fhir":
         out(json.dumps(_fhir_bundle(args, settings, result), indent=2))

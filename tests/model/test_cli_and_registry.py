@@ -71,7 +71,9 @@ def test_make_tiny_then_analyze_text_json_fhir(
     code, out, _ = _run(capsys, *common, "--format", "json", "--task", "differential")
     payload = json.loads(out)
     assert payload["report"].startswith(TINY_BANNER) and payload["model"]["simulated"] is True
-    assert payload["task"] == "differential" and isinstance(payload["findings"], list)
+    assert payload["task"] == "differential" and "findings" not in payload
+    code, out, _ = _run(capsys, *common, "--format", "json")
+    assert isinstance(json.loads(out)["findings"], list)  # a report is coded
     code, out, _ = _run(capsys, *common, "--format", "fhir", "--patient", "p1")
     bundle = json.loads(out)
     resources = [e["resource"] for e in bundle["entry"]]
@@ -95,6 +97,25 @@ def test_analyze_refuses_bad_input_cleanly(
     args = ["analyze", str(PNG), "--backend", "tiny", "--model-dir", str(tiny_dir)]
     code, _, err = _run(capsys, *args, "--max-new-tokens", "2", "--format", "fhir")
     assert code == 2 and "--patient" in err
+
+
+def test_analyze_files_fhir_and_codes_findings_for_reports_only(
+    tiny_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cds_service.findings.to_findings as to_findings
+
+    def no_coding(text: str) -> object:
+        raise AssertionError("a differential or an answer must not be coded as findings")
+
+    monkeypatch.setattr(to_findings, "findings_from_report", no_coding)
+    args = ["analyze", str(PNG), "--backend", "tiny", "--model-dir", str(tiny_dir)]
+    args += ["--max-new-tokens", "2", "--device", "cpu"]
+    for task in (["--task", "differential"], ["--task", "ask", "--question", "Effusion?"]):
+        code, out, err = _run(capsys, *args, *task, "--format", "fhir", "--patient", "p1")
+        assert code == 2 and out == "" and "--task" in err and "Traceback" not in err
+        code, out, _ = _run(capsys, *args, *task, "--format", "json")
+        payload = json.loads(out)
+        assert code == 0 and "findings" not in payload and "report only" in payload["findings_note"]
 
 
 def test_fetch_prints_the_licence_and_fails_cleanly_offline(
