@@ -14,7 +14,7 @@ from typing import Any
 
 from cds_service.errors import ConfigurationError
 from cds_service.inference.base import ReportRequest, Task
-from cds_service.inference.cxr_llava.identity import weights_sha256
+from cds_service.inference.cxr_llava.identity import weights_version
 from cds_service.results import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class HfVlmReportWriter:
         model.to(torch.device(target))  # type: ignore[arg-type]  # transformers types .to oddly
         model.eval()
         processor.tokenizer.padding_side = "left"
-        info = ModelInfo(model_id=hf_model_id(folder), version=weights_sha256(folder, weights)[:12])
+        info = ModelInfo(model_id=hf_model_id(folder), version=weights_version(folder))
         return cls(model, processor, info, max_new_tokens)
 
     def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:

@@ -50,14 +50,10 @@ def model_info(settings: Settings) -> ModelInfo:
     """
     if settings.backend == "simulated":
         return SIMULATED_MODEL
-    from cds_service.inference.cxr_llava.identity import (
-        checkpoint_identity,
-        safetensors_files,
-        weights_sha256,
-    )
+    from cds_service.inference.cxr_llava.identity import checkpoint_identity, weights_version
 
     folder = _model_folder(settings)
-    version = weights_sha256(folder, safetensors_files(folder))[:12]
+    version = weights_version(folder)
     if settings.backend == "hf_vlm":
         from cds_service.inference.hf_vlm import hf_model_id
 

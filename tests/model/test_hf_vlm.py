@@ -95,3 +95,19 @@ def test_registry_serves_hf_vlm_from_the_settings(llava_dir: Path) -> None:
     assert writer.model == model_info(settings)
     image = np.full((40, 40), 100, dtype=np.uint8)
     assert len(writer.write_reports([ReportRequest(image, "differential")])) == 1
+
+
+def test_web_tier_and_worker_agree_on_the_version_despite_stray_weight_files(
+    llava_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from cds_service.config import Settings
+    from cds_service.inference.registry import model_info
+
+    folder = tmp_path / "with-stray-file"
+    shutil.copytree(llava_dir, folder)
+    shutil.copy(folder / "model.safetensors", folder / "adapter-left-over.safetensors")
+    settings = Settings(backend="hf_vlm", model_dir=str(folder))
+    writer = HfVlmReportWriter.from_folder(folder, device="cpu", max_new_tokens=2)
+    assert writer.model == model_info(settings)

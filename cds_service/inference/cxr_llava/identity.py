@@ -82,3 +82,9 @@ def weights_sha256(folder: Path, file_names: Iterable[str]) -> str:
     except OSError:
         log.info("cannot cache the weights hash in %s (read-only folder)", folder)
     return value
+
+
+def weights_version(folder: Path) -> str:
+    """The model version every tier shows: the first 12 hex digits of `weights_sha256` over
+    exactly the files the index names (or the single file), never whatever else lies there."""
+    return weights_sha256(folder, safetensors_files(folder))[:12]
