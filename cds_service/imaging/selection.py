@@ -2,7 +2,9 @@
 
 Accepted: Modality CR or DX (DX only "FOR PRESENTATION"), Body Part Examined CHEST / THORAX
 or absent, View Position PA / AP or absent, and nothing in the descriptive tags saying lateral
-or non-human. Among several accepted images: PA first, then the largest.
+or non-human (without View Position, a description naming both a frontal and a lateral view is
+refused unless the View Code Sequence says frontal). Among several accepted images: PA first,
+then the largest.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ _DESCRIPTIVE_TAGS = (
     "AcquisitionDeviceProcessingDescription",
 )
 _LATERAL_WORDS = re.compile(r"\b(lateral|lat)\b", re.IGNORECASE)
-_FRONTAL_WORDS = re.compile(r"\b(pa|ap|frontal|posteroanterior|anteroposterior)\b", re.IGNORECASE)
+_FRONTAL_WORDS = re.compile(
+    r"\b(pa|ap|frontal|postero-?anterior|antero-?posterior)\b", re.IGNORECASE
+)
 _ANIMAL_WORDS = re.compile(
     r"\b(canine|feline|equine|bovine|porcine|murine|dog|cat|horse|veterinary)\b", re.IGNORECASE
 )
 LATERAL_REASON = "lateral view"
+VIEW_NOT_STATED_REASON = "view not stated (the description names frontal and lateral views)"
 NOT_CHEST_REASON = "not a chest image"
 
 
@@ -77,19 +82,52 @@ def _view_code_meanings(dataset: Dataset) -> list[str]:
     return meanings
 
 
+def _view_named_in(texts: Sequence[str]) -> str | None:
+    """Which views the words of `texts` name: "lateral", "frontal", "both" or None."""
+    text = " ".join(texts)
+    lateral, frontal = bool(_LATERAL_WORDS.search(text)), bool(_FRONTAL_WORDS.search(text))
+    if lateral and frontal:
+        return "both"
+    return "lateral" if lateral else "frontal" if frontal else None
+
+
+def _unstated_view_reason(descriptions: Sequence[str], view_codes: Sequence[str]) -> str | None:
+    """Without View Position: the View Code Sequence decides when it names one view; else the
+    descriptions, but a frontal word counts only when no lateral word is there too ("CHEST PA
+    AND LAT" may be the lateral film of a two-view series)."""
+    coded = _view_named_in(view_codes)
+    if coded == "frontal":
+        return None
+    if coded == "lateral":
+        return LATERAL_REASON
+    described = _view_named_in(descriptions)
+    if described == "lateral":
+        return LATERAL_REASON
+    if described == "both" or coded == "both":
+        return VIEW_NOT_STATED_REASON
+    return None
+
+
 def decide(
-    modality: str, body_part: str, view_position: str, descriptions: Sequence[str] = ()
+    modality: str,
+    body_part: str,
+    view_position: str,
+    descriptions: Sequence[str] = (),
+    view_codes: Sequence[str] = (),
 ) -> str | None:
-    """The reason an image is not a frontal chest radiograph, or None when it is one."""
+    """The reason an image is not a frontal chest radiograph, or None when it is one.
+    `view_codes` are the View Code Sequence's code meanings."""
     modality, body_part = modality.upper(), body_part.upper()
     view = view_position.upper()
     if modality not in RADIOGRAPH_MODALITIES:
         return f"modality {modality}" if modality else "modality not stated"
-    text = " ".join(descriptions)
-    if view in LATERAL_VIEWS or (
-        not view and _LATERAL_WORDS.search(text) and not _FRONTAL_WORDS.search(text)
-    ):
+    text = " ".join([*descriptions, *view_codes])
+    if view in LATERAL_VIEWS:
         return LATERAL_REASON
+    if not view:
+        unstated = _unstated_view_reason(descriptions, view_codes)
+        if unstated is not None:
+            return unstated
     if view and view not in FRONTAL_VIEWS:
         return f"{view} view (not frontal)"
     if body_part and body_part not in CHEST_BODY_PARTS:
@@ -104,9 +142,9 @@ def select_dataset(dataset: Dataset) -> Selection:
     modality = _text(dataset, "Modality")
     body_part = _text(dataset, "BodyPartExamined")
     view = _text(dataset, "ViewPosition")
-    descriptions = [_text(dataset, k) for k in _DESCRIPTIVE_TAGS] + _view_code_meanings(dataset)
+    descriptions = [_text(dataset, k) for k in _DESCRIPTIVE_TAGS]
     species = _text(dataset, "PatientSpeciesDescription")
-    reason = decide(modality, body_part, view, descriptions)
+    reason = decide(modality, body_part, view, descriptions, _view_code_meanings(dataset))
     if reason is None and species and species.lower() not in ("homo sapiens", "human"):
         reason = "not a human chest image"
     intent = _text(dataset, "PresentationIntentType").upper()

@@ -214,3 +214,28 @@ def test_16_bit_png_is_refused() -> None:
 def test_oversized_bytes_are_refused_before_parsing() -> None:
     with pytest.raises(UnsupportedImage, match="byte limit"):
         decode_image_bytes(made(), limits=ImageLimits(max_bytes=100))
+
+
+def _described(description: str, view_code: str | None = None) -> bytes:
+    def edit(ds: Dataset) -> None:
+        del ds.ViewPosition
+        ds.SeriesDescription = description
+        if view_code is not None:
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator = "R-10214", "SRT"
+            item.CodeMeaning = view_code
+            ds.ViewCodeSequence = [item]
+
+    return to_bytes(synthetic(np.zeros((8, 8), dtype=np.uint8), edit=edit))
+
+
+def test_description_naming_frontal_and_lateral_views_is_not_trusted_as_frontal() -> None:
+    with pytest.raises(NotAnalysable, match="view not stated"):
+        decode_image_bytes(_described("CHEST PA AND LAT"))
+    with pytest.raises(NotAnalysable, match="lateral view"):
+        decode_image_bytes(_described("CHEST PA AND LAT", view_code="left lateral"))
+    with pytest.raises(NotAnalysable, match="lateral view"):
+        decode_image_bytes(_described("CHEST LAT"))
+    coded = decode_image_bytes(_described("CHEST PA AND LAT", view_code="postero-anterior"))
+    assert coded.selection.analysable
+    assert decode_image_bytes(_described("CHEST PA")).selection.analysable
