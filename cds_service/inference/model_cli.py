@@ -74,10 +74,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - network, auth and offline errors all end here
         print(f"download failed: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
         return 1
-    from cds_service.inference.cxr_llava.identity import MARKER_FILE
+    from cds_service.inference.cxr_llava.identity import write_fetch_marker
 
-    marker = {"model_id": MODEL_ID, "revision": args.revision, "tiny": False}
-    (Path(path) / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    write_fetch_marker(Path(path), args.revision)
     out(f"saved to {path}")
     return 0
 

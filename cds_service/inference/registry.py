@@ -13,6 +13,7 @@ from cds_service.imaging.limits import ImageLimits
 from cds_service.imaging.study import study_images_for
 from cds_service.inference.base import Backend, ReportWriter
 from cds_service.inference.cxr_llava.config import MODEL_LICENCE
+from cds_service.inference.cxr_llava.identity import UNVERIFIED_MODEL_ID
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SIMULATED_MODEL
 from cds_service.results import ModelInfo
@@ -124,6 +125,15 @@ def device_info(settings: Settings, model: ModelInfo) -> DeviceInfo:
             manufacturer="cxr-cds simulated backend (no AI model)",
             model_card_url=f"{settings.public_url}/model-card",
             licence_note="No model weights: made-up output for integration testing only.",
+        )
+    if model.model_id == UNVERIFIED_MODEL_ID:
+        return DeviceInfo.for_model(
+            model,
+            manufacturer="unknown: a local checkpoint in the CXR-LLaVA v2 layout, not verified "
+            "as the published ECOFRI/CXR-LLAVA-v2 weights; served by cxr-cds",
+            model_card_url=f"{settings.public_url}/model-card",
+            licence_note="Provenance not verified. If these are (derived from) the published "
+            f"weights: {MODEL_LICENCE}",
         )
     return DeviceInfo.for_model(
         model,

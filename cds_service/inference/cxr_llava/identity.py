@@ -11,10 +11,14 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from cds_service.inference.cxr_llava.config import MODEL_ID, CheckpointError
+from cds_service.inference.cxr_llava.config import MODEL_ID, PINNED_REVISION, CheckpointError
 
 log = logging.getLogger(__name__)
-MARKER_FILE = "cxr-cds-checkpoint.json"  # written by make-tiny: {"tiny": true, ...}
+# Written by make-tiny ({"tiny": true, ...}) and by `cxr-cds model fetch` (repo id, revision
+# and the downloaded files with their sizes).
+MARKER_FILE = "cxr-cds-checkpoint.json"
+UNVERIFIED_MODEL_ID = "unverified local checkpoint (CXR-LLaVA v2 layout)"
+UNVERIFIED_REVISION = "unknown"
 HASH_CACHE = ".cxr-cds-weights-sha256.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -34,16 +38,62 @@ def safetensors_files(folder: Path) -> list[str]:
     raise CheckpointError(f"{folder}: no {INDEX_FILE} or {SINGLE_FILE} (safetensors only)")
 
 
+def fetched_files(folder: Path) -> dict[str, int]:
+    """Every regular file in the folder (not our own bookkeeping) with its size in bytes."""
+    skip = {MARKER_FILE, HASH_CACHE}
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in skip
+    }
+
+
+def write_fetch_marker(folder: Path, revision: str) -> None:
+    """Record what `cxr-cds model fetch` downloaded: repo id, revision, files and sizes."""
+    marker = {
+        "model_id": MODEL_ID,
+        "revision": revision,
+        "tiny": False,
+        "files": fetched_files(folder),
+    }
+    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+
+
+def _is_pinned_download(raw: dict[str, object], folder: Path) -> bool:
+    """The fetch marker names the published repo at the pinned revision, and the weight files
+    are still the ones downloaded (same names and sizes). We do not know the published
+    weights' sha256, so this proves provenance only as far as our own download record goes."""
+    files = raw.get("files")
+    if raw.get("model_id") != MODEL_ID or raw.get("revision") != PINNED_REVISION:
+        return False
+    if not isinstance(files, dict) or not files:
+        return False
+    present = fetched_files(folder)
+    weights = safetensors_files(folder)
+    return all(present.get(name) == files.get(name) for name in weights) and all(
+        present.get(str(name)) == size for name, size in files.items()
+    )
+
+
 def checkpoint_identity(folder: Path) -> tuple[str, str, bool]:
-    """(model id, revision, tiny) from our marker file, or the published id by default."""
+    """(model id, revision, tiny). The published id only for a folder our fetch marker proves
+    came from the pinned revision; any other checkpoint is an unverified local one."""
     marker = folder / MARKER_FILE
-    if marker.is_file():
-        try:
-            raw = json.loads(marker.read_text(encoding="utf-8"))
-            return str(raw["model_id"]), str(raw["revision"]), bool(raw.get("tiny", False))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
-    return MODEL_ID, "unknown (local folder)", False
+    if not marker.is_file():
+        return UNVERIFIED_MODEL_ID, UNVERIFIED_REVISION, False
+    try:
+        raw = json.loads(marker.read_text(encoding="utf-8"))
+        model_id, revision, tiny = str(raw["model_id"]), str(raw["revision"]), raw.get("tiny")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
+    if tiny is True:
+        return model_id, revision, True
+    if _is_pinned_download(raw, folder):
+        return model_id, revision, False
+    log.warning(
+        "%s: not proven to be %s at %s; labelled unverified", folder, MODEL_ID, PINNED_REVISION
+    )
+    return UNVERIFIED_MODEL_ID, UNVERIFIED_REVISION, False
 
 
 def _file_digest(path: Path) -> str:
