@@ -146,11 +146,29 @@ def _check_first_frame(dataset: Dataset, shape: Geometry) -> None:
         raise UnsupportedImage("encapsulated pixel data are malformed") from exc
     if shape.transfer_syntax == "1.2.840.10008.1.2.5":  # RLE: sizes are not in the stream
         return
-    claimed = codestream.claimed_size(frame)
-    if claimed is not None and claimed != (shape.rows, shape.columns):
+    claimed = codestream.frame_header(frame)
+    if claimed is None:
+        raise UnsupportedImage("the compressed frame has no recognisable JPEG / JPEG 2000 header")
+    check_frame_header(claimed, shape)
+
+
+def check_frame_header(claimed: codestream.FrameHeader, shape: Geometry) -> None:
+    """The frame's own header must agree with the DICOM header before a decoder sees it: the
+    decoder allocates what the frame claims (rows x columns x components x precision)."""
+    if (claimed.rows, claimed.columns) != (shape.rows, shape.columns):
         raise UnsupportedImage(
-            f"compressed frame claims {claimed[0]} x {claimed[1]}, header says "
+            f"compressed frame claims {claimed.rows} x {claimed.columns}, header says "
             f"{shape.rows} x {shape.columns}"
+        )
+    if claimed.components != shape.samples:
+        raise UnsupportedImage(
+            f"compressed frame claims {claimed.components} components, header says "
+            f"{shape.samples} samples per pixel"
+        )
+    if claimed.precision > shape.bits_allocated:
+        raise UnsupportedImage(
+            f"compressed frame claims {claimed.precision}-bit samples, header allocates "
+            f"{shape.bits_allocated} bits"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cds_service.imaging.files import decode_image_bytes, read_image_file
 from cds_service.imaging.limits import ImageLimits
 from cds_service.imaging.selection import decide
 from tests.imaging.conftest import rg1_file, seed_file
-from tests.imaging.makers import compressed_bytes, synthetic, to_bytes
+from tests.imaging.makers import compressed_bytes, jpeg_baseline_twin, read, synthetic, to_bytes
 
 FILM = np.tile(np.arange(64, dtype=np.uint16) * 60, (48, 1))
 
@@ -239,3 +240,56 @@ def test_description_naming_frontal_and_lateral_views_is_not_trusted_as_frontal(
     coded = decode_image_bytes(_described("CHEST PA AND LAT", view_code="postero-anterior"))
     assert coded.selection.analysable
     assert decode_image_bytes(_described("CHEST PA")).selection.analysable
+
+
+def _with_first_frame_edited(data: bytes, edit: Callable[[bytearray], bytes]) -> bytes:
+    from pydicom.encaps import encapsulate, get_frame
+
+    ds = read(data)
+    frame = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    ds.PixelData = encapsulate([edit(frame)])
+    return to_bytes(ds)
+
+
+def _small_film() -> Dataset:
+    rng = np.random.default_rng(11)
+    return synthetic(rng.integers(0, 256, (64, 48), dtype=np.uint8))
+
+
+def _j2k_csiz(frame: bytearray, components: int) -> bytes:
+    siz = frame.index(b"\xff\x51") + 2  # Lsiz; Csiz 36 bytes on
+    frame[siz + 36 : siz + 38] = components.to_bytes(2, "big")
+    return bytes(frame)
+
+
+def _jpeg_sof(
+    frame: bytearray, precision: int | None = None, components: int | None = None
+) -> bytes:
+    sof = frame.index(b"\xff\xc0")  # baseline SOF0: Lf(2) P(1) Y(2) X(2) Nf(1)
+    if precision is not None:
+        frame[sof + 4] = precision
+    if components is not None:
+        frame[sof + 9] = components
+    return bytes(frame)
+
+
+def test_compressed_frame_claiming_more_components_than_the_header_is_refused() -> None:
+    j2k = compressed_bytes(_small_film(), JPEG2000Lossless)
+    with pytest.raises(UnsupportedImage, match="claims 3000 components, header says 1"):
+        decode_image_bytes(_with_first_frame_edited(j2k, lambda f: _j2k_csiz(f, 3000)))
+    jpeg, _ = jpeg_baseline_twin(_small_film())
+    with pytest.raises(UnsupportedImage, match="claims 3 components, header says 1"):
+        decode_image_bytes(_with_first_frame_edited(jpeg, lambda f: _jpeg_sof(f, components=3)))
+
+
+def test_compressed_frame_claiming_more_bits_than_allocated_is_refused() -> None:
+    jpeg, _ = jpeg_baseline_twin(_small_film())
+    with pytest.raises(UnsupportedImage, match="claims 16-bit samples, header allocates 8"):
+        decode_image_bytes(_with_first_frame_edited(jpeg, lambda f: _jpeg_sof(f, precision=16)))
+
+
+def test_compressed_frame_without_a_recognisable_header_is_refused_before_decoding() -> None:
+    j2k = compressed_bytes(_small_film(), JPEG2000Lossless)
+    for garble in (lambda f: b"\x00\x00" + bytes(f[2:]), lambda f: bytes(f[4:])):
+        with pytest.raises(UnsupportedImage, match="no recognisable JPEG / JPEG 2000 header"):
+            decode_image_bytes(_with_first_frame_edited(j2k, garble))
