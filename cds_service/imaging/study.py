@@ -122,18 +122,27 @@ class StudyImages:
                 "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
             )
         best: tuple[selection.Selection, bytes] | None = None
+        transient: list[ImageFetchError] = []
         for source in sources[:MAX_INSTANCES]:
             try:
                 data = source()
                 chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
             except UnsupportedImage as exc:
-                reasons.append(f"image cannot be read: {exc.description}")
+                reasons.append(unreadable_reason(exc))
+                continue
+            except NotAnalysable as exc:  # e.g. this instance is gone (404 / 410)
+                reasons.append(exc.reason)
+                continue
+            except ImageFetchError as exc:  # another instance may still be readable
+                transient.append(exc)
                 continue
             if not chosen.analysable:
                 reasons.append(chosen.reason)
             elif best is None or chosen.rank > best[0].rank:
                 best = (chosen, data)
         if best is None:
+            if transient:  # the unreached instance may be the frontal one: try again later
+                raise transient[0]
             raise NotAnalysable("; ".join(dict.fromkeys(reasons)))
         return decode_dicom_bytes(best[1], limits=self.fetcher.limits)
 
