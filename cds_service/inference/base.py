@@ -51,6 +51,34 @@ class ReportWriter(Protocol):
     def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class WrittenReport:
+    """One generated text and whether the model stopped by itself.
+
+    `truncated`: generation hit its token limit before the model ended the text, so the text
+    may stop before it mentions a finding; it must never be read (or coded) as complete.
+    """
+
+    text: str
+    truncated: bool = False
+    new_tokens: int | None = None
+
+
+@runtime_checkable
+class DetailedReportWriter(ReportWriter, Protocol):
+    """A ReportWriter that also says, per text, whether it was cut off at the token limit."""
+
+    def write_detailed_reports(self, requests: Sequence[ReportRequest]) -> list[WrittenReport]: ...
+
+
+def write_detailed(writer: ReportWriter, requests: Sequence[ReportRequest]) -> list[WrittenReport]:
+    """The writer's detailed reports, or its plain texts marked not truncated when it cannot
+    tell (writers without a token limit)."""
+    if isinstance(writer, DetailedReportWriter):
+        return writer.write_detailed_reports(requests)
+    return [WrittenReport(text) for text in writer.write_reports(requests)]
+
+
 class Backend(Protocol):
     """Analyses one ImagingStudy and returns a result keyed by its Study UID."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.errors import ConfigurationError
-from cds_service.inference.base import ReportRequest, Task
+from cds_service.inference.base import ReportRequest, Task, WrittenReport
 from cds_service.inference.cxr_llava.identity import weights_version
 from cds_service.results import ModelInfo
 
@@ -86,6 +86,16 @@ class HfVlmReportWriter:
         return cls(model, processor, info, max_new_tokens)
 
     def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:
+        return [report.text for report in self.write_detailed_reports(requests)]
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self._model.generation_config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
+
+    def write_detailed_reports(self, requests: Sequence[ReportRequest]) -> list[WrittenReport]:
+        """Texts, each marked truncated when it used every allowed token without an EOS."""
         import torch
         from PIL import Image
 
@@ -113,4 +123,9 @@ class HfVlmReportWriter:
             )
         new = out[:, inputs["input_ids"].shape[1] :]
         decoded = self._processor.batch_decode(new, skip_special_tokens=True)
-        return [str(text).strip() for text in decoded]
+        eos = self._eos_ids()
+        reports = []
+        for row, text in zip(new.tolist(), decoded, strict=True):
+            cut = len(row) >= self.max_new_tokens and not eos.intersection(row)
+            reports.append(WrittenReport(str(text).strip(), truncated=cut, new_tokens=len(row)))
+        return reports

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.errors import ConfigurationError
-from cds_service.inference.base import TASKS, ReportRequest
+from cds_service.inference.base import TASKS, ReportRequest, write_detailed
 from cds_service.inference.cxr_llava.config import MODEL_ID, MODEL_LICENCE, PINNED_REVISION
 from cds_service.results import AnalysisResult, ModelInfo
 
@@ -166,8 +166,19 @@ def _fhir_bundle(args: argparse.Namespace, settings: Any, result: AnalysisResult
     return transaction_bundle(resources)
 
 
-def _text_output(model: ModelInfo, task: str, text: str, notes: tuple[str, ...]) -> str:
+def truncation_note(new_tokens: int | None) -> str:
+    return (
+        f"INCOMPLETE: the model's text was cut off at {new_tokens} tokens (--max-new-tokens) "
+        "and may stop before it mentions a finding; findings are not coded"
+    )
+
+
+def _text_output(
+    model: ModelInfo, task: str, text: str, notes: tuple[str, ...], cut_note: str | None
+) -> str:
     lines = [AI_NOTICE, f"Model: {model.label}", f"Task: {task}"]
+    if cut_note:
+        lines.append(cut_note)
     if model.simulated:
         lines.append("NOTE: not a real model result (simulated or tiny random model, meaningless)")
     lines += [f"Image note: {note}" for note in notes]
@@ -187,6 +198,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "(use --format text or json)",
             file=sys.stderr,
         )
+        return 2
+    if args.format == "fhir" and not args.patient:
+        print("--format fhir needs --patient ID (the chart to file to)", file=sys.stderr)  # noqa: T201
         return 2
     progress(f"reading {path.name}")
     try:
@@ -213,13 +227,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         writer = load_report_writer(settings, **overrides)
         progress(f"writing the {args.task} (up to {args.max_new_tokens} tokens)")
         try:
-            text = writer.write_reports([request])[0]
+            written = write_detailed(writer, [request])[0]
         finally:
             close = getattr(writer, "close", None)
             if close is not None:
                 close()
     # Only a report is coded: a differential or a free answer lists possibilities, not findings.
-    findings = findings_from_report(text) if args.task == "report" else ()
+    text = written.text
+    cut_note = truncation_note(written.new_tokens) if written.truncated else None
+    if cut_note and args.format == "fhir":
+        print(f"not analysed: {cut_note}; nothing to file", file=sys.stderr)  # noqa: T201
+        return EXIT_NOT_ANALYSED
+    coded = args.task == "report" and cut_note is None
+    findings = findings_from_report(text) if coded else ()
     result = AnalysisResult(
         study_uid=_study_uid(path, args.study_uid),
         model=writer.model,
@@ -237,18 +257,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "report": text,
             "image_notes": list(decoded.notes),
         }
-        if args.task == "report":
+        payload["truncated"] = written.truncated
+        if coded:
             payload["findings"] = [
                 {"observation": str(f.key), "state": f.state, "evidence": f.evidence}
                 for f in findings
             ]
         else:
-            payload["findings_note"] = "findings are coded from --task report only"
+            payload["findings_note"] = (
+                cut_note if args.task == "report" else "findings are coded from --task report only"
+            )
         out(json.dumps(payload, indent=2))
     elif args.format == "fhir":
         out(json.dumps(_fhir_bundle(args, settings, result), indent=2))
     else:
-        out(_text_output(writer.model, args.task, text, decoded.notes))
+        out(_text_output(writer.model, args.task, text, decoded.notes, cut_note))
     return 0
 
 

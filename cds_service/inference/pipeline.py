@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from cds_service.findings.to_findings import findings_from_report
 from cds_service.imaging.errors import NotAnalysable, UnsupportedImage
 from cds_service.imaging.files import DecodedImage
-from cds_service.inference.base import ReportRequest, ReportWriter
+from cds_service.inference.base import ReportRequest, ReportWriter, write_detailed
 from cds_service.results import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,16 @@ class ImagePipelineBackend:
             return self._not_analysed(study_uid, study, exc.reason)
         except UnsupportedImage as exc:
             return self._not_analysed(study_uid, study, f"image cannot be read: {exc.description}")
-        texts = self.writer.write_reports([ReportRequest(image.pixels)])
-        if len(texts) != 1:
-            raise RuntimeError(f"the report writer returned {len(texts)} texts for one image")
-        text = texts[0]
+        reports = write_detailed(self.writer, [ReportRequest(image.pixels)])
+        if len(reports) != 1:
+            raise RuntimeError(f"the report writer returned {len(reports)} texts for one image")
+        report = reports[0]
+        if report.truncated:
+            # A report cut before it mentions, say, pneumothorax would read (and be coded) as
+            # "no pneumothorax": never store it as complete. Greedy decoding would cut it again,
+            # so this is final rather than a retry.
+            return self._not_analysed(study_uid, study, truncation_reason(report.new_tokens))
+        text = report.text
         log.info("study analysed (%d x %d image)", *image.pixels.shape)
         return AnalysisResult(
             study_uid=study_uid,
@@ -72,6 +78,11 @@ class ImagePipelineBackend:
             study_started=study.get("started"),
             analysed_at=_now(),
         )
+
+
+def truncation_reason(new_tokens: int | None) -> str:
+    where = f" at {new_tokens} tokens" if new_tokens is not None else " at its token limit"
+    return f"the model's report was cut off{where}"
 
 
 def _now() -> str:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cds_service.findings.to_findings import findings_from_report
-from cds_service.inference.base import ReportRequest
+from cds_service.inference.base import ReportRequest, WrittenReport
 from cds_service.results import AnalysisResult, ModelInfo
 
 SIMULATED_MODEL = ModelInfo(model_id="simulated-no-model", version="sim-1", simulated=True)
@@ -51,8 +51,13 @@ class SimulatedReportWriter:
     model = SIMULATED_MODEL
 
     def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:
-        texts = []
+        return [report.text for report in self.write_detailed_reports(requests)]
+
+    def write_detailed_reports(self, requests: Sequence[ReportRequest]) -> list[WrittenReport]:
+        """Canned texts are always whole: never truncated."""
+        reports = []
         for request in requests:
             digest = hashlib.sha256(request.image.tobytes()).digest()
-            texts.append(f"{_BANNER}\n\n{_SCENARIOS[digest[0] % len(_SCENARIOS)]}")
-        return texts
+            text = f"{_BANNER}\n\n{_SCENARIOS[digest[0] % len(_SCENARIOS)]}"
+            reports.append(WrittenReport(text, truncated=False))
+        return reports

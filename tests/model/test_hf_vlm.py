@@ -111,3 +111,14 @@ def test_web_tier_and_worker_agree_on_the_version_despite_stray_weight_files(
     settings = Settings(backend="hf_vlm", model_dir=str(folder))
     writer = HfVlmReportWriter.from_folder(folder, device="cpu", max_new_tokens=2)
     assert writer.model == model_info(settings)
+
+
+def test_stock_checkpoint_reports_cut_at_the_token_limit_are_flagged(llava_dir: Path) -> None:
+    writer = HfVlmReportWriter.from_folder(llava_dir, device="cpu", max_new_tokens=2)
+    image = np.full((40, 40), 100, dtype=np.uint8)
+    [report] = writer.write_detailed_reports([ReportRequest(image)])
+    assert report.truncated and report.new_tokens == 2
+    eos = writer._model.generation_config.eos_token_id
+    writer._model.generation_config.eos_token_id = None  # cannot tell: the limit decides
+    assert writer.write_detailed_reports([ReportRequest(image)])[0].truncated
+    writer._model.generation_config.eos_token_id = eos

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cds_service.imaging.preprocess import model_input
-from cds_service.inference.base import ReportRequest
+from cds_service.inference.base import ReportRequest, WrittenReport
 from cds_service.inference.cxr_llava.generate import (
     Sampling,
     generate_tokens,
@@ -77,7 +77,7 @@ class CxrLlavaReportWriter:
             if decoder == "static" or (decoder == "auto" and on_cuda)
             else None
         )
-        self.engine: BatchEngine[ReportRequest, str] = BatchEngine(
+        self.engine: BatchEngine[ReportRequest, WrittenReport] = BatchEngine(
             self.run_batch,
             max_batch_size=max_batch_size,
             timeout_s=timeout_s,
@@ -100,7 +100,7 @@ class CxrLlavaReportWriter:
         return torch.from_numpy(np.stack(arrays)).to(self.ckpt.device, self.ckpt.dtype)
 
     @torch.inference_mode()
-    def run_batch(self, requests: list[ReportRequest]) -> BatchResult[str]:
+    def run_batch(self, requests: list[ReportRequest]) -> BatchResult[WrittenReport]:
         model, tokenizer = self.ckpt.model, self.ckpt.tokenizer
         images = model.encode_images(self.pixels(requests))
         rows = [
@@ -119,12 +119,19 @@ class CxrLlavaReportWriter:
             sampling=self.sampling,
             ignore_eos=self.ignore_eos,
         )
-        texts = [tokenizer.decode(t) for t in tokens]
-        if self.ckpt.tiny:
-            texts = [f"{TINY_BANNER}\n\n{text}" for text in texts]
-        return BatchResult(texts, new_tokens=sum(len(t) for t in tokens))
+        reports = []
+        for row in tokens:
+            text = tokenizer.decode(row)
+            if self.ckpt.tiny:
+                text = f"{TINY_BANNER}\n\n{text}"
+            cut = hit_token_limit(row, self.max_new_tokens, tokenizer.eos_id)
+            reports.append(WrittenReport(text, truncated=cut, new_tokens=len(row)))
+        return BatchResult(reports, new_tokens=sum(len(t) for t in tokens))
 
     def write_reports(self, requests: Sequence[ReportRequest]) -> list[str]:
+        return [report.text for report in self.write_detailed_reports(requests)]
+
+    def write_detailed_reports(self, requests: Sequence[ReportRequest]) -> list[WrittenReport]:
         return self.engine.run(list(requests))
 
     def metrics(self) -> EngineMetrics:
@@ -138,6 +145,11 @@ class CxrLlavaReportWriter:
 
     def close(self) -> None:
         self.engine.stop()
+
+
+def hit_token_limit(row: list[int], max_new_tokens: int, eos_id: int) -> bool:
+    """Generation used every allowed token and never produced `</s>`: the text is cut off."""
+    return len(row) >= max_new_tokens and eos_id not in row
 
 
 def _cuda_peak() -> int:
