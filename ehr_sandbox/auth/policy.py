@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ehr_sandbox.access_tokens import AccessToken
+from ehr_sandbox.auth.compartment import PatientCompartment
 from ehr_sandbox.auth.scopes import allowed_contexts
+from ehr_sandbox.fhir.search import ParsedSearch, SearchParameterError, parse_search
 from ehr_sandbox.fhir.store import FhirStore
 
 PUBLIC_FHIR_PATHS = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-configuration"})
-PATIENT_REFERENCE_FIELDS = ("subject", "patient")
 WRITE_INTERACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
 
 
@@ -31,6 +32,7 @@ class FhirOperation:
     resource_type: str
     resource_id: str | None = None
     resource: dict[str, Any] | None = None  # the body, for create/update
+    all_versions: bool = False  # a history or version read: every stored version is shown
 
 
 def _json(body: bytes) -> Any:
@@ -71,7 +73,8 @@ def operations(method: str, path: str, body: bytes) -> list[FhirOperation]:
     if method in ("GET", "HEAD"):
         if len(parts) == 1:
             return [FhirOperation("search", rtype)]
-        return [FhirOperation("read", rtype, parts[1])]
+        history = len(parts) >= 3 and parts[2] == "_history"
+        return [FhirOperation("read", rtype, parts[1], all_versions=history)]
     interaction = WRITE_INTERACTIONS.get(method, "update")
     parsed = _json(body) if interaction in ("create", "update") else None
     return [
@@ -84,70 +87,74 @@ def operations(method: str, path: str, body: bytes) -> list[FhirOperation]:
     ]
 
 
-def _patient_references(resource: dict[str, Any]) -> Iterator[str]:
-    for field in PATIENT_REFERENCE_FIELDS:
-        value = resource.get(field)
-        if isinstance(value, dict) and isinstance(value.get("reference"), str):
-            reference = value["reference"]
-            if reference.startswith("Patient/") or "/Patient/" in reference:
-                yield reference.rsplit("/", 1)[-1]
-
-
-def _in_compartment(resource: dict[str, Any], patient: str) -> bool:
-    """True when the resource is the patient, names the patient, or names no patient at all
-    (Device, Endpoint: outside every patient compartment)."""
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id") == patient
-    named = list(_patient_references(resource))
-    return all(p == patient for p in named)
-
-
-def _binary_of_patient(store: FhirStore, binary_id: str, patient: str) -> bool:
-    """A Binary belongs to a patient when the patient's Media or DocumentReference points at it."""
-    wanted = f"Binary/{binary_id}"
-    for media in store.search("Media", [("patient", patient), ("_count", "200")]).resources:
-        content = media.get("content")
-        if isinstance(content, dict) and str(content.get("url", "")).endswith(wanted):
-            return True
-    for document in store.search(
-        "DocumentReference", [("patient", patient), ("_count", "200")]
-    ).resources:
-        for item in document.get("content") or []:
-            attachment = item.get("attachment") if isinstance(item, dict) else None
-            if isinstance(attachment, dict) and str(attachment.get("url", "")).endswith(wanted):
-                return True
-    return False
-
-
-def _search_names_patient(rtype: str, params: Sequence[tuple[str, str]], patient: str) -> bool:
-    for name, value in params:
-        base = name.split(":", 1)[0]
-        if rtype == "Patient" and base == "_id" and value == patient:
-            return True
-        if base in ("patient", "subject") and value in (patient, f"Patient/{patient}"):
+def _names_its_patient(search: ParsedSearch, patient: str) -> bool:
+    """True when one of the filters the store applies asks for exactly this patient."""
+    wanted = {patient, f"Patient/{patient}"}
+    for item in search.filters:
+        if search.resource_type == "Patient" and item.param.name == "_id":
+            found = item.modifier is None and item.value == patient
+        else:
+            found = (
+                item.param.name in ("patient", "subject")
+                and item.modifier in (None, "Patient")
+                and item.value in wanted
+            )
+        if found:
             return True
     return False
+
+
+def _search_denial(rtype: str, params: Sequence[tuple[str, str]], patient: str) -> Denial | None:
+    try:
+        search = parse_search(rtype, params)
+    except SearchParameterError as exc:
+        return Denial(400, "invalid", str(exc))
+    if search.unknown:
+        # The store would ignore these: refused rather than answered with a wider result.
+        return Denial(
+            400,
+            "not-supported",
+            "unsupported search parameters for a patient-scoped token: "
+            + ", ".join(search.unknown),
+        )
+    if not _names_its_patient(search, patient):
+        return Denial(
+            403, "forbidden", "a patient-scoped token must search by its patient (patient=...)"
+        )
+    return None
 
 
 def _compartment_denial(
     op: FhirOperation, params: Sequence[tuple[str, str]], patient: str, store: FhirStore
 ) -> Denial | None:
-    outside = Denial(403, "forbidden", "the token is limited to its patient's records")
+    """Searches must name the patient (their results are filtered to the compartment as
+    well, see `restricted_patient`); reads and writes must stay inside the compartment."""
     if op.interaction == "search":
-        if _search_names_patient(op.resource_type, params, patient):
-            return None
-        return Denial(
-            403, "forbidden", "a patient-scoped token must search by its patient (patient=...)"
-        )
-    if op.resource is not None and not _in_compartment(op.resource, patient):
+        return _search_denial(op.resource_type, params, patient)
+    outside = Denial(403, "forbidden", "the token is limited to its patient's records")
+    compartment = PatientCompartment(store, patient)
+    if op.resource is not None and not compartment.contains(op.resource):
         return outside
     if op.resource_id is None:
         return None
-    if op.resource_type == "Binary":
-        return None if _binary_of_patient(store, op.resource_id, patient) else outside
-    stored = store.read(op.resource_type, op.resource_id)
-    if stored is not None and not _in_compartment(stored, patient):
+    if op.all_versions:
+        entries = store.history(op.resource_type, op.resource_id)
+        versions = [entry.resource for entry in entries]
+    else:
+        versions = [store.read(op.resource_type, op.resource_id)]
+    if any(v is not None and not compartment.contains(v) for v in versions):
         return outside
+    return None
+
+
+def restricted_patient(token: AccessToken, method: str, path: str, body: bytes) -> str | None:
+    """The patient whose compartment every answer to this request must stay in: set when
+    the token reads or searches with patient scopes only."""
+    for op in operations(method, path, body):
+        if op.interaction not in ("read", "search"):
+            continue
+        if allowed_contexts(token.scope, op.resource_type, op.interaction) == {"patient"}:
+            return token.patient
     return None
 
 

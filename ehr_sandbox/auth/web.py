@@ -21,6 +21,7 @@ from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Flask, Response, jsonify, redirect, render_template, request
 
 from ehr_sandbox.access_tokens import TokenStore
+from ehr_sandbox.auth.compartment import PatientCompartment
 from ehr_sandbox.auth.grants import (
     USER_TOKEN_LIFETIME_S,
     Approval,
@@ -31,11 +32,12 @@ from ehr_sandbox.auth.grants import (
     SmartRefreshTokenGrant,
     save_token,
 )
-from ehr_sandbox.auth.policy import PUBLIC_FHIR_PATHS, Denial, check_request
+from ehr_sandbox.auth.policy import PUBLIC_FHIR_PATHS, Denial, check_request, restricted_patient
 from ehr_sandbox.auth.scopes import grantable
 from ehr_sandbox.auth.smart_store import LaunchContext, SmartStore
 from ehr_sandbox.backend_auth import BackendServices, TokenError
 from ehr_sandbox.fhir.store import FhirStore
+from ehr_sandbox.web.fhir_api import restrict_results
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,13 @@ class SmartAuth:
             params += list(request.form.items(multi=True))
         body = request.get_data(cache=True) if request.method not in ("GET", "HEAD") else b""
         denial = check_request(token, request.method, request.path, params, body, self.store)
-        return _operation_outcome(denial) if denial else None
+        if denial:
+            return _operation_outcome(denial)
+        patient = restricted_patient(token, request.method, request.path, body)
+        if patient is not None:
+            # Whatever the query asked, the answers stay inside the patient's compartment.
+            restrict_results(PatientCompartment(self.store, patient).contains)
+        return None
 
     # -- routes -----------------------------------------------------------------------------
     def blueprint(self) -> Blueprint:

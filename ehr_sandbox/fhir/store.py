@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -490,8 +490,14 @@ class FhirStore:
         )
         return int(row[0])
 
-    def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> SearchResult:
+    def search(
+        self,
+        resource_type: str,
+        params: Sequence[tuple[str, str]],
+        keep: Callable[[JsonDict], bool] | None = None,
+    ) -> SearchResult:
         """Search resources of one type; ``_count``/``_offset`` in ``params`` select the page.
+        Only resources ``keep`` accepts (when given) are matched, counted and paged.
 
         Raises ``InvalidResourceError`` for a malformed type and ``SearchParameterError`` for
         malformed parameter values; unsupported parameters are ignored and reported in
@@ -500,7 +506,7 @@ class FhirStore:
         _check_type(resource_type)
         parsed = parse_search(resource_type, params)
         snapshot = self._snapshot(self._conn(), resource_type)
-        matched = [r for r in snapshot.resources if parsed.matches(r)]
+        matched = [r for r in snapshot.resources if parsed.matches(r) and (keep is None or keep(r))]
         if parsed.sort:
             matched = sort_resources(matched, parsed.sort)
         page: list[JsonDict] = []

@@ -9,12 +9,12 @@ import copy
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date
 
@@ -36,7 +36,13 @@ from ehr_sandbox.fhir.store import (
 )
 from ehr_sandbox.fhir.transaction import TransactionError, process_transaction
 
-__all__ = ["FHIR_CONTENT_TYPE", "MAX_BODY_BYTES", "FhirError", "create_fhir_blueprint"]
+__all__ = [
+    "FHIR_CONTENT_TYPE",
+    "MAX_BODY_BYTES",
+    "FhirError",
+    "create_fhir_blueprint",
+    "restrict_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,21 @@ def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> J
 
 
 # ---------------------------------------------------------------------------- request helpers
+
+
+def restrict_results(keep: Callable[[JsonDict], bool]) -> None:
+    """Limit what this request may return to the resources `keep` accepts (an access policy
+    calls this before the request is served, e.g. for a patient-scoped token)."""
+    g.fhir_result_filter = keep
+
+
+def _visible(resource: JsonDict) -> bool:
+    keep: Callable[[JsonDict], bool] | None = g.get("fhir_result_filter")
+    return keep is None or keep(resource)
+
+
+def _outside_restriction(rtype: str, rid: str) -> FhirError:
+    return FhirError(403, "forbidden", f"{rtype}/{rid} is outside what this token may read")
 
 
 def _base_url() -> str:
@@ -435,7 +456,7 @@ def create_fhir_blueprint(
     # -- interactions
 
     def do_search(rtype: str, params: Sequence[tuple[str, str]]) -> Response:
-        result = store.search(rtype, params)
+        result = store.search(rtype, params, keep=g.get("fhir_result_filter"))
         if result.unknown and _prefer().get("handling") == "strict":
             raise FhirError(
                 400, "not-supported", f"Unsupported search parameters: {', '.join(result.unknown)}"
@@ -457,6 +478,8 @@ def create_fhir_blueprint(
             if ID_RE.match(rid) and store.is_deleted(rtype, rid):
                 raise FhirError(410, "deleted", f"{rtype}/{rid} has been deleted")
             raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        if not _visible(resource):
+            raise _outside_restriction(rtype, rid)
         etag = _version_headers(resource).get("ETag")
         if etag and request.headers.get("If-None-Match", "").strip() == etag:
             response = Response(b"", status=304)
@@ -535,6 +558,8 @@ def create_fhir_blueprint(
         entries = store.history(rtype, rid) if ID_RE.match(rid) else []
         if not entries:
             raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        if not all(e.resource is None or _visible(e.resource) for e in entries):
+            raise _outside_restriction(rtype, rid)
         base = _base_url()
         bundle_entries: list[JsonDict] = []
         for entry in entries:
@@ -575,6 +600,8 @@ def create_fhir_blueprint(
             if deleted:
                 raise FhirError(410, "deleted", f"{rtype}/{rid} version {vid} is a deletion")
             raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{vid} is not known")
+        if not _visible(resource):
+            raise _outside_restriction(rtype, rid)
         if rtype == "Binary":
             return _binary_response(resource)
         return _resource_response(resource)

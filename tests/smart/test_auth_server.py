@@ -331,3 +331,68 @@ def test_ehr_launch_page_opens_the_app_with_iss_and_launch(ehr: SandboxHandle) -
         f"{ehr.base}/ehr/launch", params={"app": CLIENT, "patient": "nobody"}, timeout=10
     )
     assert unknown.status_code == 404
+
+
+def test_search_parameters_cannot_widen_a_patient_scoped_search(ehr: SandboxHandle) -> None:
+    """Parameters the store does not apply (or modifiers it does not know) used to pass the
+    'names its patient' check and were then ignored: every patient's records came back."""
+    bearer = user_token(ehr)
+    for query in (
+        "Patient?patient=cxr-demo-1",
+        "ImagingStudy?patient:foo=cxr-demo-1",
+        "ImagingStudy?patient=cxr-demo-1&_include=ImagingStudy:subject",
+        "Media?patient:missing=cxr-demo-1",
+    ):
+        answer = get(ehr, query, bearer)
+        assert answer.status_code in (400, 403), query
+        assert answer.json()["resourceType"] == "OperationOutcome", query
+    assert (
+        "unsupported search parameters"
+        in (get(ehr, "Patient?patient=cxr-demo-1", bearer).json()["issue"][0]["diagnostics"])
+    )
+    mine = get(ehr, "Patient?_id=cxr-demo-1", bearer).json()
+    assert [e["resource"]["id"] for e in mine["entry"]] == ["cxr-demo-1"]
+    by_subject = get(ehr, "Media?subject=Patient/cxr-demo-1", bearer).json()
+    assert by_subject["total"] == 2
+    assert {e["resource"]["subject"]["reference"] for e in by_subject["entry"]} == {
+        "Patient/cxr-demo-1"
+    }
+
+
+def test_answers_to_a_patient_scoped_token_stay_in_its_compartment(ehr: SandboxHandle) -> None:
+    """Results are filtered whatever the query: a resource that also names another patient,
+    or a history with another patient's version, is not shown."""
+    store = ehr.sandbox.store
+    shared = store.create(
+        {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"text": "family screening"},
+            "subject": {"reference": "Patient/cxr-demo-1"},
+            "resultsInterpreter": [{"reference": "Patient/cxr-demo-2"}],
+        }
+    )
+    moved = store.create(
+        {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"text": "filed to the wrong chart first"},
+            "subject": {"reference": "Patient/cxr-demo-2"},
+        }
+    )
+    store.update({**moved, "subject": {"reference": "Patient/cxr-demo-1"}})
+    try:
+        bearer = user_token(ehr)
+        found = get(ehr, "DiagnosticReport?patient=cxr-demo-1&_count=200", bearer).json()
+        ids = {e["resource"]["id"] for e in found.get("entry", [])}
+        assert shared["id"] not in ids and moved["id"] in ids
+        assert found["total"] == len(ids)
+        assert get(ehr, f"DiagnosticReport/{shared['id']}", bearer).status_code == 403
+        assert get(ehr, f"DiagnosticReport/{moved['id']}", bearer).status_code == 200
+        history = get(ehr, f"DiagnosticReport/{moved['id']}/_history", bearer)
+        assert history.status_code == 403
+        first = get(ehr, f"DiagnosticReport/{moved['id']}/_history/1", bearer)
+        assert first.status_code == 403
+    finally:
+        store.delete("DiagnosticReport", shared["id"])
+        store.delete("DiagnosticReport", moved["id"])
