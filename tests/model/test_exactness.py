@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sentencepiece as spm
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from cds_service.inference.cxr_llava.generate import generate_tokens, left_pad, splice
 from cds_service.inference.cxr_llava.loader import LoadedCheckpoint, load_checkpoint
-from cds_service.inference.cxr_llava.prompt import IMAGE_TOKEN
+from cds_service.inference.cxr_llava.prompt import IMAGE_TOKEN, chat_text
 from tests.model import reference
 
 SYSTEM = (
@@ -190,3 +191,37 @@ def test_requests_use_the_published_wording(tiny: LoadedCheckpoint, task: str) -
     )
     assert text.endswith(f"\n{wanted} [/INST]")
     assert SYSTEM in text
+
+
+def _llava_style_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """How the published pipeline turns its prompt string into ids (LLaVA's image-token split):
+    each chunk around <image> is tokenised with the tokenizer's own BOS; the first chunk keeps
+    it, later chunks drop it, and one image id goes between chunks."""
+    chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split("<image>")]
+    keep_bos = bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id
+    offset = 1 if keep_bos else 0
+    ids = chunks[0][:1] if keep_bos else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(IMAGE_TOKEN)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+@pytest.mark.parametrize("loader", ["LlamaTokenizer", "AutoTokenizer"])
+def test_prompt_ids_match_transformers_tokenising_the_literal_chat_string(
+    tiny: LoadedCheckpoint, tiny_dir: Path, loader: str
+) -> None:
+    """Not our own code twice: transformers' Llama tokenizer (from the folder's own files, BOS
+    added as Llama 2's tokenizer config says) reads the rendered chat string, which starts with
+    a literal "<s>"; that literal is the BOS token and the tokenizer prepends BOS again, so the
+    published pipeline fed the model <s><s>[INST] ... and so do we (prompt.DOUBLE_BOS)."""
+    import transformers
+
+    tokenizer = getattr(transformers, loader).from_pretrained(tiny_dir)
+    assert tokenizer("<s>[INST]").input_ids[:2] == [1, 1]  # the double BOS itself
+    for task, question in (("report", None), ("differential", None), ("ask", "Is there a PTX?")):
+        literal = "<s>" + chat_text(task, question)  # type: ignore[arg-type]
+        assert literal.startswith("<s>[INST] <<SYS>>\n") and literal.count("<image>") == 1
+        expected = _llava_style_ids(tokenizer, literal)
+        assert tiny.tokenizer.prompt_ids(task, question) == expected  # type: ignore[arg-type]

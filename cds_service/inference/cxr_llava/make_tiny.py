@@ -138,7 +138,9 @@ def write_tokenizer(folder: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(data)
         try:
-            converted = LlamaTokenizer.from_pretrained(tmp)
+            # As Llama 2's own tokenizer.json: BOS prepended by the post-processor, legacy
+            # SentencePiece handling of text after special tokens.
+            converted = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, legacy=True)
             converted.save_pretrained(tmp)
             (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
         except (ImportError, ValueError, OSError) as exc:  # conversion needs protobuf

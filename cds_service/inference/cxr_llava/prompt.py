@@ -7,8 +7,10 @@ Second BOS, deliberately: the published pipeline renders the chat template to a 
 starts with the literal `<s>` and then tokenises it with a tokenizer call that prepends BOS
 again, so the model saw `<s><s>[INST] ...` in its own code (LLaVA's `tokenizer_image_token`
 keeps the first chunk's BOS and the chunk's own tokens, which start with the literal `<s>`).
-We reproduce that (`DOUBLE_BOS`). Each text chunk around `<image>` is encoded separately with
-SentencePiece's dummy prefix, as in the published pipeline.
+We reproduce that (`DOUBLE_BOS`); a test compares our ids with transformers' Llama
+tokenizer reading the literal `<s>[INST] ...` string, split at `<image>` as LLaVA does.
+Each text chunk around `<image>` is encoded separately with SentencePiece's dummy prefix,
+as in the published pipeline.
 """
 
 from __future__ import annotations
