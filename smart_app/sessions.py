@@ -25,8 +25,12 @@ CREATE TABLE IF NOT EXISTS smart_launches (
 CREATE TABLE IF NOT EXISTS smart_sessions (
     sid TEXT PRIMARY KEY, body TEXT NOT NULL, created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS smart_confirmations (
+    id TEXT PRIMARY KEY, csrf TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL
+);
 """
 LAUNCH_LIFETIME_S = 600
+CONFIRMATION_LIFETIME_S = 600
 SESSION_LIFETIME_S = 12 * 3600
 STATE_BYTES = 32  # 256 bits of entropy (SMART asks for at least 122)
 
@@ -40,6 +44,15 @@ class PendingLaunch:
     code_verifier: str
     redirect_uri: str
     browser_binding: str  # sha256 of the cookie value set at launch ("" when none)
+
+
+@dataclass(frozen=True)
+class PendingConfirmation:
+    """A sign-in whose browser could not be proven (no launch cookie inside an EHR frame):
+    the session is only created when the user confirms it on the app's own page."""
+
+    id: str
+    csrf: str
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,11 @@ def expiry(token: dict[str, Any]) -> float:
     except (TypeError, ValueError):
         expires_in = 300.0
     return time.time() + max(0.0, expires_in)
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Constant-time comparison that also accepts non-ASCII input (from a form or URL)."""
+    return secrets.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
 
 
 def binding_hash(value: str) -> str:
@@ -169,6 +187,41 @@ class SessionStore:
         if row[7] < time.time() - LAUNCH_LIFETIME_S:
             return None
         return PendingLaunch(*row[:7])
+
+    # -- sign-ins waiting for the user's confirmation -------------------------------------
+    def hold_for_confirmation(self, **fields: Any) -> PendingConfirmation:
+        """Keep a session's fields until the user confirms (`confirm`) or cancels."""
+        pending = PendingConfirmation(
+            id=secrets.token_urlsafe(STATE_BYTES), csrf=secrets.token_urlsafe(STATE_BYTES)
+        )
+        with self._connect() as conn:
+            conn.execute(
+                "DELETE FROM smart_confirmations WHERE created_at < ?",
+                (time.time() - CONFIRMATION_LIFETIME_S,),
+            )
+            conn.execute(
+                "INSERT INTO smart_confirmations VALUES (?, ?, ?, ?)",
+                (pending.id, pending.csrf, json.dumps(fields), time.time()),
+            )
+        return pending
+
+    def take_confirmation(self, confirmation_id: str, csrf: str) -> dict[str, Any] | None:
+        """The held session fields, removed (one answer only), when the form's CSRF token
+        matches and the confirmation has not expired; else None."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT csrf, body, created_at FROM smart_confirmations WHERE id = ?",
+                (confirmation_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM smart_confirmations WHERE id = ?", (confirmation_id,))
+        if not same_secret(row[0], csrf):
+            return None
+        if row[2] < time.time() - CONFIRMATION_LIFETIME_S:
+            return None
+        fields: dict[str, Any] = json.loads(row[1])
+        return fields
 
     # -- sessions -----------------------------------------------------------------------------
     def create_session(self, **fields: Any) -> Session:

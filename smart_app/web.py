@@ -31,7 +31,14 @@ from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
 from cds_service.results import ModelInfo
 from smart_app import smart_client, viewer
-from smart_app.sessions import Session, SessionStore, binding_hash, expiry
+from smart_app.sessions import (
+    PendingLaunch,
+    Session,
+    SessionStore,
+    binding_hash,
+    expiry,
+    same_secret,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +52,9 @@ DATA_SCOPES = (
 EHR_LAUNCH_SCOPE = f"launch offline_access {DATA_SCOPES}"
 STANDALONE_SCOPE = f"launch/patient offline_access {DATA_SCOPES}"
 BINDING_COOKIE = "cxr_smart_launch"
+# Sec-Fetch-Dest of a navigation inside a frame: there the launch cookie may be dropped
+# (third-party cookies blocked), so the user confirms the sign-in on the app's page instead.
+FRAME_DESTINATIONS = frozenset({"iframe", "frame"})
 NOTICES = {
     "queued": "Analysis requested. The status updates when the model has finished.",
     "already-queued": "An analysis of this study is already queued or running.",
@@ -165,14 +175,20 @@ class SmartApp:
                 "already used 'state'). Nothing was shown. Start the app again from the EHR.",
             )
         cookie = request.cookies.get(BINDING_COOKIE, "")
-        if (
-            cookie
-            and pending.browser_binding
-            and not secrets.compare_digest(binding_hash(cookie), pending.browser_binding)
-        ):
+        proven = bool(cookie) and same_secret(pending.browser_binding, binding_hash(cookie))
+        if cookie and not proven:
             return _error(
                 "Sign-in not accepted",
                 "The sign-in answer belongs to a launch made in another browser.",
+            )
+        framed = request.headers.get("Sec-Fetch-Dest", "") in FRAME_DESTINATIONS
+        if not proven and not framed:
+            # A sign-in answer opened by a browser that did not start it (e.g. a link made
+            # from someone else's launch) never becomes a session.
+            return _error(
+                "Sign-in not accepted",
+                "This browser did not start this sign-in (the app's launch cookie is "
+                "missing). Nothing was shown. Start the app again from the EHR.",
             )
         code = args.get("code")
         if not code:
@@ -187,27 +203,60 @@ class SmartApp:
             )
         except smart_client.SmartError as exc:
             return _error("Sign-in not accepted", f"{exc}. Start the app again from the EHR.")
-        fhir_context = token.get("fhirContext")
-        app_context = token.get("appContext")
-        session = self.sessions.create_session(
-            iss=pending.iss,
-            tenant=pending.tenant,
-            token_endpoint=pending.token_endpoint,
-            access_token=str(token["access_token"]),
-            expires_at=expiry(token),
-            scope=str(token.get("scope") or ""),
-            refresh_token=str(token["refresh_token"]) if token.get("refresh_token") else None,
-            patient=str(token["patient"]) if token.get("patient") else None,
-            encounter=str(token["encounter"]) if token.get("encounter") else None,
-            fhir_context=[c for c in fhir_context if isinstance(c, dict)]
-            if isinstance(fhir_context, list)
-            else [],
-            app_context=app_context if isinstance(app_context, str) else None,
-            need_patient_banner=bool(token.get("need_patient_banner", True)),
-        )
+        fields = _session_fields(pending, token)
+        if not proven:
+            return self.ask_to_continue(fields)
+        return self.open_session(fields)
+
+    def open_session(self, fields: dict[str, Any]) -> Response:
+        session = self.sessions.create_session(**fields)
         response: Response = redirect(url_for("smart_app.home", sid=session.sid), 303)  # type: ignore[assignment]
         response.delete_cookie(BINDING_COOKIE, path="/app/callback")
         return response
+
+    def ask_to_continue(self, fields: dict[str, Any]) -> Response:
+        """Inside an EHR frame without the launch cookie: show whom the sign-in is for and
+        create the session only when the user confirms (POST with the page's CSRF token)."""
+        patient = fields.get("patient")
+        banner = None
+        if patient:
+            try:
+                client = FhirClient(fields["iss"], fields["access_token"], timeout=(3, 15))
+                banner = viewer.patient_banner(client.get_json(f"Patient/{patient}"))
+            except FhirError as exc:
+                log.warning("sign-in confirmation: patient not read (%s)", type(exc).__name__)
+                return _error(
+                    "Sign-in not accepted",
+                    "The patient of this sign-in could not be read from the EHR. Start the "
+                    "app again from the EHR.",
+                    502,
+                )
+        pending = self.sessions.hold_for_confirmation(**fields)
+        return _page(
+            "smart_app/confirm.html",
+            patient=banner,
+            ehr=urlsplit(str(fields["iss"])).netloc,
+            pending=pending,
+        )
+
+    def confirm(self) -> Response:
+        fields = self.sessions.take_confirmation(
+            request.form.get("confirmation", ""), request.form.get("csrf", "")
+        )
+        if fields is None:
+            return _error(
+                "Sign-in not accepted",
+                "This confirmation is unknown, expired or was already answered. Start the app "
+                "again from the EHR.",
+                403,
+            )
+        if request.form.get("decision") != "continue":
+            return _error(
+                "Not continued",
+                "No session was opened. Start the app again from the EHR when you need it.",
+                200,
+            )
+        return self.open_session(fields)
 
     # -- tokens -----------------------------------------------------------------------------
     def refreshed(self, failed: Session) -> Session:
@@ -385,6 +434,28 @@ class SmartApp:
         return self.with_fhir(session, file)
 
 
+def _session_fields(pending: PendingLaunch, token: dict[str, Any]) -> dict[str, Any]:
+    """A session's fields from its launch and the EHR's token response."""
+    fhir_context = token.get("fhirContext")
+    app_context = token.get("appContext")
+    return {
+        "iss": pending.iss,
+        "tenant": pending.tenant,
+        "token_endpoint": pending.token_endpoint,
+        "access_token": str(token["access_token"]),
+        "expires_at": expiry(token),
+        "scope": str(token.get("scope") or ""),
+        "refresh_token": str(token["refresh_token"]) if token.get("refresh_token") else None,
+        "patient": str(token["patient"]) if token.get("patient") else None,
+        "encounter": str(token["encounter"]) if token.get("encounter") else None,
+        "fhir_context": [c for c in fhir_context if isinstance(c, dict)]
+        if isinstance(fhir_context, list)
+        else [],
+        "app_context": app_context if isinstance(app_context, str) else None,
+        "need_patient_banner": bool(token.get("need_patient_banner", True)),
+    }
+
+
 def _report_location(answer: dict[str, Any]) -> str | None:
     for entry in answer.get("entry") or []:
         response = entry.get("response") if isinstance(entry, dict) else None
@@ -439,7 +510,7 @@ def create_smart_blueprint(
         found = app.session_or_error(sid)
         if isinstance(found, Response):
             return found
-        if form and not secrets.compare_digest(request.form.get("csrf", ""), found.csrf):
+        if form and not same_secret(found.csrf, request.form.get("csrf", "")):
             return _error("Form not accepted", "The form has expired; reload the page.", 403)
         try:
             return view(found)
@@ -471,6 +542,10 @@ def create_smart_blueprint(
     @bp.get("/callback")
     def callback() -> Response:
         return app.callback()
+
+    @bp.post("/confirm")
+    def confirm() -> Response:
+        return app.confirm()
 
     @bp.get("/s/<sid>/")
     def home(sid: str) -> Response:

@@ -30,16 +30,30 @@ class SmartEnv:
     sandbox: SandboxHandle
     service: ServiceHandle
 
-    def ehr_launch_url(self, study: str | None = STUDY, patient: str = PATIENT) -> str:
-        url = f"{self.sandbox.base}/ehr/launch?app=cxr-cds-viewer&patient={patient}"
+    def ehr_launch_url(
+        self, study: str | None = STUDY, patient: str = PATIENT, *, cross_site: bool = False
+    ) -> str:
+        """The sandbox's launch page; `cross_site` serves it from `localhost`, another site
+        than the app's 127.0.0.1, so that an app frame in it gets no first-party cookies."""
+        base = cross_site_base(self.sandbox.base) if cross_site else self.sandbox.base
+        url = f"{base}/ehr/launch?app=cxr-cds-viewer&patient={patient}"
         return url + (f"&study={study}" if study else "")
+
+
+def cross_site_base(base: str) -> str:
+    return base.replace("://127.0.0.1:", "://localhost:")
 
 
 @pytest.fixture(scope="module")
 def smart_env(
     tmp_path_factory: pytest.TempPathFactory, sandbox: SandboxHandle
 ) -> Iterator[SmartEnv]:
-    service, server = make_service(tmp_path_factory.mktemp("smart-service"), sandbox)
+    # The EHR's pages as another site may frame the app too (its launch cookie is dropped).
+    service, server = make_service(
+        tmp_path_factory.mktemp("smart-service"),
+        sandbox,
+        extra_fhir_servers=(f"{cross_site_base(sandbox.base)}/fhir",),
+    )
     register_viewer(sandbox.sandbox, service.base)
     analyse_seeded(service, sandbox)
     yield SmartEnv(sandbox=sandbox, service=service)

@@ -135,6 +135,7 @@ def test_an_ehr_that_only_launches_the_app_is_accepted_under_its_prefix(
     service, server = make_service(
         tmp_path, sandbox, trusted_issuers=(), app_fhir_servers=(prefix,)
     )
+    registered = sandbox.sandbox.smart.app("cxr-cds-viewer")
     try:
         register_viewer(sandbox.sandbox, service.base)
         accepted = requests.get(
@@ -150,3 +151,60 @@ def test_an_ehr_that_only_launches_the_app_is_accepted_under_its_prefix(
             assert refused.status_code == 400 and "Unknown EHR" in refused.text
     finally:
         server.stop()
+        if registered is not None:  # the module's other tests launch the shared service
+            sandbox.sandbox.smart.register_app(registered)
+
+
+def stolen_callback(smart_env: SmartEnv) -> str:
+    """A callback URL from a launch made by someone else (their cookies stay with them)."""
+    attacker = requests.Session()
+    url = smart_env.ehr_launch_url()
+    for _ in range(6):
+        answer = attacker.get(url, allow_redirects=False, timeout=10)
+        url = answer.headers["Location"]
+        if "/app/callback" in url:
+            return url
+    raise AssertionError("no redirect to the callback")
+
+
+def sessions_count(smart_env: SmartEnv) -> int:
+    database = Path(smart_env.service.settings.database)
+    path = database.with_name(f"{database.stem}-smart-app.sqlite3")
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM smart_sessions").fetchone()[0])
+
+
+def test_callback_without_the_launch_cookie_opens_no_session(smart_env: SmartEnv) -> None:
+    before = sessions_count(smart_env)
+    for headers in ({}, {"Sec-Fetch-Dest": "document"}):
+        answer = requests.get(
+            stolen_callback(smart_env), headers=headers, allow_redirects=False, timeout=10
+        )
+        assert answer.status_code == 400, answer.text
+        assert "did not start this sign-in" in answer.text
+    assert sessions_count(smart_env) == before
+
+
+def test_framed_callback_without_cookie_needs_a_confirmation_post(smart_env: SmartEnv) -> None:
+    before = sessions_count(smart_env)
+    asked = requests.get(
+        stolen_callback(smart_env),
+        headers={"Sec-Fetch-Dest": "iframe"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert asked.status_code == 200 and "Continue to the AI chest X-ray viewer" in asked.text
+    assert "Lindqvist".upper() in asked.text and sessions_count(smart_env) == before
+    assert "frame-ancestors" in asked.headers["Content-Security-Policy"]
+    held = dict(re.findall(r'name="(confirmation|csrf)" value="([^"]+)"', asked.text))
+    assert set(held) == {"confirmation", "csrf"}
+    confirm = f"{smart_env.service.base}/app/confirm"
+    forged = requests.post(
+        confirm, data={**held, "csrf": "guess", "decision": "continue"}, timeout=10
+    )
+    assert forged.status_code == 403 and sessions_count(smart_env) == before
+    # The forged answer used the confirmation up: the real form no longer opens a session.
+    late = requests.post(confirm, data={**held, "decision": "continue"}, timeout=10)
+    assert late.status_code == 403 and sessions_count(smart_env) == before
+    odd = requests.post(confirm, data={"confirmation": "é", "csrf": "é"}, timeout=10)
+    assert odd.status_code == 403

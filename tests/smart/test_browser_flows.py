@@ -231,3 +231,56 @@ def test_launch_to_study_view_timing(smart_env: SmartEnv, page: Any) -> None:
         + f"\nmedian: {median:.3f}\n"
     )
     assert median < 5.0
+
+
+def test_a_sign_in_answer_from_another_browser_is_refused(
+    smart_env: SmartEnv, page: Any, chromium: Any
+) -> None:
+    """Login CSRF: someone starts a launch, stops at the callback and sends its URL to a
+    victim. The victim's browser lacks the launch cookie and gets no session."""
+    stolen = _next_hop(page, smart_env.ehr_launch_url(), "/app/callback")
+    victim = chromium.new_context()
+    try:
+        answer = victim.new_page()
+        response = answer.goto(stolen)
+        assert response.status == 400
+        assert "Sign-in not accepted" in answer.locator("h1").inner_text()
+        assert "did not start this sign-in" in answer.locator("[role=alert]").inner_text()
+        assert "/app/s/" not in answer.url and answer.locator("#film").count() == 0
+    finally:
+        victim.close()
+
+
+def test_frame_without_the_launch_cookie_asks_before_opening_a_session(
+    smart_env: SmartEnv, page: Any
+) -> None:
+    """The EHR page is another site than the app: Chromium drops the app's SameSite=Lax
+    cookie inside its frame, so the app shows whom the sign-in is for and waits."""
+    page.goto(smart_env.ehr_launch_url(cross_site=True) + "&embed=1")
+    frame = page.frame_locator("iframe")
+    heading = frame.get_by_role("heading", level=1)
+    heading.wait_for()
+    assert "Continue to the AI chest X-ray viewer for" in heading.inner_text()
+    assert "LINDQVIST" in frame.locator(".confirm-patient").inner_text()
+    assert frame.locator("#film").count() == 0
+    held = {
+        name: frame.locator(f"input[name={name}]").get_attribute("value")
+        for name in ("confirmation", "csrf")
+    }
+    frame.get_by_role("button", name="Continue").click()
+    frame.locator("#film[data-loaded='true']").wait_for()
+    assert "AI-generated, preliminary" in frame.locator(".ai-banner").inner_text()
+    assert page.context.cookies() == []  # the app's cookie never existed in this frame
+    # The confirmation answers once: a replay of the same form opens nothing.
+    replay = page.request.post(
+        f"{smart_env.service.base}/app/confirm", form={**held, "decision": "continue"}
+    )
+    assert replay.status == 403 and "/app/s/" not in replay.url
+
+
+def test_cancelled_confirmation_opens_no_session(smart_env: SmartEnv, page: Any) -> None:
+    page.goto(smart_env.ehr_launch_url(cross_site=True) + "&embed=1")
+    frame = page.frame_locator("iframe")
+    frame.get_by_role("button", name="Cancel").click()
+    frame.get_by_role("heading", name="Not continued").wait_for()
+    assert frame.locator("#film").count() == 0
