@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, grants
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, InvalidScopeError
 from authlib.oauth2.rfc7636 import CodeChallenge
 
 from ehr_sandbox.access_tokens import TokenStore
@@ -161,6 +161,11 @@ class SmartRefreshTokenGrant(grants.RefreshTokenGrant):
             return None
         if record.client_id != self.request.client.client_id:
             return None  # authlib answers invalid_grant; the token stays usable by its client
+        requested = str(self.request.payload.scope or "").split()
+        if not set(requested) <= set(record.scope.split()):
+            # Refused before the token is used up (authlib checks the scope only afterwards):
+            # a client that asks for too much keeps its refresh token.
+            raise InvalidScopeError()
         # Used up now, atomically: two concurrent uses of one refresh token cannot both win.
         return RefreshCredential(record) if _store(self).use_refresh_token(refresh_token) else None
 

@@ -396,3 +396,24 @@ def test_answers_to_a_patient_scoped_token_stay_in_its_compartment(ehr: SandboxH
     finally:
         store.delete("DiagnosticReport", shared["id"])
         store.delete("DiagnosticReport", moved["id"])
+
+
+def test_refresh_asking_for_more_scope_keeps_the_refresh_token(ehr: SandboxHandle) -> None:
+    body = exchange(ehr, code_for(ehr)).json()
+    wider = token(
+        ehr,
+        grant_type="refresh_token",
+        refresh_token=body["refresh_token"],
+        client_id=CLIENT,
+        scope="patient/Patient.rs user/*.cruds",
+    )
+    assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+    narrower = token(
+        ehr,
+        grant_type="refresh_token",
+        refresh_token=body["refresh_token"],
+        client_id=CLIENT,
+        scope="patient/Patient.rs",
+    )
+    assert narrower.status_code == 200, narrower.text
+    assert narrower.json()["scope"] == "patient/Patient.rs"
