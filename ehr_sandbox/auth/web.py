@@ -390,6 +390,8 @@ class SmartAuth:
             found = self.store.read("ImagingStudy", study)
             if found is None:
                 return _error_page("Cannot launch", "Unknown imaging study.", 404)
+            if not PatientCompartment(self.store, patient).contains(found):
+                return _error_page("Cannot launch", "That imaging study is another patient's.")
             fhir_context.append({"reference": f"ImagingStudy/{study}"})
         context = LaunchContext(
             user="Practitioner/sandbox-clinician",

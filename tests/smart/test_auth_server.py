@@ -417,3 +417,14 @@ def test_refresh_asking_for_more_scope_keeps_the_refresh_token(ehr: SandboxHandl
     )
     assert narrower.status_code == 200, narrower.text
     assert narrower.json()["scope"] == "patient/Patient.rs"
+
+
+def test_ehr_launch_refuses_a_study_of_another_patient(ehr: SandboxHandle) -> None:
+    answer = requests.get(
+        f"{ehr.base}/ehr/launch",
+        params={"app": CLIENT, "patient": "cxr-demo-1", "study": "cxr-nema-rg1"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert answer.status_code == 400 and "Location" not in answer.headers
+    assert "another patient" in answer.text
