@@ -110,6 +110,91 @@ def test_a_stuck_request_times_out_and_the_engine_recovers() -> None:
     assert engine.metrics().timed_out == 2
 
 
+class Gate:
+    """A model whose batches wait at a gate; records what ran."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.ran: list[int] = []
+
+    def __call__(self, items: list[int]) -> BatchResult[int]:
+        self.ran.extend(items)
+        self.entered.set()
+        self.open.wait(30)
+        return BatchResult(items)
+
+
+def test_only_the_chunk_about_to_run_is_running_and_the_rest_can_still_be_cancelled() -> None:
+    gate = Gate()
+    engine = BatchEngine(gate, max_batch_size=2)
+    futures = [engine.submit(i) for i in range(6)]  # gathered together, run two at a time
+    engine.start()
+    try:
+        assert gate.entered.wait(5)
+        assert [f.running() for f in futures] == [True, True, False, False, False, False]
+        assert futures[3].cancel() and futures[5].cancel()
+        gate.open.set()
+        assert [futures[i].result(5) for i in (0, 1, 2, 4)] == [0, 1, 2, 4]
+    finally:
+        gate.open.set()
+        engine.stop()
+    assert gate.ran == [0, 1, 2, 4]  # cancelled requests never ran
+
+
+def test_deadlines_are_checked_for_each_chunk_not_only_when_gathered() -> None:
+    gate = Gate()
+    engine = BatchEngine(gate, max_batch_size=1)
+    first = engine.submit(1, timeout_s=10)
+    hurried = engine.submit(2, timeout_s=0.2)  # gathered with the first, expires behind it
+    later = engine.submit(3, timeout_s=10)
+    engine.start()
+    try:
+        assert gate.entered.wait(5)
+        time.sleep(0.4)
+        gate.open.set()
+        assert first.result(5) == 1 and later.result(5) == 3
+        with pytest.raises(RequestTimeout):
+            hurried.result(5)
+    finally:
+        gate.open.set()
+        engine.stop()
+    assert gate.ran == [1, 3]  # the expired request never ran
+    assert engine.metrics().timed_out == 1
+
+
+def test_a_batch_that_never_returns_fails_everyone_waiting_and_marks_the_engine_unhealthy() -> None:
+    never = threading.Event()  # set only to let the thread go at the end of the test
+
+    def run(items: list[int]) -> BatchResult[int]:
+        if 99 in items:
+            never.wait(60)
+        return BatchResult(items)
+
+    engine = BatchEngine(run, max_batch_size=1, timeout_s=30, hang_s=0.3).start()
+    try:
+        stuck = engine.submit(99)
+        queued = engine.submit(1)
+        started = time.monotonic()
+        for future in (stuck, queued):
+            with pytest.raises(EngineError, match="stopped responding"):
+                future.result(5)
+        assert time.monotonic() - started < 3  # the watchdog, not the 30 s request timeout
+        assert not engine.healthy
+        with pytest.raises(EngineError, match="unhealthy"):
+            engine.submit(2)
+        metrics = engine.metrics()
+        assert metrics.hung_batches == 1 and metrics.failed == 2 and not metrics.healthy
+        never.set()  # the model answers again: results of the failed requests are dropped
+        deadline = time.monotonic() + 5
+        while not engine.healthy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.run([4], timeout_s=5) == [4]
+    finally:
+        never.set()
+        engine.stop()
+
+
 def test_a_failing_batch_fails_its_requests_with_a_clear_error() -> None:
     def run(items: list[int]) -> BatchResult[int]:
         raise ValueError("boom")
