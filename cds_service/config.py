@@ -115,18 +115,27 @@ class EhrClient:
     client_id: str
     key_file: Path
     scope: str = SERVICE_SCOPE
+    # WADO-RS bases (URL prefixes) this EHR's Endpoints may point to besides its own FHIR
+    # origin; they, and no other EHR's, receive this EHR's Backend Services token.
+    image_servers: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, item: Any) -> EhrClient:
         required = ("fhir_base", "token_url", "client_id", "jwk_file")
         if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in required):
             raise ConfigurationError(f"each EHR client needs string fields {required}")
+        servers = item.get("image_servers", [])
+        if not isinstance(servers, list) or any(
+            not isinstance(u, str) or urlsplit(u).scheme not in {"http", "https"} for u in servers
+        ):
+            raise ConfigurationError("an EHR client's image_servers must be http(s) URLs")
         return cls(
             fhir_base=item["fhir_base"].rstrip("/"),
             token_url=item["token_url"],
             client_id=item["client_id"],
             key_file=Path(item["jwk_file"]),
             scope=item.get("scope") or cls.scope,
+            image_servers=tuple(servers),
         )
 
 
@@ -175,8 +184,9 @@ class Settings:
     # Accept JWTs from the public CDS Hooks sandbox (its private key is public): never in
     # production. Its keys are pinned in the package; its jku is never fetched.
     trust_public_sandbox: bool = False
-    # Image servers (WADO-RS bases, URL prefixes) that may receive the EHR's bearer token,
-    # and the limits on every image fetched or decoded (cds_service.imaging.limits).
+    # Image servers (WADO-RS bases, URL prefixes) any EHR's studies may point to; they get no
+    # EHR's token (list a PACS that needs one under that EHR's image_servers in
+    # CXR_CDS_EHR_CLIENTS). Then the limits on every image fetched or decoded.
     image_servers: tuple[str, ...] = ()
     # FHIR bases (URL prefixes) that may launch the SMART app without being a CDS client,
     # e.g. the SMART launcher's https://launch.smarthealthit.org/v/r4/ (CXR_CDS_APP_FHIR_SERVERS).

@@ -4,6 +4,7 @@ AI report from the service's result store. No Flask here."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.results import ModelInfo
 
 FILING_TYPES = ("DiagnosticReport", "Observation", "Device", "Provenance")
+# What the user reads when an image server failed: never the remote server's answer.
+IMAGE_UNREADABLE = "the study's image could not be fetched from the image server; try again later"
 
 
 class ViewerError(Exception):
@@ -142,7 +145,7 @@ def fetch_dicom(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> b
     except ImageFetchError as exc:
         if "(401)" in str(exc):
             raise FhirAccessDenied("FHIR server answered 401") from None
-        raise ViewerError(f"the EHR's image could not be read: {exc}") from None
+        raise ViewerError(IMAGE_UNREADABLE) from None
     except ImagingError as exc:
         raise ViewerError(f"the EHR's image could not be read: {exc}") from None
 
@@ -157,23 +160,32 @@ def render_png(dicom: bytes) -> bytes:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
 
 
-def study_png(fhir: FhirClient, access_token: str, study: dict[str, Any]) -> bytes:
+def study_png(
+    fhir: FhirClient,
+    access_token: str,
+    study: dict[str, Any],
+    image_servers: Sequence[str] = (),
+) -> bytes:
     """The study's film as PNG: the frontal chest image the model would analyse, found as the
-    service does (the study's WADO-RS endpoints, else its DICOM Media), all with the user's
-    token; for a study with no analysable image, its first DICOM Binary as it is."""
+    service does (the study's WADO-RS endpoints, else its DICOM Media), with the user's token;
+    for a study with no analysable image, its first DICOM Binary as it is. Endpoints are
+    followed only on the EHR's own origin or under `image_servers` (CXR_CDS_IMAGE_SERVERS,
+    which never get the user's token): an EHR anyone can write to cannot make us fetch
+    internal addresses."""
     base = fhir.base_url
     images = StudyImages(
-        ImageFetcher(token_servers=(base,)),  # the user's token goes only to the FHIR server
+        ImageFetcher(),
         lambda server: EhrAccess(base, access_token) if server.rstrip("/") == base else None,
+        image_servers=image_servers,
     )
     try:
         return png_bytes(images.load(study, base).pixels)
     except NotAnalysable:
         return render_png(fetch_dicom(fhir, access_token, study))
     except ImageFetchError as exc:
-        if "401" in str(exc):
+        if "(401)" in str(exc):
             raise FhirAccessDenied("FHIR server answered 401") from None
-        raise ViewerError(f"the EHR's image could not be read: {exc}") from None
+        raise ViewerError(IMAGE_UNREADABLE) from None
     except ImagingError as exc:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
 

@@ -2,9 +2,9 @@
 Media / DocumentReference attachments (url or inline data).
 
 Every fetch has connect/read timeouts and an overall deadline, a byte cap, no redirect to
-another host, and a content-type check. A bearer token goes only to URLs under a configured
-image server (or the FHIR base it belongs to): an Endpoint address is data, not a credential
-holder.
+another host, and a content-type check. A bearer token goes only to URLs under the bases the
+caller names (the EHR's own FHIR origin and the image servers listed for that EHR): an
+Endpoint address is data, not a credential holder.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ _CHUNK = 1 << 16
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of a URL: every URL on that origin is `url_under` it."""
+    scheme, netloc = _origin(url)
+    return f"{scheme}://{netloc}"
 
 
 def url_under(url: str, base: str) -> bool:
@@ -181,15 +187,17 @@ def fetch_wado_instance(
     series: str,
     instance: str,
     token: str | None = None,
+    token_bases: Sequence[str] = (),
 ) -> bytes:
-    """One instance's DICOM Part 10 bytes through WADO-RS."""
+    """One instance's DICOM Part 10 bytes through WADO-RS; the token goes only to the
+    fetcher's token servers and `token_bases`."""
     url = wado_instance_url(address, study, series, instance)
     try:
-        fetched = fetcher.get(url, WADO_ACCEPT, token=token)
+        fetched = fetcher.get(url, WADO_ACCEPT, token=token, token_bases=token_bases)
     except ImageFetchError as exc:
         if "406" not in str(exc):
             raise
-        fetched = fetcher.get(url, WADO_ACCEPT_DEFAULT, token=token)
+        fetched = fetcher.get(url, WADO_ACCEPT_DEFAULT, token=token, token_bases=token_bases)
     dicom_parts = [
         data for kind, data in multipart_parts(fetched.content_type, fetched.body) if kind == DICOM
     ]
@@ -247,5 +255,9 @@ def attachment_bytes(
     url = attachment.get("url")
     if not isinstance(url, str) or not url:
         raise UnsupportedImage("attachment has neither data nor url")
-    absolute = url if "://" in url else f"{fhir_base.rstrip('/')}/{url.lstrip('/')}"
-    return fetch_binary(fetcher, absolute, fhir_base, token)
+    return fetch_binary(fetcher, attachment_url(url, fhir_base), fhir_base, token)
+
+
+def attachment_url(url: str, fhir_base: str) -> str:
+    """An attachment's url made absolute (a relative one is under the FHIR base)."""
+    return url if "://" in url else f"{fhir_base.rstrip('/')}/{url.lstrip('/')}"

@@ -1,8 +1,12 @@
 """Load the frontal chest image of an ImagingStudy through its DICOMweb Endpoints.
 
 The ImagingStudy is re-read from the FHIR server the job came from (when the service holds a
-Backend Services registration there) before its `endpoint` is trusted; series endpoints
-override the study's. Each candidate instance's header is checked (selection.py); only the
+Backend Services registration there); series endpoints override the study's. An Endpoint
+address (or a Media attachment's url) is followed only when it lies on that EHR's FHIR origin,
+under an image server listed for that EHR, or under a globally configured image server
+(CXR_CDS_IMAGE_SERVERS); anything else is refused without a request, so a writable FHIR server
+cannot make us fetch internal addresses. The EHR's token goes only to its own FHIR origin and
+its own image servers. Each candidate instance's header is checked (selection.py); only the
 best one is decoded.
 """
 
@@ -26,7 +30,9 @@ from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from cds_service.imaging.retrieval import (
     ImageFetcher,
     attachment_bytes,
+    attachment_url,
     fetch_wado_instance,
+    origin_of,
     url_under,
 )
 
@@ -34,18 +40,30 @@ log = logging.getLogger(__name__)
 
 WADO_RS = "dicom-wado-rs"
 MAX_INSTANCES = 16
+REFUSED_ENDPOINT = (
+    "the study's DICOMweb endpoint is neither on the EHR nor a configured image server"
+)
+REFUSED_ATTACHMENT = (
+    "the study's DICOM attachment is neither on the EHR nor a configured image server"
+)
 
 
 @dataclass(frozen=True)
 class EhrAccess:
-    """Read access to one EHR's FHIR server (a Backend Services token, or none)."""
+    """Read access to one EHR's FHIR server (a Backend Services token, or none), and the
+    image servers listed for that EHR (followed, and sent its token)."""
 
     fhir_base: str
     token: str | None
     timeout: tuple[float, float] = (2.0, 10.0)
+    image_servers: tuple[str, ...] = ()
 
     def client(self) -> FhirClient:
         return FhirClient(self.fhir_base, self.token, timeout=self.timeout)
+
+    def image_bases(self) -> tuple[str, ...]:
+        """Where this EHR's image addresses may point and its token may go."""
+        return (origin_of(self.fhir_base), *self.image_servers)
 
 
 # The EHRs we hold credentials for, by FHIR base; None when we hold none for that server.
@@ -90,7 +108,12 @@ class StudyImages:
     ) -> None:
         self.fetcher = fetcher
         self._fhir_access = fhir_access
-        self._image_servers = tuple(image_servers)
+        self._image_servers = tuple(image_servers)  # any EHR's studies may point here
+
+    def _followed(self, access: EhrAccess | None) -> tuple[str, ...]:
+        """The bases an image address must lie under to be fetched at all."""
+        own = access.image_bases() if access is not None else ()
+        return (*self._image_servers, *own)
 
     def load(self, study: dict[str, Any], fhir_server: str | None) -> DecodedImage:
         """The best frontal chest image. NotAnalysable / UnsupportedImage say why there is
@@ -99,9 +122,10 @@ class StudyImages:
         client = access.client() if access is not None else None
         vetted = self._vetted_study(study, client)
         token = access.token if access is not None else None
-        # Only a study re-read from the EHR itself may send us to any Endpoint address.
-        trusted = vetted is not study
-        candidates, reasons = self._candidates(vetted, client, trusted=trusted)
+        token_bases = access.image_bases() if access is not None else ()
+        # Only a study re-read from the EHR itself may send us to that EHR's own servers.
+        followed = self._followed(access if vetted is not study else None)
+        candidates, reasons = self._candidates(vetted, client, followed)
         uid = imaging_study.study_uid(vetted) or ""
         sources: list[Callable[[], bytes]] = [
             partial(
@@ -112,11 +136,12 @@ class StudyImages:
                 c.series_uid,
                 c.instance_uid,
                 token,
+                token_bases,
             )
             for c in candidates
         ]
         if not sources and access is not None and client is not None:
-            sources = self._media_sources(vetted, client, access)
+            sources = self._media_sources(vetted, client, access, reasons)
         if not sources:
             raise NotAnalysable(
                 "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
@@ -147,9 +172,10 @@ class StudyImages:
         return decode_dicom_bytes(best[1], limits=self.fetcher.limits)
 
     def _media_sources(
-        self, study: dict[str, Any], client: FhirClient, access: EhrAccess
+        self, study: dict[str, Any], client: FhirClient, access: EhrAccess, reasons: list[str]
     ) -> list[Callable[[], bytes]]:
-        """DICOM attachments of the EHR's Media that are `partOf` this ImagingStudy."""
+        """DICOM attachments of the EHR's Media that are `partOf` this ImagingStudy (those
+        whose url lies elsewhere are refused, with a reason)."""
         study_id = as_str(study.get("id"))
         patient = imaging_study.subject_patient_id(study)
         if study_id is None or patient is None:
@@ -164,7 +190,18 @@ class StudyImages:
         for media in bundle_resources(bundle, "Media"):
             parts = {as_str(r.get("reference")) for r in dicts(media.get("partOf"))}
             content = as_dict(media.get("content"))
-            if f"ImagingStudy/{study_id}" in parts and content:
+            if f"ImagingStudy/{study_id}" not in parts or not content:
+                continue
+            url = as_str(content.get("url"))
+            if (
+                not content.get("data")
+                and url
+                and not self._under_any(
+                    attachment_url(url, access.fhir_base), self._followed(access)
+                )
+            ):
+                reasons.append(REFUSED_ATTACHMENT)
+            else:
                 sources.append(
                     partial(attachment_bytes, self.fetcher, content, access.fhir_base, access.token)
                 )
@@ -204,13 +241,12 @@ class StudyImages:
                 f"cannot read the study's Endpoint ({type(exc).__name__})"
             ) from exc
 
-    def _allowed(self, address: str, trusted: bool) -> bool:
-        """Endpoints from an EHR copy we read ourselves are followed; otherwise only those
-        under a configured image server."""
-        return trusted or any(url_under(address, base) for base in self._image_servers)
+    @staticmethod
+    def _under_any(address: str, bases: Sequence[str]) -> bool:
+        return any(url_under(address, base) for base in bases)
 
     def _candidates(
-        self, study: dict[str, Any], client: FhirClient | None, *, trusted: bool
+        self, study: dict[str, Any], client: FhirClient | None, followed: Sequence[str]
     ) -> tuple[list[Candidate], list[str]]:
         study_endpoints = [
             a for a in (self._endpoint(r, study, client) for r in dicts(study.get("endpoint"))) if a
@@ -227,7 +263,10 @@ class StudyImages:
                 for a in (self._endpoint(r, study, client) for r in dicts(series.get("endpoint")))
                 if a
             ]
-            addresses = [a for a in (own or study_endpoints) if self._allowed(a, trusted)]
+            stated = own or study_endpoints
+            addresses = [a for a in stated if self._under_any(a, followed)]
+            if stated and not addresses:
+                reasons.append(REFUSED_ENDPOINT)
             series_uid = as_str(series.get("uid"))
             if not addresses or not series_uid:
                 continue
@@ -257,7 +296,7 @@ def backend_services_access(ehrs: Sequence[EhrClient]) -> FhirAccess:
             token = clients[base].access_token()
         except FhirError as exc:
             raise ImageFetchError(f"no access token from the EHR ({type(exc).__name__})") from exc
-        return EhrAccess(base, token)
+        return EhrAccess(base, token, image_servers=registered[base].image_servers)
 
     return access
 
@@ -267,9 +306,10 @@ def study_images_for(
     image_servers: Sequence[str] = (),
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> StudyImages:
-    """The loader the service uses: its EHR registrations (settings.ehr_clients), the image
-    servers that may receive a token (CXR_CDS_IMAGE_SERVERS) and the image limits."""
-    fetcher = ImageFetcher(limits=limits, token_servers=tuple(image_servers))
+    """The loader the service uses: its EHR registrations (settings.ehr_clients, each with
+    the image servers that may receive its token), the image servers any study may point to
+    without a token (CXR_CDS_IMAGE_SERVERS) and the image limits."""
+    fetcher = ImageFetcher(limits=limits)
     return StudyImages(
         fetcher, backend_services_access(ehr_clients), image_servers=tuple(image_servers)
     )

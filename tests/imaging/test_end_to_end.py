@@ -4,7 +4,7 @@ decode -> ImagePipelineBackend(SimulatedReportWriter) through the real job worke
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ def ehr(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Ite
         client_id=CLIENT_ID,
         key_file=workdir / "backend.jwk.json",
         scope=READ_SCOPE,
+        image_servers=(orthanc.dicomweb,),  # the EHR's PACS: on another origin (port)
     )
     server = ServerThread(create_sandbox_app(sandbox=box), port)
     yield Ehr(f"{base}/fhir", box, studies, client)
@@ -99,8 +100,9 @@ def _now() -> Any:
     return datetime.now(UTC)
 
 
-def _images(ehr: Ehr) -> StudyImages:
-    return study_images_for((ehr.client,))
+def _images(ehr: Ehr, *extra_image_servers: str) -> StudyImages:
+    client = replace(ehr.client, image_servers=(*ehr.client.image_servers, *extra_image_servers))
+    return study_images_for((client,))
 
 
 def _analyse(ehr: Ehr, tmp_path: Path, study: dict[str, Any]) -> Any:
@@ -163,13 +165,14 @@ def test_study_without_endpoint_is_read_from_its_dicom_media(ehr: Ehr, tmp_path:
 
 
 def test_series_endpoint_overrides_the_study_endpoint(ehr: Ehr) -> None:
+    dead_address = f"http://127.0.0.1:{free_port()}/dicom-web"
     dead = {
         "resourceType": "Endpoint",
         "id": "dead-wado",
         "status": "active",
         "connectionType": {"code": "dicom-wado-rs"},
         "payloadType": [{"text": "DICOM"}],
-        "address": f"http://127.0.0.1:{free_port()}/dicom-web",
+        "address": dead_address,
     }
     ehr.sandbox.store.update(dead)
     original = ehr.studies["cxr-nih-00000002"]
@@ -179,11 +182,11 @@ def test_series_endpoint_overrides_the_study_endpoint(ehr: Ehr) -> None:
     ]
     ehr.sandbox.store.update(study)
     try:
-        fetched = _images(ehr).load(study, ehr.fhir)
+        fetched = _images(ehr, dead_address).load(study, ehr.fhir)
         assert fetched.pixels.shape == (1024, 1024)
         # and without the series override, the dead study endpoint is a retryable failure
         ehr.sandbox.store.update({**study, "series": original["series"]})
         with pytest.raises(ImageFetchError, match="unreachable"):
-            _images(ehr).load({**study, "series": original["series"]}, ehr.fhir)
+            _images(ehr, dead_address).load({**study, "series": original["series"]}, ehr.fhir)
     finally:
         ehr.sandbox.store.update(original)

@@ -8,15 +8,21 @@ import io
 import json
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import pydicom
 import pytest
+from joserfc.jwk import ECKey
 from pydicom.uid import generate_uid
 
+from cds_service.config import ConfigurationError, EhrClient
+from cds_service.fhir.client import FhirClient
 from cds_service.imaging.errors import ImageFetchError, NotAnalysable
 from cds_service.imaging.retrieval import ImageFetcher
-from cds_service.imaging.study import EhrAccess, StudyImages
+from cds_service.imaging.study import EhrAccess, StudyImages, study_images_for
+from smart_app import viewer
 from tests.conftest import start_stub
 from tests.imaging.conftest import seed_file
 
@@ -49,7 +55,18 @@ class Handler(BaseHTTPRequestHandler):
         Handler.seen.append(
             (self.headers.get("Host", ""), self.path, self.headers.get("Authorization"))
         )
-        status, kind, body = Handler.routes.get(self.path, (404, "text/plain", b""))
+        status, kind, body = Handler.routes.get(
+            self.path, Handler.routes.get(self.path.split("?")[0], (404, "text/plain", b""))
+        )
+        self._answer(status, kind, body)
+
+    def do_POST(self) -> None:  # noqa: N802 - a token endpoint: /<name>/token -> token-<name>
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        name = self.path.strip("/").split("/")[0]
+        body = json.dumps({"access_token": f"token-{name}", "expires_in": 300}).encode()
+        self._answer(200, "application/json", body)
+
+    def _answer(self, status: int, kind: str, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -150,3 +167,121 @@ def test_instance_gone_and_lateral_only_is_not_analysed_with_both_reasons(stub: 
 def test_unreachable_instance_beside_a_lateral_one_is_retried_later(stub: str) -> None:
     with pytest.raises(ImageFetchError, match="refused access"):
         _load_with(stub, [(403, FRONTAL), (200, LATERAL)])
+
+
+@pytest.fixture
+def origins() -> Iterator[tuple[str, str, str]]:
+    """Three loopback origins: EHR A, EHR B, and a PACS host (also standing in for any
+    internal address an Endpoint could name)."""
+    Handler.seen.clear()
+    Handler.routes.clear()
+    servers = [start_stub(Handler) for _ in range(3)]
+    yield servers[0][1], servers[1][1], servers[2][1]
+    for server, _ in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _ehr_client(
+    tmp_path: Path, origin: str, name: str, image_servers: tuple[str, ...] = ()
+) -> EhrClient:
+    key = ECKey.generate_key("P-384", auto_kid=True)
+    key_file = tmp_path / f"{name}.jwk.json"
+    key_file.write_text(json.dumps({**key.as_dict(private=True), "kid": key.kid}))
+    return EhrClient(
+        fhir_base=f"{origin}/{name}/fhir",
+        token_url=f"{origin}/{name}/token",
+        client_id=f"cxr-cds-{name}",
+        key_file=key_file,
+        image_servers=image_servers,
+    )
+
+
+def _requests_to(origin: str, path_prefix: str) -> list[str | None]:
+    """The Authorization headers of the requests that reached origin + path_prefix."""
+    host = origin.split("://", 1)[1]
+    return [
+        auth
+        for seen_host, path, auth in Handler.seen
+        if seen_host == host and path.startswith(path_prefix)
+    ]
+
+
+def _study_at(fhir_path: str, address: str) -> dict[str, Any]:
+    uid = generate_uid()
+    study = study_with_endpoint(address, [uid])
+    publish(fhir_path, study)
+    serve_instance(urlsplit(address).path, uid, 200)
+    empty = b'{"resourceType": "Bundle", "type": "searchset"}'
+    Handler.routes[f"{fhir_path}/Media"] = (200, "application/fhir+json", empty)  # no Media
+    return study
+
+
+def test_worker_follows_no_endpoint_outside_the_ehr_and_its_image_servers(
+    origins: tuple[str, str, str], tmp_path: Path
+) -> None:
+    ehr_a, _, pacs = origins
+    images = study_images_for([_ehr_client(tmp_path, ehr_a, "a")])
+    study = _study_at("/a/fhir", f"{pacs}/latest/meta-data")  # e.g. a cloud metadata address
+    with pytest.raises(NotAnalysable, match="neither on the EHR nor a configured image server"):
+        images.load(study, f"{ehr_a}/a/fhir")
+    assert _requests_to(pacs, "/") == []  # refused without a request
+
+
+def test_each_ehrs_token_goes_only_to_its_own_origin_and_image_servers(
+    origins: tuple[str, str, str], tmp_path: Path
+) -> None:
+    ehr_a, ehr_b, pacs = origins
+    images = study_images_for(
+        [
+            _ehr_client(tmp_path, ehr_a, "a", image_servers=(f"{pacs}/pacs-a",)),
+            _ehr_client(tmp_path, ehr_b, "b"),
+        ],
+        image_servers=(f"{pacs}/shared",),
+    )
+    # A's study on A's own origin and on A's PACS: followed, with A's token
+    images.load(_study_at("/a/fhir", f"{ehr_a}/a/wado"), f"{ehr_a}/a/fhir")
+    assert _requests_to(ehr_a, "/a/wado") == ["Bearer token-a"]
+    images.load(_study_at("/a/fhir", f"{pacs}/pacs-a"), f"{ehr_a}/a/fhir")
+    assert _requests_to(pacs, "/pacs-a") == ["Bearer token-a"]
+    # B's study naming A's PACS: refused, B's token never leaves for it
+    with pytest.raises(NotAnalysable, match="neither on the EHR nor a configured image server"):
+        images.load(_study_at("/b/fhir", f"{pacs}/pacs-a"), f"{ehr_b}/b/fhir")
+    assert _requests_to(pacs, "/pacs-a") == ["Bearer token-a"]
+    # a globally configured image server is followed for any EHR, without any EHR's token
+    images.load(_study_at("/b/fhir", f"{pacs}/shared"), f"{ehr_b}/b/fhir")
+    images.load(_study_at("/a/fhir", f"{pacs}/shared"), f"{ehr_a}/a/fhir")
+    assert _requests_to(pacs, "/shared") == [None, None]
+
+
+def test_ehr_client_image_servers_are_read_from_the_registration_file(tmp_path: Path) -> None:
+    item = {
+        "fhir_base": "https://ehr.example/fhir/",
+        "token_url": "https://ehr.example/token",
+        "client_id": "c",
+        "jwk_file": "k.json",
+    }
+    assert EhrClient.from_json(item).image_servers == ()
+    listed = EhrClient.from_json({**item, "image_servers": ["https://pacs.example/dicom-web"]})
+    assert listed.image_servers == ("https://pacs.example/dicom-web",)
+    with pytest.raises(ConfigurationError, match="image_servers"):
+        EhrClient.from_json({**item, "image_servers": ["file:///etc/passwd"]})
+
+
+def test_viewer_does_not_fetch_an_endpoint_off_the_ehr_and_shows_no_remote_status(
+    origins: tuple[str, str, str],
+) -> None:
+    ehr, _, internal = origins
+    study = _study_at("/fhir", f"{internal}/admin")
+    instance_uid = study["series"][0]["instance"][0]["uid"]
+    serve_instance("/admin", instance_uid, 503)  # what the internal host would answer
+    fhir = FhirClient(f"{ehr}/fhir", "user-token")
+    with pytest.raises(viewer.ViewerError) as caught:
+        viewer.study_png(fhir, "user-token", study)
+    assert _requests_to(internal, "/") == []
+    assert "503" not in str(caught.value)
+    # configured as an image server, the same address is followed, without the user's token
+    serve_instance("/admin", instance_uid, 200)
+    png = viewer.study_png(fhir, "user-token", study, image_servers=(f"{internal}/admin",))
+    assert png.startswith(b"\x89PNG")
+    assert _requests_to(internal, "/admin") == [None]

@@ -11,8 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from cds_service.web.demo import register_viewer
 from ehr_sandbox.seed import SEED_DIR, imaging_study_resource
-from tests.conftest import free_port
+from tests.conftest import SandboxHandle, free_port, make_service
 from tests.imaging.orthanc import OrthancServer, start_orthanc
 from tests.smart.conftest import SmartEnv
 from tests.smart.test_launch import _image_drawn
@@ -25,9 +26,24 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def wado_env(
+    tmp_path_factory: pytest.TempPathFactory, sandbox: SandboxHandle, pacs: OrthancServer
+) -> Iterator[SmartEnv]:
+    """The service with the loopback Orthanc configured as an image server: an Endpoint off
+    the EHR's own origin is followed only when it lies under one (CXR_CDS_IMAGE_SERVERS)."""
+    service, server = make_service(
+        tmp_path_factory.mktemp("wado-service"), sandbox, image_servers=(pacs.dicomweb,)
+    )
+    register_viewer(sandbox.sandbox, service.base)
+    yield SmartEnv(sandbox=sandbox, service=service)
+    server.stop()
+
+
 def test_film_comes_from_the_studys_wado_rs_endpoint(
-    smart_env: SmartEnv, pacs: OrthancServer, page: Any
+    wado_env: SmartEnv, pacs: OrthancServer, page: Any
 ) -> None:
+    smart_env = wado_env
     dataset = pydicom.dcmread(SEED_DIR / "nih-cxr14-00000002_000-no-finding-dx.dcm")
     dataset.StudyInstanceUID = generate_uid()
     dataset.SeriesInstanceUID = generate_uid()
