@@ -10,10 +10,11 @@ from flask import Flask, Response, jsonify, request
 
 from ehr_sandbox.access_tokens import TokenStore
 from ehr_sandbox.auth.smart_store import SmartStore
-from ehr_sandbox.auth.web import SmartAuth, capability_security, new_secret
+from ehr_sandbox.auth.web import SmartAuth, capability_security
 from ehr_sandbox.backend_auth import BackendServices
 from ehr_sandbox.cds_client import SigningKey
 from ehr_sandbox.fhir.store import FhirStore
+from ehr_sandbox.secret_files import form_secret
 from ehr_sandbox.web.fhir_api import MAX_BODY_BYTES, create_fhir_blueprint
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ class SandboxSettings:
     @property
     def signing_key_file(self) -> Path:
         return self.data_dir / "cds-client-key.jwk.json"
+
+    @property
+    def form_secret_file(self) -> Path:
+        """Signs the sign-in forms: one file, so every worker process accepts every form."""
+        return self.data_dir / "form-secret.bin"
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Sandbox:
             key=SigningKey.load_or_create(settings.signing_key_file),
             backend=BackendServices(settings.database, tokens),
             smart=SmartStore(settings.database),
-            secret=new_secret(),
+            secret=form_secret(settings.form_secret_file),
         )
 
 

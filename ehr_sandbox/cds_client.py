@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -15,6 +14,8 @@ from typing import Any
 import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey
+
+from ehr_sandbox.secret_files import load_or_create
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,13 @@ class SigningKey:
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> SigningKey:
-        path = Path(path)
-        if path.exists():
-            return cls(ECKey.import_key(json.loads(path.read_text(encoding="utf-8"))))
-        key = ECKey.generate_key("P-384", auto_kid=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(key.as_dict(private=True), handle)
-        return cls(key)
+        def new_key() -> bytes:
+            key = ECKey.generate_key("P-384", auto_kid=True)
+            return json.dumps(key.as_dict(private=True)).encode("utf-8")
+
+        # Worker processes starting together share one key (made once, never half-written).
+        stored = load_or_create(Path(path), new_key)
+        return cls(ECKey.import_key(json.loads(stored)))
 
     def public_jwks(self) -> dict[str, Any]:
         public = self.key.as_dict(private=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -407,7 +406,3 @@ class SmartAuth:
         if request.args.get("embed") == "1":
             return _page("ehr_frame.html", target=target, app_name=registered.name)
         return redirect(target, 302)  # type: ignore[return-value]
-
-
-def new_secret() -> bytes:
-    return secrets.token_bytes(32)
