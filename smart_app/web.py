@@ -188,7 +188,8 @@ class SmartApp:
             return _error(
                 "Sign-in not accepted",
                 "This browser did not start this sign-in (the app's launch cookie is "
-                "missing). Nothing was shown. Start the app again from the EHR.",
+                "missing). Nothing was shown. Start the app again from the EHR, with the app "
+                f"at {self.settings.public_url}/app/launch.",
             )
         code = args.get("code")
         if not code:
