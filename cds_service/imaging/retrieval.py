@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
+from pydicom.dataset import Dataset
 
 from cds_service.imaging.errors import ImageFetchError, NotAnalysable, UnsupportedImage
 from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
@@ -31,6 +32,7 @@ from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
 # "transfer-syntax=*": send the instance as stored, no transcoding (PS3.18 8.7.3.5).
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 WADO_ACCEPT_DEFAULT = 'multipart/related; type="application/dicom"'
@@ -204,6 +206,36 @@ def fetch_wado_instance(
     if len(dicom_parts) != 1:
         raise UnsupportedImage(f"WADO-RS answered {len(dicom_parts)} DICOM parts for one instance")
     return dicom_parts[0]
+
+
+def fetch_wado_metadata(
+    fetcher: ImageFetcher,
+    address: str,
+    study: str,
+    series: str,
+    instance: str,
+    token: str | None = None,
+    token_bases: Sequence[str] = (),
+) -> Dataset:
+    """One instance's header alone, through WADO-RS metadata (DICOM JSON, PS3.18 F.2): enough
+    to decide whether the instance is worth downloading. Bulk data are not fetched."""
+    url = wado_instance_url(address, study, series, instance) + "/metadata"
+    accept = f"{DICOM_JSON}, application/json;q=0.9"
+    fetched = fetcher.get(url, accept, token=token, token_bases=token_bases)
+    if media_type(fetched.content_type) not in (DICOM_JSON, "application/json"):
+        raise UnsupportedImage(f"expected {DICOM_JSON}, got {media_type(fetched.content_type)!r}")
+    try:
+        items = json.loads(fetched.body)
+        if not isinstance(items, list) or len(items) != 1 or not isinstance(items[0], dict):
+            raise ValueError("not one DICOM JSON object")
+        return Dataset.from_json(items[0], bulk_data_uri_handler=_no_bulk_data)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed JSON
+        raise UnsupportedImage("malformed DICOM JSON metadata") from exc
+
+
+def _no_bulk_data(tag: str, vr: str, uri: str) -> None:
+    """Bulk data (pixels, large values) are not needed to read a header."""
+    return None
 
 
 def decode_inline_data(data: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:

@@ -18,13 +18,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import BackendServicesClient
 from cds_service.fhir.client import FhirClient, FhirError, bundle_resources
 from cds_service.fhir.shapes import as_dict, as_str, codings, dicts
 from cds_service.imaging import decode, selection
-from cds_service.imaging.errors import ImageFetchError, NotAnalysable, UnsupportedImage
+from cds_service.imaging.errors import (
+    ImageFetchError,
+    ImagingError,
+    NotAnalysable,
+    UnsupportedImage,
+)
 from cds_service.imaging.files import DecodedImage, decode_dicom_bytes
 from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from cds_service.imaging.retrieval import (
@@ -32,6 +39,7 @@ from cds_service.imaging.retrieval import (
     attachment_bytes,
     attachment_url,
     fetch_wado_instance,
+    fetch_wado_metadata,
     origin_of,
     url_under,
 )
@@ -68,6 +76,14 @@ class EhrAccess:
 
 # The EHRs we hold credentials for, by FHIR base; None when we hold none for that server.
 FhirAccess = Callable[[str], EhrAccess | None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One instance: how to download it, and (WADO-RS) how to read its header alone."""
+
+    data: Callable[[], bytes]
+    header: Callable[[], Dataset] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,18 +143,12 @@ class StudyImages:
         followed = self._followed(access if vetted is not study else None)
         candidates, reasons = self._candidates(vetted, client, followed)
         uid = imaging_study.study_uid(vetted) or ""
-        sources: list[Callable[[], bytes]] = [
-            partial(
-                fetch_wado_instance,
-                self.fetcher,
-                c.address,
-                uid,
-                c.series_uid,
-                c.instance_uid,
-                token,
-                token_bases,
+        sources = [
+            Source(
+                partial(fetch_wado_instance, self.fetcher, *where, token, token_bases),
+                partial(fetch_wado_metadata, self.fetcher, *where, token, token_bases),
             )
-            for c in candidates
+            for where in ((c.address, uid, c.series_uid, c.instance_uid) for c in candidates)
         ]
         if not sources and access is not None and client is not None:
             sources = self._media_sources(vetted, client, access, reasons)
@@ -146,34 +156,76 @@ class StudyImages:
             raise NotAnalysable(
                 "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
             )
-        best: tuple[selection.Selection, bytes] | None = None
+        return decode_dicom_bytes(
+            self._best_bytes(sources[:MAX_INSTANCES], reasons), limits=self.fetcher.limits
+        )
+
+    def _best_bytes(self, sources: Sequence[Source], reasons: list[str]) -> bytes:
+        """The bytes of the best analysable instance. Headers read alone (WADO-RS metadata)
+        decide which instances to download, best first; instances without one are
+        downloaded to be judged."""
+        ranked, unjudged = self._screen_headers(sources, reasons)
         transient: list[ImageFetchError] = []
-        for source in sources[:MAX_INSTANCES]:
-            try:
-                data = source()
-                chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
-            except UnsupportedImage as exc:
-                reasons.append(unreadable_reason(exc))
-                continue
-            except NotAnalysable as exc:  # e.g. this instance is gone (404 / 410)
-                reasons.append(exc.reason)
-                continue
-            except ImageFetchError as exc:  # another instance may still be readable
-                transient.append(exc)
-                continue
-            if not chosen.analysable:
-                reasons.append(chosen.reason)
-            elif best is None or chosen.rank > best[0].rank:
-                best = (chosen, data)
+        best: tuple[selection.Selection, bytes] | None = None
+        for source in ranked:  # the first one whose own header agrees wins
+            best = self._download(source, reasons, transient)
+            if best is not None:
+                break
+        for source in unjudged:
+            got = self._download(source, reasons, transient)
+            if got is not None and (best is None or got[0].rank > best[0].rank):
+                best = got
         if best is None:
             if transient:  # the unreached instance may be the frontal one: try again later
                 raise transient[0]
             raise NotAnalysable("; ".join(dict.fromkeys(reasons)))
-        return decode_dicom_bytes(best[1], limits=self.fetcher.limits)
+        return best[1]
+
+    @staticmethod
+    def _screen_headers(
+        sources: Sequence[Source], reasons: list[str]
+    ) -> tuple[list[Source], list[Source]]:
+        """(analysable by their header alone, best first; those with no readable header)."""
+        judged: list[tuple[selection.Selection, Source]] = []
+        unjudged: list[Source] = []
+        for source in sources:
+            try:
+                chosen = selection.select_dataset(source.header()) if source.header else None
+            except ImagingError:  # no metadata service, or a bad answer: download to judge
+                chosen = None
+            if chosen is None:
+                unjudged.append(source)
+            elif chosen.analysable:
+                judged.append((chosen, source))
+            else:
+                reasons.append(chosen.reason)
+        judged.sort(key=lambda item: item[0].rank, reverse=True)
+        return [source for _, source in judged], unjudged
+
+    def _download(
+        self, source: Source, reasons: list[str], transient: list[ImageFetchError]
+    ) -> tuple[selection.Selection, bytes] | None:
+        """The instance and its selection when it is analysable; else the reason is noted."""
+        try:
+            data = source.data()
+            chosen = selection.select_dataset(decode.read_dataset(data, self.fetcher.limits))
+        except UnsupportedImage as exc:
+            reasons.append(unreadable_reason(exc))
+            return None
+        except NotAnalysable as exc:  # e.g. this instance is gone (404 / 410)
+            reasons.append(exc.reason)
+            return None
+        except ImageFetchError as exc:  # another instance may still be readable
+            transient.append(exc)
+            return None
+        if not chosen.analysable:
+            reasons.append(chosen.reason)
+            return None
+        return chosen, data
 
     def _media_sources(
         self, study: dict[str, Any], client: FhirClient, access: EhrAccess, reasons: list[str]
-    ) -> list[Callable[[], bytes]]:
+    ) -> list[Source]:
         """DICOM attachments of the EHR's Media that are `partOf` this ImagingStudy (those
         whose url lies elsewhere are refused, with a reason)."""
         study_id = as_str(study.get("id"))
@@ -186,7 +238,7 @@ class StudyImages:
             raise ImageFetchError(
                 f"cannot search the study's Media ({type(exc).__name__})"
             ) from exc
-        sources: list[Callable[[], bytes]] = []
+        sources: list[Source] = []
         for media in bundle_resources(bundle, "Media"):
             parts = {as_str(r.get("reference")) for r in dicts(media.get("partOf"))}
             content = as_dict(media.get("content"))
@@ -203,7 +255,11 @@ class StudyImages:
                 reasons.append(REFUSED_ATTACHMENT)
             else:
                 sources.append(
-                    partial(attachment_bytes, self.fetcher, content, access.fhir_base, access.token)
+                    Source(
+                        partial(
+                            attachment_bytes, self.fetcher, content, access.fhir_base, access.token
+                        )
+                    )
                 )
         return sources
 

@@ -14,8 +14,11 @@ import pytest
 
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
+from cds_service.imaging.decode import read_dataset
 from cds_service.imaging.errors import ImageFetchError
 from cds_service.imaging.files import read_image_file
+from cds_service.imaging.retrieval import ImageFetcher, fetch_wado_instance, fetch_wado_metadata
+from cds_service.imaging.selection import select_dataset
 from cds_service.imaging.study import StudyImages, study_images_for
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SimulatedReportWriter
@@ -190,3 +193,23 @@ def test_series_endpoint_overrides_the_study_endpoint(ehr: Ehr) -> None:
             _images(ehr, dead_address).load({**study, "series": original["series"]}, ehr.fhir)
     finally:
         ehr.sandbox.store.update(original)
+
+
+def test_orthanc_metadata_gives_the_same_selection_as_the_file(
+    ehr: Ehr, orthanc: OrthancServer
+) -> None:
+    """The header read alone through WADO-RS metadata (which decides what is downloaded)
+    agrees with the downloaded file's, for a frontal and a lateral film."""
+    for study_id in ("cxr-nema-rg1", "cxr-dog-lateral"):
+        study = ehr.studies[study_id]
+        series = study["series"][0]
+        where = (
+            orthanc.dicomweb,
+            imaging_study.study_uid(study) or "",
+            series["uid"],
+            series["instance"][0]["uid"],
+        )
+        header = fetch_wado_metadata(ImageFetcher(), *where)
+        full = read_dataset(fetch_wado_instance(ImageFetcher(), *where))
+        assert "PixelData" not in header or not header.PixelData
+        assert select_dataset(header) == select_dataset(full)

@@ -87,18 +87,31 @@ def stub() -> Iterator[str]:
     server.server_close()
 
 
-def serve_instance(wado_path: str, instance_uid: str, status: int, name: str = FRONTAL) -> None:
-    path = f"{wado_path}/studies/{STUDY_UID}/series/{SERIES_UID}/instances/{instance_uid}"
+def instance_path(wado_path: str, instance_uid: str) -> str:
+    return f"{wado_path}/studies/{STUDY_UID}/series/{SERIES_UID}/instances/{instance_uid}"
+
+
+def serve_instance(
+    wado_path: str, instance_uid: str, status: int, name: str = FRONTAL, metadata: bool = True
+) -> None:
+    """The instance through WADO-RS, and its header alone at .../metadata (DICOM JSON)."""
+    path = instance_path(wado_path, instance_uid)
     if status != 200:
-        Handler.routes[path] = (status, "text/plain", b"")
+        Handler.routes[path] = Handler.routes[f"{path}/metadata"] = (status, "text/plain", b"")
         return
+    data = _dicom(name, instance_uid)
     body = (
         f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + _dicom(name, instance_uid)
+        + data
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
     kind = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
     Handler.routes[path] = (200, kind, body)
+    Handler.routes.pop(f"{path}/metadata", None)
+    if metadata:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        json_body = json.dumps([header.to_json_dict()]).encode()
+        Handler.routes[f"{path}/metadata"] = (200, "application/dicom+json", json_body)
 
 
 def study_with_endpoint(address: str, instance_uids: list[str]) -> dict[str, Any]:
@@ -161,7 +174,8 @@ def test_one_failing_instance_does_not_hide_a_readable_frontal_one(stub: str, fa
 def test_instance_gone_and_lateral_only_is_not_analysed_with_both_reasons(stub: str) -> None:
     with pytest.raises(NotAnalysable) as caught:
         _load_with(stub, [(404, FRONTAL), (200, LATERAL)])
-    assert caught.value.reason == "image not found on the image server; lateral view"
+    reasons = set(caught.value.reason.split("; "))
+    assert reasons == {"image not found on the image server", "lateral view"}
 
 
 def test_unreachable_instance_beside_a_lateral_one_is_retried_later(stub: str) -> None:
@@ -241,17 +255,17 @@ def test_each_ehrs_token_goes_only_to_its_own_origin_and_image_servers(
     )
     # A's study on A's own origin and on A's PACS: followed, with A's token
     images.load(_study_at("/a/fhir", f"{ehr_a}/a/wado"), f"{ehr_a}/a/fhir")
-    assert _requests_to(ehr_a, "/a/wado") == ["Bearer token-a"]
+    assert set(_requests_to(ehr_a, "/a/wado")) == {"Bearer token-a"}
     images.load(_study_at("/a/fhir", f"{pacs}/pacs-a"), f"{ehr_a}/a/fhir")
-    assert _requests_to(pacs, "/pacs-a") == ["Bearer token-a"]
+    assert set(_requests_to(pacs, "/pacs-a")) == {"Bearer token-a"}
     # B's study naming A's PACS: refused, B's token never leaves for it
     with pytest.raises(NotAnalysable, match="neither on the EHR nor a configured image server"):
         images.load(_study_at("/b/fhir", f"{pacs}/pacs-a"), f"{ehr_b}/b/fhir")
-    assert _requests_to(pacs, "/pacs-a") == ["Bearer token-a"]
+    assert set(_requests_to(pacs, "/pacs-a")) == {"Bearer token-a"}
     # a globally configured image server is followed for any EHR, without any EHR's token
     images.load(_study_at("/b/fhir", f"{pacs}/shared"), f"{ehr_b}/b/fhir")
     images.load(_study_at("/a/fhir", f"{pacs}/shared"), f"{ehr_a}/a/fhir")
-    assert _requests_to(pacs, "/shared") == [None, None]
+    assert set(_requests_to(pacs, "/shared")) == {None}
 
 
 def test_ehr_client_image_servers_are_read_from_the_registration_file(tmp_path: Path) -> None:
@@ -284,4 +298,46 @@ def test_viewer_does_not_fetch_an_endpoint_off_the_ehr_and_shows_no_remote_statu
     serve_instance("/admin", instance_uid, 200)
     png = viewer.study_png(fhir, "user-token", study, image_servers=(f"{internal}/admin",))
     assert png.startswith(b"\x89PNG")
-    assert _requests_to(internal, "/admin") == [None]
+    assert set(_requests_to(internal, "/admin")) == {None}
+
+
+def _downloads(origin: str) -> list[str]:
+    host = origin.split("://", 1)[1]
+    return [
+        path
+        for seen_host, path, _ in Handler.seen
+        if seen_host == host and "/instances/" in path and not path.endswith("/metadata")
+    ]
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_headers_decide_which_instances_are_downloaded(stub: str, metadata: bool) -> None:
+    """Two lateral films and one frontal: with WADO-RS metadata only the frontal one is
+    downloaded; a server without metadata still works, by downloading all three."""
+    uids = [generate_uid() for _ in range(3)]
+    for uid, name in zip(uids, (LATERAL, LATERAL, FRONTAL), strict=True):
+        serve_instance("/wado", uid, 200, name, metadata=metadata)
+    study = study_with_endpoint(f"{stub}/wado", uids)
+    publish("/fhir", study)
+    image = loader(f"{stub}/fhir").load(study, f"{stub}/fhir")
+    assert image.selection.analysable and image.pixels.shape == (1024, 1024)
+    expected = (
+        [instance_path("/wado", uids[2])] if metadata else [instance_path("/wado", u) for u in uids]
+    )
+    assert _downloads(stub) == expected
+
+
+def test_header_and_file_disagreeing_falls_back_to_the_next_instance(stub: str) -> None:
+    """Metadata saying frontal for a lateral file: the file's own header decides."""
+    lying, honest = generate_uid(), generate_uid()
+    serve_instance("/wado", lying, 200, LATERAL)
+    serve_instance("/wado", honest, 200, FRONTAL)
+    path = instance_path("/wado", lying)
+    Handler.routes[f"{path}/metadata"] = Handler.routes[
+        f"{instance_path('/wado', honest)}/metadata"
+    ]
+    study = study_with_endpoint(f"{stub}/wado", [lying, honest])
+    publish("/fhir", study)
+    image = loader(f"{stub}/fhir").load(study, f"{stub}/fhir")
+    assert image.selection.analysable
+    assert _downloads(stub) == [path, instance_path("/wado", honest)]
