@@ -6,8 +6,9 @@ address (or a Media attachment's url) is followed only when it lies on that EHR'
 under an image server listed for that EHR, or under a globally configured image server
 (CXR_CDS_IMAGE_SERVERS); anything else is refused without a request, so a writable FHIR server
 cannot make us fetch internal addresses. The EHR's token goes only to its own FHIR origin and
-its own image servers. Each candidate instance's header is checked (selection.py); only the
-best one is decoded.
+its own image servers. Each candidate instance's header is checked (selection.py), read alone
+through WADO-RS metadata where the server offers it, so only the best instance is downloaded
+and decoded.
 """
 
 from __future__ import annotations
