@@ -147,8 +147,6 @@ def load_backend(settings: Settings) -> Backend:
     """The worker's backend: fetch and select the study's frontal chest image (from the EHRs
     in settings.ehr_clients and the image servers), then the configured model writes the
     report. Even the simulated model only ever 'reports' on a real, selected image."""
-    if settings.backend == "simulated":
-        log.warning(SIMULATED_WARNING)
     images = study_images_for(
         settings.ehr_clients,
         settings.image_servers,
