@@ -48,53 +48,80 @@ CHEST_IMAGING_CODES: dict[str, frozenset[str]] = {
 MAX_TEXT = 256
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)?")
 # A chest word and an imaging word must stand within NEAR words of each other ("CT of the
-# chest" but not "CT head, history of chest pain"). Strong chest words pair with any imaging
-# word; "lung" and "pulmonary" only with a modality ("CT pulmonary angiogram", not
-# "pulmonary artery (PA) catheter").
+# chest" but not "CT head, history of chest pain"). Strong chest words pair with a modality
+# within NEAR words, or with a view word right beside them ("chest PA", "portable chest");
+# "lung" and "pulmonary" only with a modality ("CT pulmonary angiogram", not "pulmonary artery
+# (PA) catheter"). "Chest pain" names a symptom, not the body part imaged.
 NEAR = 2
-FILLER_WORDS = frozenset({"of", "the", "a", "an"})  # not counted in the distance
-CHEST_WORDS = frozenset({"chest", "thorax", "thoracic", "cxr"})
+# Not counted in the distance: articles and bare numbers ("Chest 2 vw").
+FILLER_WORDS = frozenset({"of", "the", "a", "an"})
+CHEST_WORDS = frozenset({"chest", "thorax", "thoracic"})
 LUNG_WORDS = frozenset({"lung", "lungs", "pulmonary"})
+SYMPTOM_WORDS = frozenset({"pain", "tightness", "discomfort"})  # "chest pain" is not anatomy
+# Order names that say chest imaging on their own.
+SELF_SUFFICIENT = frozenset({"cxr", "ctpa"})
 MODALITY_WORDS = frozenset(
     {
-        "x-ray", "xray", "xr", "radiograph", "radiographs", "radiography", "radiographic",
-        "film", "films", "cxr", "ct", "cta", "computed", "tomography", "hrct", "ldct", "mri",
-        "mr", "mra", "magnetic", "pet", "pet-ct", "imaging", "scan", "angiogram", "angiography",
+        "xray", "xr", "radiograph", "radiographs", "radiography", "radiographic", "film",
+        "films", "ct", "cta", "computed", "tomography", "hrct", "ldct", "mri", "mr", "mra",
+        "magnetic", "pet", "pet-ct", "imaging", "scan", "angiogram", "angiography",
     }
 )  # fmt: skip
-VIEW_WORDS = frozenset({"portable", "view", "views", "pa", "ap", "lateral", "single", "frontal"})
-# Words that make an order something else: a structure of the chest wall or spine, another
-# body region, or a procedure or examination that is not imaging of the lungs.
+VIEW_WORDS = frozenset(
+    {"portable", "view", "views", "vw", "2v", "pa", "ap", "lateral", "single", "frontal"}
+)
+# Words that, right beside the chest word, make the order about something else: a structure
+# of the chest wall or spine, or an examination that is not imaging of the lungs.
 OTHER_WORDS = frozenset(
     {
         "spine", "vertebra", "vertebrae", "rib", "ribs", "sternum", "clavicle", "shoulder",
-        "breast", "mammogram", "mammography", "head", "brain", "ultrasound", "sonography",
-        "echo", "echocardiogram", "cardiac", "coronary", "nuclear", "function", "fluoroscopy",
-        "biopsy", "catheter", "insertion", "transplant", "physiotherapy",
+        "breast", "wall", "ultrasound", "sonography", "echo", "echocardiogram", "nuclear",
+        "function", "fluoroscopy", "biopsy", "physiotherapy",
     }
 )  # fmt: skip
 
 
 def _words(text: str) -> list[str]:
-    return [w for w in WORD.findall(text[:MAX_TEXT].lower()) if w not in FILLER_WORDS]
+    """Lower-case words without fillers; "x ray" and "x-ray" become "xray", "ct cap" (chest,
+    abdomen, pelvis) becomes "ct chest"."""
+    raw = [w for w in WORD.findall(text[:MAX_TEXT].lower()) if w not in FILLER_WORDS]
+    words: list[str] = []
+    for word in raw:
+        if word.isdigit():
+            continue
+        if word == "x-ray" or (word == "ray" and words and words[-1] == "x"):
+            if word == "ray":
+                words.pop()
+            word = "xray"
+        elif word == "cap" and words and words[-1] == "ct":
+            word = "chest"
+        words.append(word)
+    return words
+
+
+def _names_chest_imaging(words: list[str], at: int) -> bool:
+    word = words[at]
+    after = words[at + 1] if at + 1 < len(words) else ""
+    if word in CHEST_WORDS and after in SYMPTOM_WORDS:
+        return False
+    beside = set(words[max(0, at - 1) : at + 2])
+    if beside & OTHER_WORDS:
+        return False
+    near = set(words[max(0, at - NEAR) : at + NEAR + 1])
+    if near & MODALITY_WORDS:
+        return True
+    return word in CHEST_WORDS and bool(beside & VIEW_WORDS)
 
 
 def text_is_chest_imaging(text: str) -> bool:
     words = _words(text)
-    if OTHER_WORDS.intersection(words):
-        return False
-    if "cxr" in words:
+    if SELF_SUFFICIENT.intersection(words):
         return True
-    for at, word in enumerate(words):
-        if word in CHEST_WORDS:
-            partners = MODALITY_WORDS | VIEW_WORDS
-        elif word in LUNG_WORDS:
-            partners = MODALITY_WORDS
-        else:
-            continue
-        if partners.intersection(words[max(0, at - NEAR) : at + NEAR + 1]):
-            return True
-    return False
+    return any(
+        _names_chest_imaging(words, at)
+        for at, word in enumerate(words)
+        if word in CHEST_WORDS or word in LUNG_WORDS
+    )
 
 
 def is_chest_imaging_order(resource: dict[str, Any]) -> bool:
