@@ -241,6 +241,15 @@ class SmartApp:
         )
 
     def confirm(self) -> Response:
+        if not self.posted_from_own_page():
+            # A confirmation form is only answered from the app's own page: a form another
+            # site submits (with a confirmation its author fetched) must not plant a session.
+            return _error(
+                "Sign-in not accepted",
+                "This confirmation was not sent from the app's own page. Start the app again "
+                "from the EHR.",
+                403,
+            )
         fields = self.sessions.take_confirmation(
             request.form.get("confirmation", ""), request.form.get("csrf", "")
         )
@@ -258,6 +267,16 @@ class SmartApp:
                 200,
             )
         return self.open_session(fields)
+
+    def posted_from_own_page(self) -> bool:
+        """Whether the browser says this POST came from a page of the app's own origin:
+        Sec-Fetch-Site, or the Origin header from a browser that sends no Sec-Fetch-Site
+        (the app's pages send no referrer, so Chromium's Origin there is "null")."""
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None:
+            return fetch_site == "same-origin"
+        origin = request.headers.get("Origin", "")
+        return origin in {_origin(self.settings.public_url), _origin(request.host_url)}
 
     # -- tokens -----------------------------------------------------------------------------
     def refreshed(self, failed: Session) -> Session:
@@ -457,6 +476,11 @@ def _session_fields(pending: PendingLaunch, token: dict[str, Any]) -> dict[str, 
         "app_context": app_context if isinstance(app_context, str) else None,
         "need_patient_banner": bool(token.get("need_patient_banner", True)),
     }
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _report_location(answer: dict[str, Any]) -> str | None:

@@ -199,12 +199,71 @@ def test_framed_callback_without_cookie_needs_a_confirmation_post(smart_env: Sma
     held = dict(re.findall(r'name="(confirmation|csrf)" value="([^"]+)"', asked.text))
     assert set(held) == {"confirmation", "csrf"}
     confirm = f"{smart_env.service.base}/app/confirm"
+    own_page = {"Origin": smart_env.service.base}
     forged = requests.post(
-        confirm, data={**held, "csrf": "guess", "decision": "continue"}, timeout=10
+        confirm,
+        data={**held, "csrf": "guess", "decision": "continue"},
+        headers=own_page,
+        timeout=10,
     )
     assert forged.status_code == 403 and sessions_count(smart_env) == before
     # The forged answer used the confirmation up: the real form no longer opens a session.
-    late = requests.post(confirm, data={**held, "decision": "continue"}, timeout=10)
+    late = requests.post(
+        confirm, data={**held, "decision": "continue"}, headers=own_page, timeout=10
+    )
     assert late.status_code == 403 and sessions_count(smart_env) == before
-    odd = requests.post(confirm, data={"confirmation": "é", "csrf": "é"}, timeout=10)
+    odd = requests.post(
+        confirm, data={"confirmation": "é", "csrf": "é"}, headers=own_page, timeout=10
+    )
     assert odd.status_code == 403
+
+
+def _held_confirmation(smart_env: SmartEnv) -> dict[str, str]:
+    asked = requests.get(
+        stolen_callback(smart_env),
+        headers={"Sec-Fetch-Dest": "iframe"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    return dict(re.findall(r'name="(confirmation|csrf)" value="([^"]+)"', asked.text))
+
+
+def test_a_confirmation_posted_by_another_site_plants_no_session(smart_env: SmartEnv) -> None:
+    """Session planting: an attacker fetches a confirmation page of their own sign-in and
+    makes the victim's browser submit it from another site."""
+    before = sessions_count(smart_env)
+    confirm = f"{smart_env.service.base}/app/confirm"
+    cross_site = (
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": smart_env.service.base, "Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+        {},
+    )
+    for headers in cross_site:
+        held = _held_confirmation(smart_env)
+        answer = requests.post(
+            confirm,
+            data={**held, "decision": "continue"},
+            headers={**headers, "Sec-Fetch-Dest": "document"},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert answer.status_code == 403, headers
+        assert "not sent from the app&#39;s own page" in answer.text
+        assert sessions_count(smart_env) == before
+    # The same form sent from the app's own page opens the session.
+    own_page = (
+        {"Origin": smart_env.service.base},
+        {"Origin": "null", "Sec-Fetch-Site": "same-origin"},  # Chromium under no-referrer
+    )
+    for headers in own_page:
+        held = _held_confirmation(smart_env)
+        answer = requests.post(
+            confirm,
+            data={**held, "decision": "continue"},
+            headers=headers,
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert answer.status_code == 303 and "/app/s/" in answer.headers["Location"]
+    assert sessions_count(smart_env) == before + 2
