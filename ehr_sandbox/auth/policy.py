@@ -33,6 +33,7 @@ class FhirOperation:
     resource_id: str | None = None
     resource: dict[str, Any] | None = None  # the body, for create/update
     all_versions: bool = False  # a history or version read: every stored version is shown
+    condition: str | None = None  # If-None-Exist / ifNoneExist of a conditional create
 
 
 def _json(body: bytes) -> Any:
@@ -57,13 +58,25 @@ def _transaction_operations(body: bytes) -> list[FhirOperation]:
         rtype = str(resource.get("resourceType")) if resource else url[0]
         rid = url[1] if len(url) > 1 else None
         interaction = WRITE_INTERACTIONS.get(method, "read")
-        operations.append(FhirOperation(interaction, rtype, rid, resource))
+        condition = request.get("ifNoneExist")
+        operations.append(
+            FhirOperation(
+                interaction,
+                rtype,
+                rid,
+                resource,
+                condition=str(condition) if condition else None,
+            )
+        )
     # A malformed body is answered by the FHIR API itself; it still needs a write scope.
     return operations or [FhirOperation("create", "Bundle")]
 
 
-def operations(method: str, path: str, body: bytes) -> list[FhirOperation]:
-    """What a request to the FHIR API does, from its method, path (under /fhir) and body."""
+def operations(
+    method: str, path: str, body: bytes, if_none_exist: str | None = None
+) -> list[FhirOperation]:
+    """What a request to the FHIR API does, from its method, path (under /fhir), body and
+    If-None-Exist header."""
     parts = [p for p in path.split("/")[2:] if p]
     if not parts:
         return _transaction_operations(body) if method == "POST" else []
@@ -83,6 +96,7 @@ def operations(method: str, path: str, body: bytes) -> list[FhirOperation]:
             rtype,
             parts[1] if len(parts) >= 2 else None,
             parsed if isinstance(parsed, dict) else None,
+            condition=(if_none_exist or None) if interaction == "create" else None,
         )
     ]
 
@@ -147,11 +161,14 @@ def _compartment_denial(
     return None
 
 
-def restricted_patient(token: AccessToken, method: str, path: str, body: bytes) -> str | None:
+def restricted_patient(
+    token: AccessToken, method: str, path: str, body: bytes, if_none_exist: str | None = None
+) -> str | None:
     """The patient whose compartment every answer to this request must stay in: set when
-    the token reads or searches with patient scopes only."""
-    for op in operations(method, path, body):
-        if op.interaction not in ("read", "search"):
+    the token reads, searches or makes conditional creates (which answer with, or link to,
+    the resource matching the condition) with patient scopes only."""
+    for op in operations(method, path, body, if_none_exist):
+        if op.interaction not in ("read", "search") and op.condition is None:
             continue
         if allowed_contexts(token.scope, op.resource_type, op.interaction) == {"patient"}:
             return token.patient
@@ -184,9 +201,11 @@ def check_request(
     params: Sequence[tuple[str, str]],
     body: bytes,
     store: FhirStore,
+    if_none_exist: str | None = None,
 ) -> Denial | None:
     """None when the token allows every operation of the request, else why not."""
-    for op in operations(method, path, body):
+    ops = operations(method, path, body, if_none_exist)
+    for op in ops:
         denial = check_operation(token, op, params, store)
         if denial is not None:
             return denial

@@ -250,10 +250,13 @@ class SmartAuth:
         ):
             params += list(request.form.items(multi=True))
         body = request.get_data(cache=True) if request.method not in ("GET", "HEAD") else b""
-        denial = check_request(token, request.method, request.path, params, body, self.store)
+        if_none_exist = request.headers.get("If-None-Exist", "").strip() or None
+        denial = check_request(
+            token, request.method, request.path, params, body, self.store, if_none_exist
+        )
         if denial:
             return _operation_outcome(denial)
-        patient = restricted_patient(token, request.method, request.path, body)
+        patient = restricted_patient(token, request.method, request.path, body, if_none_exist)
         if patient is not None:
             # Whatever the query asked, the answers stay inside the patient's compartment.
             restrict_results(PatientCompartment(self.store, patient).contains)

@@ -376,9 +376,13 @@ class FhirStore:
             return self._store_version(conn, prepared, resource_id, version, insert=True), True
 
     def conditional_create(
-        self, resource: Mapping[str, Any], if_none_exist_query: str
+        self,
+        resource: Mapping[str, Any],
+        if_none_exist_query: str,
+        keep: Callable[[JsonDict], bool] | None = None,
     ) -> tuple[JsonDict, bool]:
-        """Create unless the search ``if_none_exist_query`` already matches (atomically).
+        """Create unless the search ``if_none_exist_query`` already matches (atomically);
+        only resources ``keep`` accepts can match (what the caller's token may read).
 
         Returns (resource, created): the new resource, or the single existing match. Raises
         ``MultipleMatchesError`` for several matches and ``SearchParameterError`` for criteria
@@ -395,7 +399,9 @@ class FhirStore:
             raise SearchParameterError("If-None-Exist has no search criteria")
         with self._write() as conn:
             snapshot = self._snapshot(conn, rtype)
-            matches = [r for r in snapshot.resources if parsed.matches(r)]
+            matches = [
+                r for r in snapshot.resources if parsed.matches(r) and (keep is None or keep(r))
+            ]
             if len(matches) > 1:
                 raise MultipleMatchesError(
                     f"If-None-Exist {if_none_exist_query!r} matched {len(matches)} resources"

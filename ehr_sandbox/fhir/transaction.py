@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,9 +108,15 @@ def _order(entries: list[_Entry]) -> list[int]:
     return order
 
 
-def process_transaction(store: FhirStore, bundle: JsonDict, base_url: str) -> JsonDict:
-    """Create the entries in reference order; conditional creates match existing resources,
-    so sending the same transaction twice creates nothing the second time. All or nothing:
+def process_transaction(
+    store: FhirStore,
+    bundle: JsonDict,
+    base_url: str,
+    keep: Callable[[JsonDict], bool] | None = None,
+) -> JsonDict:
+    """Create the entries in reference order; conditional creates match existing resources
+    (only those `keep` accepts), so sending the same transaction twice creates nothing the
+    second time. All or nothing:
     when an entry fails, the resources this transaction created are deleted again."""
     entries = _parse(bundle)
     mapping: dict[str, str] = {}
@@ -120,7 +127,7 @@ def process_transaction(store: FhirStore, bundle: JsonDict, base_url: str) -> Js
             entry = entries[index]
             resource = _rewrite(entry.resource, mapping)
             if entry.if_none_exist:
-                stored, is_new = store.conditional_create(resource, entry.if_none_exist)
+                stored, is_new = store.conditional_create(resource, entry.if_none_exist, keep)
             else:
                 stored, is_new = store.create(resource), True
             if is_new:

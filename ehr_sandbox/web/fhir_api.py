@@ -467,7 +467,9 @@ def create_fhir_blueprint(
         resource = _body_resource(rtype)
         if_none_exist = request.headers.get("If-None-Exist", "").strip()
         if if_none_exist:
-            stored, created = store.conditional_create(resource, if_none_exist)
+            stored, created = store.conditional_create(
+                resource, if_none_exist, keep=g.get("fhir_result_filter")
+            )
         else:
             stored, created = store.create(resource), True
         return _resource_response(stored, 201 if created else 200, location=True)
@@ -613,7 +615,10 @@ def create_fhir_blueprint(
             raise FhirError(405, "not-supported", "Only POST of a transaction Bundle is allowed")
         bundle = _parse_json_resource(_read_body(), "Bundle")
         try:
-            return _json_response(process_transaction(store, bundle, _base_url()))
+            answer = process_transaction(
+                store, bundle, _base_url(), keep=g.get("fhir_result_filter")
+            )
+            return _json_response(answer)
         except TransactionError as exc:
             raise FhirError(400, "invalid", str(exc)) from None
 

@@ -428,3 +428,79 @@ def test_ehr_launch_refuses_a_study_of_another_patient(ehr: SandboxHandle) -> No
     )
     assert answer.status_code == 400 and "Location" not in answer.headers
     assert "another patient" in answer.text
+
+
+def _post(ehr: SandboxHandle, path: str, bearer: str, body: Any, **headers: str) -> Any:
+    return requests.post(
+        f"{ehr.fhir}{path}",
+        json=body,
+        headers={
+            "Authorization": f"Bearer {bearer}",
+            "Content-Type": "application/fhir+json",
+            **headers,
+        },
+        timeout=10,
+    )
+
+
+def _report(patient: str, text: str) -> dict[str, Any]:
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": "preliminary",
+        "code": {"text": text},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+
+
+def _created_id(answer: requests.Response) -> str:
+    return str(answer.headers["Location"]).split("/DiagnosticReport/")[1].split("/")[0]
+
+
+def test_a_conditional_create_matches_only_inside_the_tokens_compartment(
+    ehr: SandboxHandle,
+) -> None:
+    """If-None-Exist naming another patient's report used to answer 200 with that report
+    (and a transaction's ifNoneExist told its id): only the token's own records match."""
+    store = ehr.sandbox.store
+    theirs = store.create(_report("cxr-demo-2", "SECRET of patient 2"))
+    mine = store.create(_report("cxr-demo-1", "patient 1's own report"))
+    made: list[str] = []
+    try:
+        bearer = user_token(ehr)
+        assert get(ehr, f"DiagnosticReport/{theirs['id']}", bearer).status_code == 403
+        body = _report("cxr-demo-1", "conditional")
+        for condition in (f"_id={theirs['id']}", "patient=cxr-demo-2"):
+            answer = _post(ehr, "/DiagnosticReport", bearer, body, **{"If-None-Exist": condition})
+            assert answer.status_code == 201, answer.text
+            assert "SECRET" not in answer.text and theirs["id"] not in answer.text
+            made.append(_created_id(answer))
+            bundle = {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "fullUrl": "urn:uuid:a1",
+                        "resource": body,
+                        "request": {
+                            "method": "POST",
+                            "url": "DiagnosticReport",
+                            "ifNoneExist": condition,
+                        },
+                    }
+                ],
+            }
+            answer = _post(ehr, "", bearer, bundle)
+            assert answer.status_code == 200, answer.text
+            entry = answer.json()["entry"][0]
+            assert entry["response"]["status"] == "201 Created"
+            assert theirs["id"] not in answer.text
+            made.append(entry["fullUrl"].rsplit("/", 1)[1])
+        # A match inside the compartment is still found (idempotent filing).
+        again = _post(
+            ehr, "/DiagnosticReport", bearer, body, **{"If-None-Exist": f"_id={mine['id']}"}
+        )
+        assert again.status_code == 200 and again.json()["id"] == mine["id"]
+        assert store.read("DiagnosticReport", theirs["id"]) == theirs
+    finally:
+        for rid in [theirs["id"], mine["id"], *made]:
+            store.delete("DiagnosticReport", rid)
