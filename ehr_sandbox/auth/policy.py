@@ -14,6 +14,8 @@ from ehr_sandbox.fhir.search import ParsedSearch, SearchParameterError, parse_se
 from ehr_sandbox.fhir.store import FhirStore
 
 PUBLIC_FHIR_PATHS = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-configuration"})
+# fullUrls that name no stored resource, so rewriting references to them reaches no chart.
+URN_FULL_URLS = ("urn:uuid:", "urn:oid:")
 WRITE_INTERACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
 
 
@@ -34,6 +36,7 @@ class FhirOperation:
     resource: dict[str, Any] | None = None  # the body, for create/update
     all_versions: bool = False  # a history or version read: every stored version is shown
     condition: str | None = None  # If-None-Exist / ifNoneExist of a conditional create
+    full_url: str | None = None  # a transaction entry's fullUrl (references to it are rewritten)
 
 
 def _json(body: bytes) -> Any:
@@ -58,7 +61,7 @@ def _transaction_operations(body: bytes) -> list[FhirOperation]:
         rtype = str(resource.get("resourceType")) if resource else url[0]
         rid = url[1] if len(url) > 1 else None
         interaction = WRITE_INTERACTIONS.get(method, "read")
-        condition = request.get("ifNoneExist")
+        condition, full_url = request.get("ifNoneExist"), entry.get("fullUrl")
         operations.append(
             FhirOperation(
                 interaction,
@@ -66,6 +69,7 @@ def _transaction_operations(body: bytes) -> list[FhirOperation]:
                 rid,
                 resource,
                 condition=str(condition) if condition else None,
+                full_url=str(full_url) if full_url else None,
             )
         )
     # A malformed body is answered by the FHIR API itself; it still needs a write scope.
@@ -194,6 +198,21 @@ def check_operation(
     return None
 
 
+def _full_url_denial(ops: Sequence[FhirOperation]) -> Denial | None:
+    """For a patient-scoped token: a transaction rewrites the references to an entry's
+    fullUrl into the stored resource after the compartment checks, so a fullUrl such as
+    `Patient/x` would turn a reference to the token's patient into another one. Only urn:
+    fullUrls (which name nothing stored) are accepted."""
+    for op in ops:
+        if op.full_url is not None and not op.full_url.startswith(URN_FULL_URLS):
+            return Denial(
+                403,
+                "forbidden",
+                "a patient-scoped token's transaction entries need urn:uuid: fullUrls",
+            )
+    return None
+
+
 def check_request(
     token: AccessToken,
     method: str,
@@ -209,4 +228,8 @@ def check_request(
         denial = check_operation(token, op, params, store)
         if denial is not None:
             return denial
+    if any(
+        allowed_contexts(token.scope, op.resource_type, op.interaction) == {"patient"} for op in ops
+    ):
+        return _full_url_denial(ops)
     return None

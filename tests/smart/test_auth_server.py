@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 import socket
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -504,3 +505,42 @@ def test_a_conditional_create_matches_only_inside_the_tokens_compartment(
     finally:
         for rid in [theirs["id"], mine["id"], *made]:
             store.delete("DiagnosticReport", rid)
+
+
+def test_a_transaction_cannot_rewrite_a_reference_into_another_chart(
+    ehr: SandboxHandle,
+) -> None:
+    """A Patient entry with fullUrl `Patient/cxr-demo-1` matching patient 2 by ifNoneExist
+    turned the report's (checked) subject Patient/cxr-demo-1 into Patient/cxr-demo-2."""
+    scope = f"{SCOPE} patient/Patient.c"
+    smart = ehr.sandbox.smart
+    registered = smart.app(CLIENT)
+    assert registered is not None
+    smart.register_app(replace(registered, scope=f"{registered.scope} patient/Patient.c"))
+    try:
+        bearer = user_token(ehr, scope=scope)
+    finally:
+        smart.register_app(registered)
+    store = ehr.sandbox.store
+    before = store.search("DiagnosticReport", [("patient", "cxr-demo-2")]).total
+    patients = store.search("Patient", [("_count", "200")]).total
+    patient_entry = {
+        "resource": {"resourceType": "Patient", "id": "cxr-demo-1"},
+        "request": {"method": "POST", "url": "Patient", "ifNoneExist": "_id=cxr-demo-2"},
+    }
+    report_entry = {
+        "fullUrl": "urn:uuid:2",
+        "resource": _report("cxr-demo-1", "PLANTED"),
+        "request": {"method": "POST", "url": "DiagnosticReport"},
+    }
+    for full_url in ("Patient/cxr-demo-1", f"{ehr.fhir}/Patient/cxr-demo-1"):
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"fullUrl": full_url, **patient_entry}, report_entry],
+        }
+        answer = _post(ehr, "", bearer, bundle)
+        assert answer.status_code == 403, answer.text
+        assert "urn:uuid: fullUrls" in answer.json()["issue"][0]["diagnostics"]
+    assert store.search("DiagnosticReport", [("patient", "cxr-demo-2")]).total == before
+    assert store.search("Patient", [("_count", "200")]).total == patients
