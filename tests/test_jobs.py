@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cds_service.inference.base import ModelUnavailable
+from cds_service.inference.engine import BatchEngine, BatchResult
 from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedBackend
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
-from cds_service.jobs.worker import MAX_ATTEMPTS, drain, process_one
-from cds_service.results import AnalysisResult
+from cds_service.jobs.worker import (
+    MAX_ATTEMPTS,
+    ModelAvailability,
+    drain,
+    process_one,
+    run_forever,
+)
+from cds_service.results import AnalysisResult, ModelInfo
 
 
 def ref(uid: str) -> StudyRef:
@@ -72,6 +83,104 @@ def test_failing_backend_retries_then_records_failure(tmp_path: Path) -> None:
     assert stored is not None and stored.result.status == "failed"
     assert "failed" in stored.result.reason
     assert store.queue_depth(SIMULATED_MODEL) == 0
+
+
+def job_rows(path: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(path) as conn:
+        return [(str(r[0]), int(r[1])) for r in conn.execute("SELECT status, attempts FROM jobs")]
+
+
+class Unavailable(SimulatedBackend):
+    def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult:
+        raise ModelUnavailable("the inference engine is stopped")
+
+
+def test_an_unavailable_model_puts_the_job_back_without_using_an_attempt(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    store.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
+    for _ in range(MAX_ATTEMPTS + 2):
+        with pytest.raises(ModelUnavailable):
+            process_one(store, Unavailable())
+    assert job_rows(tmp_path / "q.sqlite3") == [("queued", 0)]
+    assert store.get_result(ref("9.9"), SIMULATED_MODEL) is None
+    assert drain(store, SimulatedBackend()) == 1  # once the model is back, it is analysed
+    assert job_rows(tmp_path / "q.sqlite3") == [("done", 1)]
+
+
+ENGINE_MODEL = ModelInfo(model_id="engine-test-model", version="1")
+
+
+class EngineBackend:
+    """A Backend whose "model" runs in a real BatchEngine; the item "hang" blocks its batch
+    until `release` is set, which makes the engine's watchdog declare the model hung."""
+
+    model = ENGINE_MODEL
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.engine: BatchEngine[str, str] = BatchEngine(
+            self._run_batch, max_batch_size=1, timeout_s=30, hang_s=0.2
+        ).start()
+
+    def _run_batch(self, items: list[str]) -> BatchResult[str]:
+        if "hang" in items:
+            self.release.wait(30)
+        return BatchResult([f"report on {item}" for item in items])
+
+    def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult:
+        (text,) = self.engine.run([study_uid])
+        return AnalysisResult(
+            study_uid=study_uid, model=self.model, status="completed", report_text=text
+        )
+
+
+def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def test_jobs_wait_out_an_unhealthy_engine_and_complete_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cds_service.jobs.worker")
+    path = tmp_path / "q.sqlite3"
+    store = SqliteStore(path)
+    backend = EngineBackend()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=run_forever,
+        args=(store, backend, stop),
+        kwargs={"poll_s": 0.02, "availability": ModelAvailability(0.02, 0.05)},
+    )
+    try:
+        backend.engine.submit("hang")
+        assert wait_until(lambda: not backend.engine.healthy)
+        uids = [f"1.2.{index}" for index in range(3)]
+        for uid in uids:
+            store.enqueue(StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL, STUDY, None)
+        worker.start()
+        time.sleep(1.0)  # some twenty claims, far more than MAX_ATTEMPTS
+        assert job_rows(path) == [("queued", 0)] * 3  # nothing finalised as failed
+        backend.release.set()  # the hung batch returns: the engine is healthy again
+        assert wait_until(lambda: job_rows(path) == [("done", 1)] * 3)
+    finally:
+        stop.set()
+        backend.release.set()
+        if worker.is_alive():
+            worker.join(5)
+        backend.engine.stop()
+    for uid in uids:
+        stored = store.get_result(StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL)
+        assert stored is not None and stored.result.status == "completed"
+        assert stored.result.report_text == f"report on {uid}"
+    messages = [r.getMessage() for r in caplog.records if r.name == "cds_service.jobs.worker"]
+    assert sum("model is unavailable" in m for m in messages) == 1  # once, not per claim
+    assert sum("available again" in m for m in messages) == 1
+    assert not any(uid in m for m in messages for uid in uids)  # no study identifiers
 
 
 def test_replay_cache_remembers_across_connections(tmp_path: Path) -> None:

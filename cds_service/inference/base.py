@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from cds_service.errors import ServiceUnavailable
 from cds_service.results import AnalysisResult, ModelInfo
 
 Task = Literal["report", "differential", "ask"]
@@ -41,6 +42,14 @@ class ReportRequest:
             raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
         if self.task == "ask" and not (self.question or "").strip():
             raise ValueError("task 'ask' needs a question")
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """The model cannot take work right now (stopped, or not responding). Nothing is wrong
+    with the request: the job worker puts the job back without counting an attempt and
+    tries again later."""
+
+    code = "model-unavailable"
 
 
 class ReportWriter(Protocol):

@@ -3,7 +3,9 @@
 Requests queue up and one worker thread serves them in dynamic batches (whatever is queued,
 up to the batch limit); deadlines and cancellations are checked for each chunk just before it
 runs, and only that chunk is marked running. A watchdog fails every waiting request and marks
-the engine unhealthy (new requests refused) while one batch runs past `hang_s`. A device
+the engine unhealthy while one batch runs past `hang_s`: the hung chunk fails with EngineError,
+everything queued behind it and every new request with ModelUnavailable (not the request's
+fault: a job worker puts those back without counting an attempt). A device
 out-of-memory error halves the batch limit and retries the same requests: a request is never
 lost or answered twice. A request waits at most its timeout; one that times out before it runs
 is never run. Metrics: queue depth, batch sizes, tokens/s, peak memory, OOM retries, timeouts,
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from cds_service.errors import CdsServiceError
+from cds_service.inference.base import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -169,20 +172,31 @@ class BatchEngine(Generic[In, Out]):
             return self._healthy
 
     def submit(self, item: In, timeout_s: float | None = None) -> Future[Out]:
-        if self._stop.is_set():
-            raise EngineError("the inference engine is stopped")
-        if not self.healthy:
-            raise EngineError("the inference engine is unhealthy: the model stopped responding")
+        """Queue one request. Raises ModelUnavailable while stopped or unhealthy."""
         pending: _Pending[In, Out] = _Pending(
             item, time.monotonic() + (timeout_s or self._timeout_s)
         )
+        if self._stop.is_set():
+            raise ModelUnavailable("the inference engine is stopped")
+        if not self.healthy:
+            raise ModelUnavailable(
+                "the inference engine is unhealthy: the model stopped responding"
+            )
         self._queue.put(pending)
         return pending.future
 
     def run(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
-        """Submit all, wait for all (in order). Raises RequestTimeout or EngineError."""
+        """Submit all, wait for all (in order). Raises RequestTimeout, ModelUnavailable or
+        EngineError."""
         limit = timeout_s or self._timeout_s
-        futures = [self.submit(item, limit) for item in items]
+        futures: list[Future[Out]] = []
+        try:
+            for item in items:
+                futures.append(self.submit(item, limit))
+        except ModelUnavailable:
+            for submitted in futures:
+                submitted.cancel()  # no half-run set: the caller retries all of them later
+            raise
         deadline = time.monotonic() + limit
         results: list[Out] = []
         for future in futures:
@@ -211,7 +225,7 @@ class BatchEngine(Generic[In, Out]):
             left = self._running + self._backlog + self._drain_queue()  # running: if stuck
             self._backlog = []
         for pending in left:
-            _settle(pending.future, error=EngineError("the inference engine stopped"))
+            _settle(pending.future, error=ModelUnavailable("the inference engine stopped"))
 
     # -- worker ----------------------------------------------------------------------------
     def _count(self, name: str, amount: int = 1) -> None:
@@ -357,16 +371,17 @@ class BatchEngine(Generic[In, Out]):
                 if not self._healthy or since is None or time.monotonic() - since < self._hang_s:
                     continue
                 self._healthy = False
-                victims = self._running + self._backlog + self._drain_queue()
+                hung = list(self._running)
+                waiting = self._backlog + self._drain_queue()
                 self._backlog = []
             log.error(
                 "a batch has run over %.0f s: the model stopped responding; failing %d "
                 "request(s) and refusing new ones until it answers",
                 self._hang_s,
-                len(victims),
+                len(hung) + len(waiting),
             )
-            error = EngineError(
-                f"the model stopped responding (a batch ran over {self._hang_s:.0f} s)"
-            )
+            why = f"the model stopped responding (a batch ran over {self._hang_s:.0f} s)"
             self._count("hung_batches")
-            self._count("failed", sum(_settle(p.future, error=error) for p in victims))
+            failed = sum(_settle(p.future, error=EngineError(why)) for p in hung)
+            failed += sum(_settle(p.future, error=ModelUnavailable(why)) for p in waiting)
+            self._count("failed", failed)

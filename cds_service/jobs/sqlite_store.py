@@ -302,6 +302,16 @@ class SqliteStore:
         """Requeue the job, or with `final` store that failure result and close it, atomically."""
         self._close(job, "queued" if final is None else "failed", error[:500], final)
 
+    def put_back(self, job: Job, reason: str) -> None:
+        """Requeue a job that could not start through no fault of its own (the model was
+        unavailable): the attempt its claim counted is given back."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), error = ?, "
+                "updated_at = ? WHERE id = ? AND status = 'running'",
+                (reason[:500], time.time(), job.id),
+            )
+
     def _close(
         self, job: Job, status: str, error: str | None, result: AnalysisResult | None
     ) -> None:

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from cds_service.inference.base import ModelUnavailable
 from cds_service.inference.engine import BatchEngine, BatchResult, EngineError, RequestTimeout
 
 
@@ -176,13 +177,18 @@ def test_a_batch_that_never_returns_fails_everyone_waiting_and_marks_the_engine_
         stuck = engine.submit(99)
         queued = engine.submit(1)
         started = time.monotonic()
-        for future in (stuck, queued):
-            with pytest.raises(EngineError, match="stopped responding"):
-                future.result(5)
+        with pytest.raises(EngineError, match="stopped responding"):
+            stuck.result(5)
+        # The one waiting behind it did nothing wrong: "unavailable", so a job worker retries
+        # it later without counting an attempt.
+        with pytest.raises(ModelUnavailable, match="stopped responding"):
+            queued.result(5)
         assert time.monotonic() - started < 3  # the watchdog, not the 30 s request timeout
         assert not engine.healthy
-        with pytest.raises(EngineError, match="unhealthy"):
+        with pytest.raises(ModelUnavailable, match="unhealthy"):
             engine.submit(2)
+        with pytest.raises(ModelUnavailable, match="unhealthy"):
+            engine.run([2, 3])
         metrics = engine.metrics()
         assert metrics.hung_batches == 1 and metrics.failed == 2 and not metrics.healthy
         never.set()  # the model answers again: results of the failed requests are dropped
@@ -212,9 +218,9 @@ def test_submit_after_stop_is_refused_and_queued_work_is_failed_not_dropped() ->
     engine: BatchEngine[int, int] = BatchEngine(lambda items: BatchResult(items))
     pending = engine.submit(1)  # never started
     engine.stop()
-    with pytest.raises(EngineError):
+    with pytest.raises(ModelUnavailable, match="stopped"):
         pending.result(1)
-    with pytest.raises(EngineError):
+    with pytest.raises(ModelUnavailable, match="stopped"):
         engine.submit(2)
 
 
