@@ -141,7 +141,10 @@ class BatchEngine(Generic[In, Out]):
         self._release_memory = release_memory
         self._queue: queue.Queue[_Pending[In, Out]] = queue.Queue()
         self._lock = threading.Lock()  # metrics
-        self._work = threading.Lock()  # backlog, running chunk, health
+        # backlog, running chunk, health, and the stop flag with every queue put: a request is
+        # queued only while the engine is running and healthy, so whoever stops the engine or
+        # declares it hung (and then drains the queue) also fails that request.
+        self._work = threading.Lock()
         self._backlog: list[_Pending[In, Out]] = []  # taken from the queue, not yet run
         self._running: list[_Pending[In, Out]] = []
         self._running_since: float | None = None
@@ -176,13 +179,14 @@ class BatchEngine(Generic[In, Out]):
         pending: _Pending[In, Out] = _Pending(
             item, time.monotonic() + (timeout_s or self._timeout_s)
         )
-        if self._stop.is_set():
-            raise ModelUnavailable("the inference engine is stopped")
-        if not self.healthy:
-            raise ModelUnavailable(
-                "the inference engine is unhealthy: the model stopped responding"
-            )
-        self._queue.put(pending)
+        with self._work:
+            if self._stop.is_set():
+                raise ModelUnavailable("the inference engine is stopped")
+            if not self._healthy:
+                raise ModelUnavailable(
+                    "the inference engine is unhealthy: the model stopped responding"
+                )
+            self._queue.put(pending)
         return pending.future
 
     def run(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
@@ -217,7 +221,8 @@ class BatchEngine(Generic[In, Out]):
         return snapshot
 
     def stop(self, wait_s: float = 5.0) -> None:
-        self._stop.set()
+        with self._work:
+            self._stop.set()
         for thread in (self._thread, self._watchdog):
             if thread.is_alive():
                 thread.join(wait_s)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -222,6 +224,40 @@ def test_submit_after_stop_is_refused_and_queued_work_is_failed_not_dropped() ->
         pending.result(1)
     with pytest.raises(ModelUnavailable, match="stopped"):
         engine.submit(2)
+
+
+class SlowPutQueue(queue.Queue[Any]):
+    """A queue whose put lingers (until `go` or a short while) after saying it was entered:
+    widens the window between a submit's checks and its put."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.entered.set()
+        self.go.wait(0.3)
+        super().put(item, block, timeout)
+
+
+def test_a_request_submitted_while_the_engine_stops_is_failed_not_left_waiting() -> None:
+    engine: BatchEngine[int, int] = BatchEngine(lambda items: BatchResult(items))
+    slow = SlowPutQueue()
+    engine._queue = slow  # noqa: SLF001 - the race needs a put that takes its time
+    submitted: list[Any] = []
+    submitter = threading.Thread(target=lambda: submitted.append(engine.submit(1)))
+    submitter.start()
+    assert slow.entered.wait(5)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()  # with submit's checks and put not atomic, stop drained an empty queue
+    time.sleep(0.1)
+    slow.go.set()
+    submitter.join(5)
+    stopper.join(5)
+    assert len(submitted) == 1
+    with pytest.raises(ModelUnavailable, match="stopped"):
+        submitted[0].result(2)  # settled by stop(), not waiting out its 600 s timeout
 
 
 def test_torch_out_of_memory_is_recognised() -> None:
