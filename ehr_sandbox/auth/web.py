@@ -35,6 +35,7 @@ from ehr_sandbox.auth.policy import PUBLIC_FHIR_PATHS, Denial, check_request, re
 from ehr_sandbox.auth.scopes import grantable
 from ehr_sandbox.auth.smart_store import LaunchContext, SmartStore
 from ehr_sandbox.backend_auth import BackendServices, TokenError
+from ehr_sandbox.fhir.search import request_search_pairs
 from ehr_sandbox.fhir.store import FhirStore
 from ehr_sandbox.web.fhir_api import restrict_results
 
@@ -243,13 +244,14 @@ class SmartAuth:
             return _operation_outcome(
                 Denial(401, "login", "the bearer token is unknown or expired")
             )
-        params = list(request.args.items(multi=True))
-        if request.path.endswith("/_search") and request.mimetype in (
-            "",
-            "application/x-www-form-urlencoded",
-        ):
-            params += list(request.form.items(multi=True))
         body = request.get_data(cache=True) if request.method not in ("GET", "HEAD") else b""
+        posted_form = (
+            request.method == "POST"
+            and request.path.endswith("/_search")
+            and request.mimetype in ("", "application/x-www-form-urlencoded")
+        )
+        # Read exactly as the FHIR API reads them (a form without a Content-Type included).
+        params = request_search_pairs(request.query_string, body if posted_form else None)
         if_none_exist = request.headers.get("If-None-Exist", "").strip() or None
         denial = check_request(
             token, request.method, request.path, params, body, self.store, if_none_exist

@@ -823,6 +823,15 @@ def parse_search(
     )
 
 
+def request_search_pairs(query_string: bytes, form_body: bytes | None) -> list[tuple[str, str]]:
+    """A search request's parameters as the FHIR API applies them: the query string's,
+    then those of a POSTed form body (an access check must read them the same way)."""
+    pairs = parse_qsl(query_string.decode("utf-8", "replace"), keep_blank_values=True)
+    if form_body:
+        pairs += parse_qsl(form_body.decode("utf-8", "replace"), keep_blank_values=True)
+    return pairs
+
+
 def parse_query_string(query: str) -> list[tuple[str, str]]:
     """Parse ``a=1&b=2`` (optionally prefixed by ``?`` or ``Type?``) into ordered pairs."""
     text = query.strip()

@@ -24,6 +24,7 @@ from ehr_sandbox.fhir.search import (
     SearchParameterError,
     capability_search_params,
     registered_resource_types,
+    request_search_pairs,
 )
 from ehr_sandbox.fhir.store import (
     ID_RE,
@@ -537,9 +538,7 @@ def create_fhir_blueprint(
             raise _not_allowed("GET", "POST")
         if request.mimetype not in ("", _FORM_MIMETYPE):
             raise FhirError(415, "not-supported", f"_search expects {_FORM_MIMETYPE}")
-        body = _read_body().decode("utf-8", "replace")
-        form = parse_qsl(body, keep_blank_values=True)
-        return do_search(rtype, [*_query_pairs(), *form])
+        return do_search(rtype, request_search_pairs(request.query_string, _read_body()))
 
     @bp.route("/<rtype>/<rid>", methods=_METHODS)
     def instance(rtype: str, rid: str) -> Response:

@@ -544,3 +544,27 @@ def test_a_transaction_cannot_rewrite_a_reference_into_another_chart(
         assert "urn:uuid: fullUrls" in answer.json()["issue"][0]["diagnostics"]
     assert store.search("DiagnosticReport", [("patient", "cxr-demo-2")]).total == before
     assert store.search("Patient", [("_count", "200")]).total == patients
+
+
+def test_a_search_form_without_content_type_is_checked_as_the_api_reads_it(
+    ehr: SandboxHandle,
+) -> None:
+    """The FHIR API reads a POSTed _search body without a Content-Type as a form; the
+    access check used to skip it, so its unknown parameters were not refused."""
+    bearer = user_token(ehr)
+
+    def search(query: str, body: bytes) -> requests.Response:
+        return requests.post(
+            f"{ehr.fhir}/DiagnosticReport/_search?{query}",
+            data=body,
+            headers={"Authorization": f"Bearer {bearer}", "Content-Type": ""},
+            timeout=10,
+        )
+
+    for body in (b"nonsense=1", b"patient:foo=cxr-demo-2"):
+        answer = search("patient=cxr-demo-1", body)
+        assert answer.status_code == 400, answer.text
+        assert "unsupported search parameters" in answer.json()["issue"][0]["diagnostics"]
+    assert search("", b"patient=cxr-demo-2").status_code == 403
+    mine = search("", b"patient=cxr-demo-1")
+    assert mine.status_code == 200 and mine.json()["resourceType"] == "Bundle"
