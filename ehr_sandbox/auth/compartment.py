@@ -79,6 +79,18 @@ class PatientCompartment:
             return named == {self.patient}
         return not always_about_a_patient(str(rtype))
 
+    def may_link_binaries_of(self, resource: dict[str, Any]) -> bool:
+        """Whether every Binary an attachment of `resource` points at is one this patient
+        can already read. Pointing at a Binary makes the writer's patient one of its
+        owners, so linking any other (another patient's, nobody's yet, or one not stored)
+        would claim it or take it from its patient."""
+        for url in _attachment_urls(resource):
+            if match := BINARY_REFERENCE.search(url):
+                binary = self.store.read("Binary", match.group(1))
+                if binary is None or not self._binary_is_mine(binary):
+                    return False
+        return True
+
     def _binary_is_mine(self, binary: dict[str, Any]) -> bool:
         """A Binary is the patient's when everything tying it to a patient (its own
         securityContext, the Media/DocumentReference/DiagnosticReport pointing at it) names

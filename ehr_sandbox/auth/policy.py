@@ -153,6 +153,10 @@ def _compartment_denial(
     compartment = PatientCompartment(store, patient)
     if op.resource is not None and not compartment.contains(op.resource):
         return outside
+    if op.resource is not None and not compartment.may_link_binaries_of(op.resource):
+        return Denial(
+            403, "forbidden", "an attachment points at a Binary outside the token's patient"
+        )
     if op.resource_id is None:
         return None
     if op.all_versions:

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
+from ehr_sandbox.auth.compartment import PatientCompartment
 from ehr_sandbox.auth.smart_store import LaunchContext, SmartApp
 from tests.conftest import SandboxHandle
 
@@ -568,3 +569,41 @@ def test_a_search_form_without_content_type_is_checked_as_the_api_reads_it(
     assert search("", b"patient=cxr-demo-2").status_code == 403
     mine = search("", b"patient=cxr-demo-1")
     assert mine.status_code == 200 and mine.json()["resourceType"] == "Bundle"
+
+
+def _binary_of(store: Any, patient: str) -> str:
+    media = store.search("Media", [("patient", patient)]).resources[0]
+    return str(media["content"]["url"]).rsplit("Binary/", 1)[1]
+
+
+def test_a_patient_scoped_writer_cannot_claim_or_block_a_binary(ehr: SandboxHandle) -> None:
+    """Linking a Binary from a new resource makes the writer's patient one of its owners:
+    another patient's Binary became nobody's, an unlinked one became the writer's."""
+    store = ehr.sandbox.store
+    theirs = _binary_of(store, "cxr-demo-2")
+    mine = _binary_of(store, "cxr-demo-1")
+    loose = store.create({"resourceType": "Binary", "contentType": "text/plain", "data": "eA=="})
+    made: list[str] = []
+    try:
+        bearer = user_token(ehr)
+        assert get(ehr, f"Binary/{loose['id']}", bearer).status_code == 403
+        for binary in (theirs, loose["id"], "not-stored-yet", mine):
+            report = {
+                **_report("cxr-demo-1", "with an attachment"),
+                "presentedForm": [{"contentType": "text/plain", "url": f"Binary/{binary}"}],
+            }
+            answer = _post(ehr, "/DiagnosticReport", bearer, report)
+            if binary == mine:
+                assert answer.status_code == 201, answer.text
+                made.append(_created_id(answer))
+            else:
+                assert answer.status_code == 403, (binary, answer.text)
+                assert "Binary outside" in answer.json()["issue"][0]["diagnostics"]
+        assert get(ehr, f"Binary/{loose['id']}", bearer).status_code == 403
+        assert get(ehr, f"Binary/{mine}", bearer).status_code == 200
+        patient_two = PatientCompartment(store, "cxr-demo-2")
+        assert patient_two.contains(store.read("Binary", theirs) or {})
+    finally:
+        for rid in made:
+            store.delete("DiagnosticReport", rid)
+        store.delete("Binary", loose["id"])
