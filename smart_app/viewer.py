@@ -169,9 +169,9 @@ def study_png(
     """The study's film as PNG: the frontal chest image the model would analyse, found as the
     service does (the study's WADO-RS endpoints, else its DICOM Media), with the user's token;
     for a study with no analysable image, its first DICOM Binary as it is. Endpoints are
-    followed only on the EHR's own origin or under `image_servers` (CXR_CDS_IMAGE_SERVERS,
-    which never get the user's token): an EHR anyone can write to cannot make us fetch
-    internal addresses."""
+    followed only under the EHR's FHIR base path (which alone gets the user's token) or under
+    `image_servers` (CXR_CDS_IMAGE_SERVERS, which never get the user's token): an EHR anyone
+    can write to cannot make us fetch internal addresses."""
     base = fhir.base_url
     images = StudyImages(
         ImageFetcher(),

@@ -3,7 +3,7 @@ Media / DocumentReference attachments (url or inline data).
 
 Every fetch has connect/read timeouts and an overall deadline, a byte cap, no redirect to
 another host, and a content-type check. A bearer token goes only to URLs under the bases the
-caller names (the EHR's own FHIR origin and the image servers listed for that EHR): an
+caller names (the EHR's own FHIR base path and the image servers listed for that EHR): an
 Endpoint address is data, not a credential holder.
 """
 
@@ -43,12 +43,6 @@ _CHUNK = 1 << 16
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
-
-
-def origin_of(url: str) -> str:
-    """scheme://host[:port] of a URL: every URL on that origin is `url_under` it."""
-    scheme, netloc = _origin(url)
-    return f"{scheme}://{netloc}"
 
 
 def url_under(url: str, base: str) -> bool:

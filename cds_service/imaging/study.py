@@ -2,13 +2,13 @@
 
 The ImagingStudy is re-read from the FHIR server the job came from (when the service holds a
 Backend Services registration there); series endpoints override the study's. An Endpoint
-address (or a Media attachment's url) is followed only when it lies on that EHR's FHIR origin,
-under an image server listed for that EHR, or under a globally configured image server
+address (or a Media attachment's url) is followed only when it lies under that EHR's FHIR base
+path, under an image server listed for that EHR, or under a globally configured image server
 (CXR_CDS_IMAGE_SERVERS); anything else is refused without a request, so a writable FHIR server
-cannot make us fetch internal addresses. The EHR's token goes only to its own FHIR origin and
-its own image servers. Each candidate instance's header is checked (selection.py), read alone
-through WADO-RS metadata where the server offers it, so only the best instance is downloaded
-and decoded.
+cannot make us fetch internal addresses. The EHR's token goes only under its own FHIR base path
+(not the whole origin, which may host other tenants) and to its own image servers. Each
+candidate instance's header is checked (selection.py), read alone through WADO-RS metadata
+where the server offers it, so only the best instance is downloaded and decoded.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from cds_service.imaging.retrieval import (
     attachment_url,
     fetch_wado_instance,
     fetch_wado_metadata,
-    origin_of,
     url_under,
 )
 
@@ -71,8 +70,10 @@ class EhrAccess:
         return FhirClient(self.fhir_base, self.token, timeout=self.timeout)
 
     def image_bases(self) -> tuple[str, ...]:
-        """Where this EHR's image addresses may point and its token may go."""
-        return (origin_of(self.fhir_base), *self.image_servers)
+        """Where this EHR's image addresses may point and its token may go: under its FHIR
+        base path (another path on the same origin may be another tenant) and its image
+        servers."""
+        return (self.fhir_base, *self.image_servers)
 
 
 # The EHRs we hold credentials for, by FHIR base; None when we hold none for that server.

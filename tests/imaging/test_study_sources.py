@@ -149,8 +149,13 @@ def publish(fhir_path: str, study: dict[str, Any]) -> None:
 
 
 def loader(fhir_base: str, token: str | None = None, **kwargs: Any) -> StudyImages:
+    """The loader for one EHR at `fhir_base` whose PACS is /wado on the same host."""
+    pacs = (fhir_base.rsplit("/", 1)[0] + "/wado",)
+
     def access(server: str) -> EhrAccess | None:
-        return EhrAccess(fhir_base, token) if server.rstrip("/") == fhir_base else None
+        if server.rstrip("/") != fhir_base:
+            return None
+        return EhrAccess(fhir_base, token, image_servers=pacs)
 
     return StudyImages(ImageFetcher(), access, **kwargs)
 
@@ -242,7 +247,7 @@ def test_worker_follows_no_endpoint_outside_the_ehr_and_its_image_servers(
     assert _requests_to(pacs, "/") == []  # refused without a request
 
 
-def test_each_ehrs_token_goes_only_to_its_own_origin_and_image_servers(
+def test_each_ehrs_token_goes_only_to_its_own_fhir_base_and_image_servers(
     origins: tuple[str, str, str], tmp_path: Path
 ) -> None:
     ehr_a, ehr_b, pacs = origins
@@ -253,9 +258,9 @@ def test_each_ehrs_token_goes_only_to_its_own_origin_and_image_servers(
         ],
         image_servers=(f"{pacs}/shared",),
     )
-    # A's study on A's own origin and on A's PACS: followed, with A's token
-    images.load(_study_at("/a/fhir", f"{ehr_a}/a/wado"), f"{ehr_a}/a/fhir")
-    assert set(_requests_to(ehr_a, "/a/wado")) == {"Bearer token-a"}
+    # A's study under A's own FHIR base and on A's PACS: followed, with A's token
+    images.load(_study_at("/a/fhir", f"{ehr_a}/a/fhir/wado"), f"{ehr_a}/a/fhir")
+    assert set(_requests_to(ehr_a, "/a/fhir/wado")) == {"Bearer token-a"}
     images.load(_study_at("/a/fhir", f"{pacs}/pacs-a"), f"{ehr_a}/a/fhir")
     assert set(_requests_to(pacs, "/pacs-a")) == {"Bearer token-a"}
     # B's study naming A's PACS: refused, B's token never leaves for it
@@ -266,6 +271,60 @@ def test_each_ehrs_token_goes_only_to_its_own_origin_and_image_servers(
     images.load(_study_at("/b/fhir", f"{pacs}/shared"), f"{ehr_b}/b/fhir")
     images.load(_study_at("/a/fhir", f"{pacs}/shared"), f"{ehr_a}/a/fhir")
     assert set(_requests_to(pacs, "/shared")) == {None}
+
+
+def _study_with_media_at(fhir_path: str, url: str) -> dict[str, Any]:
+    """A study with no Endpoint whose DICOM Media attachment points at `url`."""
+    study = {**study_with_endpoint("", []), "contained": [], "endpoint": []}
+    publish(fhir_path, study)
+    media = {
+        "resourceType": "Media",
+        "id": "m1",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "partOf": [{"reference": "ImagingStudy/s1"}],
+        "content": {"contentType": "application/dicom", "url": url},
+    }
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": media}]}
+    Handler.routes[f"{fhir_path}/Media"] = (
+        200,
+        "application/fhir+json",
+        json.dumps(bundle).encode(),
+    )
+    return study
+
+
+def test_on_a_shared_origin_an_ehrs_token_stays_under_its_own_fhir_base_path(
+    origins: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """Two tenants on one origin (host/a/fhir, host/b/fhir): A's studies may not send A's
+    token, or us, to B's paths or to any other path on the host that A did not list."""
+    host = origins[0]
+    images = study_images_for(
+        [
+            _ehr_client(tmp_path, host, "a", image_servers=(f"{host}/pacs-a",)),
+            _ehr_client(tmp_path, host, "b"),
+        ]
+    )
+    refused = "neither on the EHR nor a configured image server"
+    for elsewhere in (f"{host}/b/fhir/wado", f"{host}/a/wado", f"{host}/admin"):
+        with pytest.raises(NotAnalysable, match=refused):
+            images.load(_study_at("/a/fhir", elsewhere), f"{host}/a/fhir")
+        with pytest.raises(NotAnalysable, match=refused):
+            images.load(_study_with_media_at("/a/fhir", f"{elsewhere}/Binary/x"), f"{host}/a/fhir")
+    # refused without a request: only A's FHIR server and token endpoint were asked
+    assert {path.split("?")[0] for _, path, _ in Handler.seen} <= {
+        "/a/fhir/ImagingStudy/s1",
+        "/a/fhir/Media",
+    }
+    # the listed PACS path on the same host is followed, with A's token
+    images.load(_study_at("/a/fhir", f"{host}/pacs-a"), f"{host}/a/fhir")
+    assert set(_requests_to(host, "/pacs-a")) == {"Bearer token-a"}
+    # the viewer, with the user's token for A, likewise stays under A's base path
+    study = _study_at("/a/fhir", f"{host}/b/fhir/wado")
+    with pytest.raises(viewer.ViewerError):
+        viewer.study_png(FhirClient(f"{host}/a/fhir", "user-token"), "user-token", study)
+    assert _requests_to(host, "/b/") == []
 
 
 def test_ehr_client_image_servers_are_read_from_the_registration_file(tmp_path: Path) -> None:
