@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cds_service.config import Settings
 from cds_service.fhir import imaging_study
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir.shapes import as_dict, as_str, dicts
@@ -158,6 +159,16 @@ def render_png(dicom: bytes) -> bytes:
         return png_bytes(decoded.pixels)
     except ImagingError as exc:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
+
+
+def image_servers_for(settings: Settings, fhir_base: str) -> tuple[str, ...]:
+    """The global image servers (CXR_CDS_IMAGE_SERVERS) the viewer may follow for a launch
+    from `fhir_base`: all of them for an EHR that is a CDS client (a trusted issuer's FHIR
+    server), none for one that only launches the app (CXR_CDS_APP_FHIR_SERVERS, e.g. a public
+    launcher anyone can write to, whose Endpoints could otherwise name the internal PACS)."""
+    if any(issuer.allows_fhir_server(fhir_base) for issuer in settings.trusted_issuers):
+        return settings.image_servers
+    return ()
 
 
 def study_png(

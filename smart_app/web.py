@@ -401,9 +401,8 @@ class SmartApp:
 
             def load(fhir: FhirClient, s: Session) -> bytes:
                 study = viewer.read_study(fhir, study_id, s.patient)
-                return viewer.study_png(
-                    fhir, s.access_token, study, image_servers=self.settings.image_servers
-                )
+                servers = viewer.image_servers_for(self.settings, s.iss)
+                return viewer.study_png(fhir, s.access_token, study, image_servers=servers)
 
             png = self.with_fhir(session, load)
             with self._png_lock:
