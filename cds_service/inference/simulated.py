@@ -24,21 +24,25 @@ _SCENARIOS: tuple[str, ...] = (
 )
 
 
+def _canned_report(key: bytes) -> str:
+    """The same key (Study UID or pixels) always gets the same SIMULATED text."""
+    digest = hashlib.sha256(key).digest()
+    return f"{_BANNER}\n\n{_SCENARIOS[digest[0] % len(_SCENARIOS)]}"
+
+
 class SimulatedBackend:
     """Deterministic made-up results; the report text and model id carry SIMULATED."""
 
     model = SIMULATED_MODEL
 
     def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult:
-        digest = hashlib.sha256(study_uid.encode()).digest()
-        text = _SCENARIOS[digest[0] % len(_SCENARIOS)]
-        findings = findings_from_report(text)
+        text = _canned_report(study_uid.encode())
         return AnalysisResult(
             study_uid=study_uid,
             model=self.model,
             status="completed",
-            report_text=f"{_BANNER}\n\n{text}",
-            findings=findings,
+            report_text=text,
+            findings=findings_from_report(text),
             study_started=study.get("started"),
             analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -55,9 +59,7 @@ class SimulatedReportWriter:
 
     def write_detailed_reports(self, requests: Sequence[ReportRequest]) -> list[WrittenReport]:
         """Canned texts are always whole: never truncated."""
-        reports = []
-        for request in requests:
-            digest = hashlib.sha256(request.image.tobytes()).digest()
-            text = f"{_BANNER}\n\n{_SCENARIOS[digest[0] % len(_SCENARIOS)]}"
-            reports.append(WrittenReport(text, truncated=False))
-        return reports
+        return [
+            WrittenReport(_canned_report(request.image.tobytes()), truncated=False)
+            for request in requests
+        ]

@@ -57,6 +57,13 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
+def seeded_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """The random generator for seeded sampling; None when greedy or unseeded."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
 def pick_tokens(
     logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -83,9 +90,7 @@ def generate_tokens(
 ) -> list[list[int]]:
     """New token ids per row, stopped at (and without) `</s>`; `ignore_eos` forces the length."""
     sampling = sampling or Sampling()
-    generator = None
-    if not sampling.greedy and sampling.seed is not None:
-        generator = torch.Generator(device=embeds.device).manual_seed(sampling.seed)
+    generator = seeded_generator(sampling, embeds.device)
     lm = model.language
     batch = embeds.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

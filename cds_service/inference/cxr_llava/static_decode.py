@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from cds_service.inference.cxr_llava.generate import Sampling, cut_at_eos, pick_tokens
+from cds_service.inference.cxr_llava.generate import (
+    Sampling,
+    cut_at_eos,
+    pick_tokens,
+    seeded_generator,
+)
 from cds_service.inference.cxr_llava.model import CACHE_KWARG, CxrLlava
 
 log = logging.getLogger(__name__)
@@ -133,9 +138,7 @@ class StaticDecoder:
     ) -> list[list[int]]:
         """Same contract as generate.generate_tokens (left-padded embeds and 2D mask)."""
         sampling = sampling or Sampling()
-        generator = None
-        if not sampling.greedy and sampling.seed is not None:
-            generator = torch.Generator(device=embeds.device).manual_seed(sampling.seed)
+        generator = seeded_generator(sampling, embeds.device)
         rows, prompt = mask.shape
         batch = bucket(rows)
         length = -(-(prompt + max_new_tokens) // LENGTH_STEP) * LENGTH_STEP
