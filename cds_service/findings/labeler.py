@@ -1,7 +1,7 @@
 """Rule-based CheXpert-style labeler: report text -> a label and its evidence per observation."""
 
 # How it works: a report is split into sentences (sentences.py); in each, mention patterns
-# (lexicon.py) find the observations, and negation and uncertainty cues reach the nearest
+# (mentions.py, cues.py) find the observations, and negation and uncertainty cues reach the nearest
 # mention on their side plus the mentions coordinated with it ("no A, B or C"), never across
 # a clause terminator ("but", ";", "there is" ...). Sentence labels are then aggregated the
 # CheXpert way: positive > uncertain > negative.
@@ -32,13 +32,12 @@ import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
-from cds_service.findings.lexicon import (
+from cds_service.findings.cues import (
     CLAUSE_FINAL_FOLLOWERS,
     CONJUNCTIONS,
     DETERMINERS,
     GAP_BLOCKERS,
     HEDGED_VERBS,
-    MENTION_RULES,
     NEGATION_CONTINUATION,
     NEGATION_CUES,
     PSEUDO_CUES,
@@ -48,9 +47,9 @@ from cds_service.findings.lexicon import (
     UNCERTAINTY_CUES,
     CueRule,
     Direction,
-    MentionRule,
-    TriggerIndex,
 )
+from cds_service.findings.matching import TriggerIndex
+from cds_service.findings.mentions import MENTION_RULES, MentionRule
 from cds_service.findings.observations import Label, Observation
 from cds_service.findings.sentences import SKIPPED_SECTIONS, Sentence, split_sentences
 
