@@ -56,7 +56,8 @@ PSEUDO_CUES = patterns(
         "resol|clear",
         r"\b(?:nearly|almost|largely|partially|partly|incompletely|mostly|near[- ]completely"
         r"|not\s+completely|not\s+fully|incomplete|partial|near[- ]complete|nearly\s+complete"
-        r"|near[- ]total|slight|some|gradual|continued|ongoing)\s+(?:resolution|resolved"
+        r"|near[- ]total|slight|some|gradual|continued|ongoing)"
+        r"\s+(?:(?:completely|entirely|totally|fully)\s+)?(?:resolution|resolved"
         r"|resolving|clearing|cleared)\b",
     ),
     ("only", r"\bnot\s+only\b"),
@@ -76,6 +77,8 @@ PSEUDO_CUES = patterns(
 
 _HEDGE_WORDS = (
     r"\b(?:may|might|could|possible|possibly|probable|probably|likely|presumed|presumably"
+    # "apparent" hedges a finding, except as the "no apparent X" of a negation
+    r"|(?<!not )(?<!no )(?<!without )apparent|apparently"
     r"|presumptive|questionable|suspected|suspect|equivocal|indeterminate|borderline"
     r"|uncertain|perhaps|potential|potentially|conceivably)\b"
 )
@@ -96,7 +99,7 @@ UNCERTAINTY_CUES: tuple[CueRule, ...] = (
                 r"|\brule\s+out\b|\bto\s+exclude\b",
             ),
             (
-                "may|might|could|possib|probab|likely|presum|question|suspect|equivocal"
+                "may|might|could|possib|probab|likely|presum|apparent|question|suspect|equivocal"
                 "|indetermin|borderline|uncertain|perhaps|potential|conceiv",
                 _HEDGE_WORDS,
             ),
@@ -313,6 +316,29 @@ GAP_BLOCKERS = frozenset({
     "there", "represents", "represent", "reflects", "reflect", "measuring", "measures",
     "terminates", "terminating", "projects", "projecting", "overlies", "overlying", "extends",
     "extending", "courses", "coursing", "consistent", "compatible",
+})
+# fmt: on
+# Participles that may stand before the noun a negation governs, as adjectives: "no
+# visualized pneumothorax", "no identified effusion". After the mention they are verbs, and a
+# verb there is not in a forward gap at all.
+# fmt: off
+ATTRIBUTIVE_PARTICIPLES = frozenset({
+    "seen", "noted", "identified", "present", "demonstrated", "shown", "visualized", "evident",
+    "observed",
+})
+# fmt: on
+# What a negation may reach across a comma through: only the modifiers of one noun phrase
+# ("no acute, displaced rib fracture"), never a noun of its own ("no acute process, small
+# effusion"). Besides these words, adverbs (-ly) and participles (-ed) count as modifiers.
+# fmt: off
+PHRASE_MODIFIERS = frozenset({
+    "a", "an", "any", "the", "acute", "new", "large", "small", "sizable", "sizeable", "big",
+    "significant", "definite", "focal", "discrete", "gross", "frank", "overt", "obvious",
+    "visible", "demonstrable", "appreciable", "evident", "apparent", "convincing", "clear",
+    "left", "right", "bilateral", "unilateral", "apical", "basilar", "pleural", "lobar",
+    "segmental", "rib", "other", "residual", "recurrent", "additional", "further", "acute-",
+    "radiographic", "moderate", "massive", "free", "layering", "evidence", "of",
+    "signs", "sign", "seen", "present",
 })
 # fmt: on
 # Verbs an uncertainty cue reaches through: "may represent", "could be", "likely reflects".

@@ -33,6 +33,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 from cds_service.findings.cues import (
+    ATTRIBUTIVE_PARTICIPLES,
     CLAUSE_FINAL_FOLLOWERS,
     CONJUNCTIONS,
     DETERMINERS,
@@ -40,6 +41,7 @@ from cds_service.findings.cues import (
     HEDGED_VERBS,
     NEGATION_CONTINUATION,
     NEGATION_CUES,
+    PHRASE_MODIFIERS,
     PSEUDO_CUES,
     TERMINATORS,
     TRAILING_ASIDE_OPENERS,
@@ -60,7 +62,7 @@ __all__ = ["ObservationLabel", "label_report", "labels_as_json"]
 _RANK = {Label.NOT_MENTIONED: 0, Label.NEGATIVE: 1, Label.UNCERTAIN: 2, Label.POSITIVE: 3}
 _LINK_FILLER_MAX = 4  # words besides connectors allowed between two coordinated mentions
 # Words that stop a cue before it reaches the first mention after it.
-_NEGATION_BLOCKERS = GAP_BLOCKERS | {"and", "with"}
+_NEGATION_BLOCKERS = (GAP_BLOCKERS - ATTRIBUTIVE_PARTICIPLES) | {"and", "with"}
 _HEDGE_BLOCKERS = (GAP_BLOCKERS - HEDGED_VERBS) | {"and", "with"}
 # Every mention regex with its triggers, flattened once: the hot loop of the labeler.
 _MENTION_TABLE = tuple(
@@ -90,6 +92,11 @@ _NET_GATES = {
     )
     for obs in Observation
 }
+# Alternatives right beside a mention ("scarring/atelectasis", "atelectasis or scarring"),
+# and an "or" joining two mentions of a list.
+_ALTERNATIVE_BEFORE = re.compile(r"(?:\bor\s+|\w/)$")
+_ALTERNATIVE_AFTER = re.compile(r"(?:/\w|\s+or\s+\w|\s+and/or\b)")
+_ALTERNATIVE_WORD = re.compile(r"(?<!\w)(?:or|and/or|/)(?!\w)|\w/\w")
 _TRIGGER_SPAN = max(len(t) for gate, _, _ in _MENTION_TABLE for t in gate.triggers)
 
 
@@ -108,12 +115,14 @@ class _Slot:
 
     start: int
     end: int
-    mentions: list[tuple[Observation, MentionRule]]
+    mentions: list[tuple[Observation | None, MentionRule]]  # None: a normal statement
     negated: bool = False
     uncertain: bool = False
 
 
-_Match = tuple[int, int, int, int, Observation, MentionRule]  # span, anchor, observation, rule
+_Match = tuple[
+    int, int, int, int, Observation | None, MentionRule
+]  # span, anchor, observation, rule
 _Cue = tuple[CueRule, int, int]
 
 
@@ -153,7 +162,9 @@ def _raw_mentions(low: str, active: frozenset[int], gated: bool) -> list[_Match]
         gate, anchored, rule = _MENTION_TABLE[index]
         for match in gate.scan(low, gated):
             a_start, a_end = match.span("a") if anchored else match.span()
-            for obs in rule.observations:
+            # A normal statement names no observation: it still takes its place in the
+            # sentence (so its "no" is spent on it), under the observation None.
+            for obs in rule.observations or (None,):
                 found.append((match.start(), match.end(), a_start, a_end, obs, rule))
     found.sort(key=lambda m: m[0])
     return found
@@ -161,10 +172,10 @@ def _raw_mentions(low: str, active: frozenset[int], gated: bool) -> list[_Match]
 
 def _slots(matches: list[_Match]) -> list[_Slot]:
     """Mentions with overlaps within an observation resolved, grouped into slots."""
-    by_obs: dict[Observation, list[_Match]] = {}
+    by_obs: dict[Observation | None, list[_Match]] = {}
     for match in matches:
         by_obs.setdefault(match[4], []).append(match)
-    chosen: list[tuple[int, int, Observation, MentionRule]] = []
+    chosen: list[tuple[int, int, Observation | None, MentionRule]] = []
     for obs, candidates in by_obs.items():
         if len(candidates) > 1:
             # The more specific rule wins an overlap, then the longer match.
@@ -228,7 +239,11 @@ def _link(gap: str) -> str | None:
     fillers = 0
     for index, word in enumerate(words):
         word = word.strip(".:")
-        if word in GAP_BLOCKERS:
+        # A participle right before the next mention modifies it ("no effusion or visualized
+        # pneumothorax"); anywhere else a verb starts a new statement.
+        if word in GAP_BLOCKERS and not (
+            index == len(words) - 1 and word in ATTRIBUTIVE_PARTICIPLES
+        ):
             return None
         if word in CONJUNCTIONS or word in ("as", "well"):  # "as well as" joins too
             has_conj = True
@@ -275,16 +290,30 @@ def _chain(slots: list[_Slot], links: list[str | None], first: int, forward: boo
 
 
 def _gap_ok(gap: str, reach: int, forward: bool, negation: bool) -> bool:
-    """Whether a cue reaches across ``gap`` to the nearest mention (no comma, few words)."""
+    """Whether a cue reaches across ``gap`` to the nearest mention (few words, one clause).
+
+    Going forward, a negation reaches through the modifiers of the noun phrase it opens,
+    commas between them included ("no acute, displaced rib fracture", "no visualized
+    pneumothorax"), and stops at a verb ("no effusion is seen and the heart is enlarged").
+    """
     words = _words(gap)
-    if "," in words or len(words) > reach:
+    has_comma = "," in words
+    words = [w for w in words if w != ","]
+    if len(words) > reach:
         return False
     if not forward:
-        return True
+        return not has_comma
+    if has_comma and not (negation and all(_is_modifier(w) for w in words)):
+        return False
     # "may represent atelectasis": a hedge reaches through the verb it hedges; a negation
-    # does not ("no effusion is seen and the heart is enlarged").
+    # does not.
     blockers = _NEGATION_BLOCKERS if negation else _HEDGE_BLOCKERS
     return not any(w in blockers for w in words)
+
+
+def _is_modifier(word: str) -> bool:
+    """Whether a word can only modify the noun after it (an adjective, adverb or participle)."""
+    return word in PHRASE_MODIFIERS or word.endswith(("ly", "ed"))
 
 
 def _clause_final(low: str, c_end: int, slots: list[_Slot], clauses: _Clauses) -> bool:
@@ -400,6 +429,37 @@ def _apply_cues(
                 slots[i].uncertain = True
 
 
+def _mark_alternatives(low: str, slots: list[_Slot], links: list[str | None]) -> None:
+    """Mentions offered as alternatives are uncertain: "atelectasis or pneumonia",
+    "scarring/atelectasis", "infiltrate and/or atelectasis". A negated list ("no effusion or
+    pneumothorax") offers no alternatives, so negated mentions are left alone."""
+    for index, slot in enumerate(slots):
+        if slot.negated or slot.uncertain:
+            continue
+        before = low[max(0, slot.start - 8) : slot.start]
+        after = low[slot.end : slot.end + 8]
+        joined = (
+            _ALTERNATIVE_BEFORE.search(before) is not None
+            or _ALTERNATIVE_AFTER.match(after) is not None
+            or (
+                index > 0 and links[index - 1] == "conj" and _offers_or(low, slots[index - 1], slot)
+            )
+            or (
+                index + 1 < len(slots)
+                and links[index] == "conj"
+                and _offers_or(low, slot, slots[index + 1])
+            )
+        )
+        if joined:
+            slot.uncertain = True
+
+
+def _offers_or(low: str, left: _Slot, right: _Slot) -> bool:
+    if left.negated or right.negated:
+        return False
+    return _ALTERNATIVE_WORD.search(low, left.end, right.start) is not None
+
+
 def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceResult | None:
     """Labels from one lower-cased sentence (``active``: the gates its triggers allow)."""
     matches = _raw_mentions(low, active, gated)
@@ -432,10 +492,14 @@ def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceR
         if link == "cont" and slots[i].negated
     ]
     _apply_cues(low, unc_cues, slots, links, clauses, False, carried)
+    _mark_alternatives(low, slots, links)
     labels: dict[Observation, Label] = {}
     normal = False
     for slot in slots:
         for obs, rule in slot.mentions:
+            normal = normal or rule.normal
+            if obs is None:
+                continue
             if rule.fixed:
                 label = rule.base
             elif slot.uncertain:
@@ -444,7 +508,6 @@ def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceR
                 label = Label.NEGATIVE
             else:
                 label = rule.base
-            normal = normal or rule.normal
             if _RANK[label] > _RANK[labels.get(obs, Label.NOT_MENTIONED)]:
                 labels[obs] = label
     return _SentenceResult(labels, normal)
@@ -476,7 +539,12 @@ def label_report(text: str, *, gated: bool = True) -> dict[Observation, Observat
         if result.normal and normal_sentence is None:
             normal_sentence = sentence.text
         for obs, label in result.labels.items():
-            if label is Label.NEGATIVE and first_negative is None:
+            # A removed device is not a normal statement (the No Finding rule).
+            if (
+                label is Label.NEGATIVE
+                and first_negative is None
+                and obs is not Observation.SUPPORT_DEVICES
+            ):
                 first_negative = sentence.text
             current = best.get(obs)
             if current is None or _RANK[label] > _RANK[current[0]]:

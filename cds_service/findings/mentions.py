@@ -21,7 +21,7 @@ class MentionRule:
     base: Label = Label.POSITIVE
     fixed: bool = False  # the base label holds whatever cues surround the mention
     priority: int = 0  # wins overlaps with other rules for the same observation
-    normal: bool = False  # a whole-study "normal" phrase, evidence for No Finding
+    normal: bool = False  # a whole-study normal statement, evidence for No Finding
 
 
 _COP = r"(?:is|are|was|were|appears?|remains?|seems?|looks?)"
@@ -48,17 +48,10 @@ _NO_MODIFIERS = (
 )
 _ENLARGED = r"(?P<a>enlarged|enlarging|increased|large|widened|wide|widening)\b"
 
-# Whole-study normal phrases. The issue asks for these to count as negative for the six
-# acute observations below; Cardiomegaly, Lesion, Pleural Other, Fracture and devices are
-# left alone because "no acute process" says nothing about a stable enlarged heart or a port.
-NORMAL_STUDY_NEGATES = (
-    Observation.CONSOLIDATION,
-    Observation.EDEMA,
-    Observation.PNEUMONIA,
-    Observation.PNEUMOTHORAX,
-    Observation.PLEURAL_EFFUSION,
-    Observation.LUNG_OPACITY,
-)
+# Whole-study normal statements ("no acute cardiopulmonary process", "normal chest
+# radiograph") name no single observation: by the labelling rules they label none, and are
+# only the normal statement the No Finding rule asks for. Their rule has no observations.
+NORMAL_STATEMENT: tuple[Observation, ...] = ()
 
 MENTION_RULES: tuple[MentionRule, ...] = (
     # --- Cardiomegaly -----------------------------------------------------------------------
@@ -144,6 +137,13 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 "normal",
                 r"\bnormal\s+(?:heart|cardiac)\s+(?:size\s+)?and\s+mediastin(?:um|al\s+\w+)\b",
             ),
+            # "not enlarged" says normal as plainly as "normal" does.
+            (
+                "not",
+                rf"\b(?:{_CMS}|(?:heart|cardiac)\s+(?:size\s+)?and\s+mediastin(?:um|al)"
+                rf"(?:\s+(?:contours?|silhouettes?|shadow))?)\s+(?:{_COP}\s+)?"
+                r"not\s+(?:\w+ly\s+)?(?P<a>enlarged|widened|increased)\b",
+            ),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -188,7 +188,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         fixed=True,
         priority=2,
     ),
-    # --- Lung Lesion (a calcified granuloma is a healed nodule: decision, positive) ---------
+    # --- Lung Lesion (a granuloma is not a lesion mention: the labelling rules) ------------
     MentionRule(
         (Observation.LUNG_LESION,),
         patterns(
@@ -199,12 +199,16 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\blesion(?<!osseous lesion)(?<!lytic lesion)(?<!bony lesion)(?<!bone lesion)"
                 r"(?<!skin lesion)(?<!sclerotic lesion)(?<!blastic lesion)s?\b",
             ),
-            ("granulom", r"\bgranuloma(?:s|ta|tous)?\b"),
             (
                 "tumo|neoplas|malignan|carcinoma|metasta|cancer",
                 r"\b(?:tumou?rs?|neoplasms?|neoplastic|malignan\w+|carcinoma|metasta\w+|cancer)\b",
             ),
-            ("cavit", r"\bcavit(?:y|ies|ary|ation)\b"),
+            # A cavity in the lung, not the thoracic or pleural cavity.
+            (
+                "cavit",
+                r"\b(?<!thoracic )(?<!pleural )(?<!chest )(?<!abdominal )(?<!peritoneal )"
+                r"(?<!pericardial )(?<!oral )(?<!nasal )(?<!body )cavit(?:y|ies|ary|ation)\b",
+            ),
         ),
     ),
     # --- Lung Opacity -----------------------------------------------------------------------
@@ -216,11 +220,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ("haz", r"\bhaz(?:y|iness)\b"),
             ("space", r"\bair[- ]?space\s+(?:disease|process|filling)\b"),
             ("glass", r"\bground[- ]glass\b"),
-            (
-                "densit",
-                r"\b(?:patchy|focal|parenchymal|airspace|increased|hazy|streaky|reticular|nodular"
-                r"|retrocardiac|basilar|bibasilar|perihilar|ill[- ]defined)\s+densit(?:y|ies)\b",
-            ),
         ),
     ),
     # "Lungs are clear": the issue maps it to negative Lung Opacity and Consolidation
@@ -326,8 +325,12 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         patterns(
             ("mon", r"\b(?:broncho)?pn?[eu]{1,3}mon(?:ia|ai|a)s?\b|\bpneumoni(?:c|tis)\b"),
             ("pna", r"\bpna\b"),
-            ("infect", r"\binfect(?:ions?|ious)\b"),
-            ("aspiration", r"\baspiration\b"),
+            # "Previous granulomatous infection" is history, not a current pneumonia.
+            (
+                "infect",
+                r"\b(?<!granulomatous )(?<!previous )(?<!prior )(?<!old )(?<!remote )"
+                r"(?<!healed )(?<!past )infect(?:ions?|ious)\b",
+            ),
         ),
     ),
     # --- Atelectasis ------------------------------------------------------------------------
@@ -340,7 +343,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\bcollaps(?<!vertebral collaps)(?<!body collaps)(?<!height collaps)"
                 r"(?<!compression collaps)(?:e|ed|es|ing)\b",
             ),
-            ("loss", r"\bvolume\s+loss\b"),
             ("segmental", r"\bsub-?segmental\b"),
             ("plate", r"\bplate[- ]?like\b"),
             ("discoid", r"\bdiscoid\b"),
@@ -352,7 +354,11 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         patterns(
             ("thor|thro|tor|tro", r"\b(?:hydro)?pn?[eu]{0,3}m[aeo]?th?(?:or|ro)[aeo]?(?:x|c\w*)\b"),
             ("ptx", r"\bptx\b"),
-            ("air", r"\bpleural\s+air\b|\bair\s+in\s+the\s+pleural\s+space\b"),
+            (
+                "air",
+                r"\bpleural\s+air(?:\s+collections?)?\b|\bair(?:\s+collections?)?\s+(?:in|within)"
+                r"\s+the\s+(?:[a-z]+\s+){0,2}?pleural\s+(?:space|cavity)\b",
+            ),
             ("sulcus", r"\bdeep\s+sulcus\s+sign\b"),
         ),
     ),
@@ -423,18 +429,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ),
         ),
     ),
-    MentionRule(
-        (Observation.FRACTURE,),
-        patterns(
-            (
-                "osseous|bony|skeletal",
-                rf"\b(?:no|without)\s+{_NO_MODIFIERS}(?:(?:acute|displaced)\s+)*"
-                r"(?:osseous|bony|skeletal)\s+(?P<a>abnormalit(?:y|ies)|injury|injuries)\b",
-            ),
-        ),
-        base=Label.NEGATIVE,
-        fixed=True,
-    ),
     # --- Support Devices --------------------------------------------------------------------
     MentionRule(
         (Observation.SUPPORT_DEVICES,),
@@ -465,11 +459,11 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ("lead", r"\bleads?\s+(?:terminat\w+|project\w*|tips?|in\s+the)\b"),
             (
                 "stern|wire",
-                r"\bsternotomy\b|\bsternal\s+(?:wires?|sutures?|cerclage)\b|\b(?:guide)?wires?\b",
+                r"\bsternal\s+(?:wires?|sutures?|cerclage)\b|\b(?:guide)?wires?\b",
             ),
             (
-                "clip|stent|coil|staple|hardware|drain",
-                r"\bclips?\b|\bstents?\b|\bcoils?\b|\bstaples\b|\bhardware\b|\bdrains?\b",
+                "stent|coil|hardware|drain",
+                r"\bstents?\b|\bcoils?\b|\bhardware\b|\bdrains?\b",
             ),
             ("cannula|shunt", r"\bcannula\w*|\bshunt\b"),
             (
@@ -486,7 +480,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     ),
     # --- Whole-study normal phrases ---------------------------------------------------------
     MentionRule(
-        NORMAL_STUDY_NEGATES,
+        NORMAL_STATEMENT,
         patterns(
             (
                 "acute|active",
