@@ -1,20 +1,24 @@
-"""Report labeler benchmark: accuracy on the team's evaluation set, and reports per second.
+"""Report labeler benchmark: accuracy on both evaluation sets side by side, and reports/s.
 
-Reads tests/data/labeler/eval.jsonl (one JSON object a line: "id", "text", "labels" mapping
-each observation name to positive / negative / uncertain / not_mentioned, "patterns"), labels
-every text with cds_service.findings.labeler and prints, as Markdown:
-  - per observation, precision / recall / F1 for positive, negative and uncertain (each label
-    value a class of its own; not_mentioned is the "other" class, never scored);
+Reads the team's set (tests/data/labeler/eval.jsonl) and the real-text set
+(tests/data/labeler/real/*.jsonl), one JSON object a line ("id", "text", "labels" mapping
+each observation name to positive / negative / uncertain / not_mentioned, "patterns"),
+labels every text with cds_service.findings.labeler and prints, as Markdown, per set:
+  - per observation, F1 (and support) for positive, negative and uncertain (each label value
+    a class of its own; not_mentioned is the "other" class, never scored);
   - macro F1 over those three classes for the 8 major findings and for all 14 observations;
-  - how many reports with a negative pneumothorax were labelled positive;
-  - accuracy per pattern tag;
-  - reports/s on one core: every report labelled --repeat times, timed with
-    time.perf_counter, beside a baseline (str.lower() + re.split into sentences) timed in the
-    same run over the same texts.
+  - the pneumothorax safety counts: negated or absent pneumothorax labelled positive;
+  - reports with every label right, per pattern tag;
+  - with --errors N, up to N wrong labels per set;
+and the speed on one core: every report of both sets labelled --repeat times, beside a
+baseline (str.lower() + re.split into sentences) timed in the same run; with
+--reference REV, also the labeler as it was at git revision REV, timed in a subprocess in
+the same run, alternating with the candidate, median of --rounds rounds.
 
-    .venv/bin/python bench/labeler.py [--data PATH] [--repeat 20] [--errors 0]
+    .venv/bin/python bench/labeler.py [--data PATH ...] [--repeat 20] [--errors 0]
+        [--reference REV] [--rounds 5]
 
-Exit status 0; 2 when the data file is missing or unreadable.
+Exit status 0; 2 when a data file is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import json
 import os
 import platform
 import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,10 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cds_service.findings.labeler import label_report  # noqa: E402
+from cds_service.findings.labeler import ObservationLabel, label_report  # noqa: E402
 from cds_service.findings.observations import MAJOR_FINDINGS, Label, Observation  # noqa: E402
 
-DEFAULT_DATA = ROOT / "tests" / "data" / "labeler" / "eval.jsonl"
+LABELER_DATA = ROOT / "tests" / "data" / "labeler"
+DEFAULT_SETS = {
+    "team": [LABELER_DATA / "eval.jsonl"],
+    "real": sorted((LABELER_DATA / "real").glob("*.jsonl")),
+}
 CLASSES = (Label.POSITIVE, Label.NEGATIVE, Label.UNCERTAIN)
 BASELINE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
@@ -151,159 +162,261 @@ def pin_to_one_core() -> str:
     return "not pinned (no sched_setaffinity here)"
 
 
-def time_runs(texts: list[str], repeat: int) -> tuple[float, float]:
-    """Seconds for the labeler and for the baseline, each over every text ``repeat`` times."""
+# Run in a subprocess on an exported old tree: labels every text of a JSON list read from
+# stdin ``repeat`` times after one warm-up pass and prints the seconds.
+_REFERENCE_TIMER = """
+import json, os, sys, time
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+from cds_service.findings.labeler import label_report
+texts = json.load(sys.stdin)
+for t in texts:
+    label_report(t)
+start = time.perf_counter()
+for _ in range(int(sys.argv[1])):
+    for t in texts:
+        label_report(t)
+print(time.perf_counter() - start)
+"""
+
+
+def export_reference(rev: str, into: Path) -> None:
+    """The package as it was at git revision ``rev``, written under ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "cds_service"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def time_reference(tree: Path, texts: list[str], repeat: int) -> float:
+    core = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    done = subprocess.run(
+        [sys.executable, "-c", _REFERENCE_TIMER, str(repeat), str(core)],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+    )
+    return float(done.stdout.strip())
+
+
+def time_candidate(texts: list[str], repeat: int) -> float:
     start = time.perf_counter()
     for _ in range(repeat):
         for text in texts:
             label_report(text)
-    labeler = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def time_baseline(texts: list[str], repeat: int) -> float:
     start = time.perf_counter()
     for _ in range(repeat):
         for text in texts:
             BASELINE_SPLIT.split(text.lower())
-    baseline = time.perf_counter() - start
-    return labeler, baseline
+    return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--repeat", type=int, default=20, help="timing passes over every report")
-    parser.add_argument("--errors", type=int, default=0, help="list up to N wrong labels")
-    args = parser.parse_args(argv)
+@dataclass
+class SetResult:
+    name: str
+    items: list[Item]
+    results: list[dict[Observation, ObservationLabel]]
+    predictions: list[dict[Observation, Label]]
+    counts: dict[tuple[Observation, Label], Counts]
 
-    if not args.data.is_file():
-        print(f"No evaluation set at {args.data}: write it first (see tests/data/README.md).")
-        return 2
-    try:
-        items = load(args.data)
-    except (OSError, ValueError) as exc:
-        print(f"Cannot read the evaluation set: {exc}")
-        return 2
-    if not items:
-        print(f"The evaluation set {args.data} has no reports.")
-        return 2
 
+def evaluate(name: str, items: list[Item]) -> SetResult:
     results = [label_report(item.text) for item in items]
     predictions = [{obs: r[obs].label for obs in Observation} for r in results]
-    counts = score(items, predictions)
-    major = list(MAJOR_FINDINGS)
+    return SetResult(name, items, results, predictions, score(items, predictions))
 
-    shown_path = args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data
-    print(f"# Report labeler on {shown_path}")
-    print()
-    sentences = sum(len(BASELINE_SPLIT.split(item.text)) for item in items)
-    print(f"{len(items)} reports, {sentences} sentences (baseline split).")
-    print()
-    print("## Per observation (P / R / F1; support = gold count)")
+
+def print_accuracy(sets: list[SetResult], errors: int) -> None:
+    major = list(MAJOR_FINDINGS)
+    print("## F1 per observation and class (support = gold count)")
     print()
     header = "| Observation | major |"
     rule = "|---|---|"
-    for cls in CLASSES:
-        header += f" {cls.value} P | R | F1 | n |"
-        rule += "---|---|---|---|"
+    for result in sets:
+        for cls in CLASSES:
+            header += f" {result.name} {cls.value} F1 (n) |"
+            rule += "---|"
     print(header)
     print(rule)
     for obs in Observation:
         row = f"| {obs.value} | {'yes' if obs in MAJOR_FINDINGS else ''} |"
-        for cls in CLASSES:
-            cell = counts[(obs, cls)]
-            scores = (fmt(cell.precision()), fmt(cell.recall()), fmt(cell.f1()), cell.support)
-            row += " {} | {} | {} | {} |".format(*scores)
+        for result in sets:
+            for cls in CLASSES:
+                cell = result.counts[(obs, cls)]
+                row += f" {fmt(cell.f1())} ({cell.support}) |"
         print(row)
     print()
     print("## Macro F1 over positive / negative / uncertain")
     print()
-    print("| Observations | class macro F1 (pooled per class) | mean of per-observation F1 |")
-    print("|---|---|---|")
-    for name, group in (("8 major findings", major), ("all 14", list(Observation))):
-        by_class, by_cell = macro_f1(counts, group)
-        print(f"| {name} | {fmt(by_class)} | {fmt(by_cell)} |")
-    print()
-    print("Class macro F1: F1 of each class on counts summed over the observations, averaged")
-    print("over the three classes. Mean of per-observation F1: the average over the")
-    print("(observation, class) cells that have a gold or predicted label (— cells are left out).")
-    print()
-
-    negated_ptx = [
-        item.id
-        for item, pred in zip(items, predictions, strict=True)
-        if item.gold[Observation.PNEUMOTHORAX] is Label.NEGATIVE
-        and pred[Observation.PNEUMOTHORAX] is Label.POSITIVE
-    ]
-    print("## Safety")
-    print()
-    print("| Check | count |")
-    print("|---|---|")
-    print(f"| negative pneumothorax labelled positive | {len(negated_ptx)} |")
-    other_ptx = sum(
-        1
-        for item, pred in zip(items, predictions, strict=True)
-        if item.gold[Observation.PNEUMOTHORAX] is not Label.POSITIVE
-        and pred[Observation.PNEUMOTHORAX] is Label.POSITIVE
+    print(
+        "| Observations | "
+        + " | ".join(f"{r.name}: class macro | {r.name}: cell mean" for r in sets)
+        + " |"
     )
-    print(f"| any non-positive pneumothorax labelled positive | {other_ptx} |")
-    if negated_ptx:
-        print()
-        print("Reports: " + ", ".join(negated_ptx))
+    print("|---|" + "---|---|" * len(sets))
+    for name, group in (("8 major findings", major), ("all 14", list(Observation))):
+        row = f"| {name} |"
+        for result in sets:
+            by_class, by_cell = macro_f1(result.counts, group)
+            row += f" {fmt(by_class)} | {fmt(by_cell)} |"
+        print(row)
     print()
-
-    per_pattern: dict[str, Counter[str]] = {}
-    for item, pred in zip(items, predictions, strict=True):
-        for pattern in item.patterns or ("(none)",):
-            tally = per_pattern.setdefault(pattern, Counter())
-            tally["reports"] += 1
-            tally["all 14 right"] += all(item.gold[o] is pred[o] for o in Observation)
-            tally["major right"] += all(item.gold[o] is pred[o] for o in major)
-    print("## Per pattern tag")
+    print("Class macro: F1 of each class on counts summed over the observations, averaged over")
+    print("the three classes. Cell mean: the average F1 over the (observation, class) cells that")
+    print("have a gold or predicted label (the issue's measure: cells with support).")
     print()
-    print("| Pattern | reports | all 14 labels right | all 8 major right |")
-    print("|---|---|---|---|")
-    for pattern in sorted(per_pattern):
-        tally = per_pattern[pattern]
-        print(
-            f"| {pattern} | {tally['reports']} | {tally['all 14 right']} | {tally['major right']} |"
-        )
+    print("## Pneumothorax safety")
     print()
-
-    if args.errors:
-        print("## Wrong labels")
+    print("| Check | " + " | ".join(r.name for r in sets) + " |")
+    print("|---|" + "---|" * len(sets))
+    checks = (
+        ("gold negative, labelled positive", lambda g: g is Label.NEGATIVE),
+        ("gold not mentioned, labelled positive", lambda g: g is Label.NOT_MENTIONED),
+        ("gold uncertain, labelled positive", lambda g: g is Label.UNCERTAIN),
+    )
+    flagged: dict[str, list[str]] = {}
+    for title, wanted in checks:
+        row = f"| {title} |"
+        for result in sets:
+            ids = [
+                item.id
+                for item, pred in zip(result.items, result.predictions, strict=True)
+                if wanted(item.gold[Observation.PNEUMOTHORAX])
+                and pred[Observation.PNEUMOTHORAX] is Label.POSITIVE
+            ]
+            flagged.setdefault(result.name, []).extend(ids)
+            row += f" {len(ids)} |"
+        print(row)
+    row = "| gold positive (support) |"
+    for result in sets:
+        row += f" {sum(i.gold[Observation.PNEUMOTHORAX] is Label.POSITIVE for i in result.items)} |"
+    print(row)
+    for name, ids in flagged.items():
+        if ids:
+            print()
+            print(f"{name}: " + ", ".join(ids))
+    print()
+    for result in sets:
+        per_pattern: dict[str, Counter[str]] = {}
+        for item, pred in zip(result.items, result.predictions, strict=True):
+            for pattern in item.patterns or ("(none)",):
+                tally = per_pattern.setdefault(pattern, Counter())
+                tally["reports"] += 1
+                tally["all 14 right"] += all(item.gold[o] is pred[o] for o in Observation)
+                tally["major right"] += all(item.gold[o] is pred[o] for o in major)
+        print(f"## Reports with every label right, per pattern tag: {result.name}")
         print()
-        print("| id | observation | gold | predicted | deciding sentence |")
-        print("|---|---|---|---|---|")
-        shown = 0
-        for item, result in zip(items, results, strict=True):
-            for obs in Observation:
-                if item.gold[obs] is not result[obs].label and shown < args.errors:
-                    sentence = (result[obs].sentence or "").replace("|", "\\|").replace("\n", " ")
-                    cells = (item.id, obs.value, item.gold[obs].value, result[obs].label.value)
-                    print("| {} | {} | {} | {} |".format(*cells), sentence, "|")
-                    shown += 1
+        print("| Pattern | reports | all 14 labels right | all 8 major right |")
+        print("|---|---|---|---|")
+        for pattern in sorted(per_pattern):
+            tally = per_pattern[pattern]
+            print(
+                f"| {pattern} | {tally['reports']} | {tally['all 14 right']}"
+                f" | {tally['major right']} |"
+            )
         print()
+    if errors:
+        for result in sets:
+            print(f"## Wrong labels: {result.name} (up to {errors})")
+            print()
+            print("| id | observation | gold | predicted | deciding sentence |")
+            print("|---|---|---|---|---|")
+            shown = 0
+            for item, labels in zip(result.items, result.results, strict=True):
+                for obs in Observation:
+                    if item.gold[obs] is not labels[obs].label and shown < errors:
+                        sentence = (labels[obs].sentence or "").replace("|", "\\|")
+                        cells = (item.id, obs.value, item.gold[obs].value, labels[obs].label.value)
+                        print(
+                            "| {} | {} | {} | {} |".format(*cells), sentence.replace("\n", " "), "|"
+                        )
+                        shown += 1
+            print()
 
+
+def print_speed(texts: list[str], repeat: int, reference: str | None, rounds: int) -> None:
     pinned = pin_to_one_core()
-    texts = [item.text for item in items]
-    # The first pass also fills the labeler's word -> trigger cache; it is timed on its own.
-    start = time.perf_counter()
-    for text in texts:
+    for text in texts:  # fills the labeler's word -> trigger cache
         label_report(text)
-    first_s = time.perf_counter() - start
-    labeler_s, baseline_s = time_runs(texts, args.repeat)
-    runs = len(texts) * args.repeat
+    runs = len(texts) * repeat
+    candidate: list[float] = []
+    old: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if reference:
+            export_reference(reference, Path(tmp))
+        for _ in range(rounds if reference else 1):
+            if reference:
+                old.append(time_reference(Path(tmp), texts, repeat))
+            candidate.append(time_candidate(texts, repeat))
+    baseline_s = time_baseline(texts, repeat)
+    labeler_s = statistics.median(candidate)
     print("## Speed")
     print()
-    print(f"{runs} labelings ({len(texts)} reports x {args.repeat}); {pinned};")
-    print(f"Python {platform.python_version()} on {platform.machine()}.")
+    print(f"{runs} labelings per round ({len(texts)} reports x {repeat}); {pinned};")
+    print(f"Python {platform.python_version()} on {platform.machine()}; median of")
+    print(f"{len(candidate)} round(s), reference and candidate alternating, warm caches.")
     print()
     print("| Run | seconds | reports/s |")
     print("|---|---|---|")
-    print(f"| labeler, first pass (cold cache) | {first_s:.3f} | {len(texts) / first_s:,.0f} |")
-    print(f"| labeler | {labeler_s:.3f} | {runs / labeler_s:,.0f} |")
-    baseline = "baseline: str.lower() + re.split sentences"
-    print(f"| {baseline} | {baseline_s:.3f} | {runs / baseline_s:,.0f} |")
+    print(f"| labeler (this tree) | {labeler_s:.3f} | {runs / labeler_s:,.0f} |")
+    if old:
+        old_s = statistics.median(old)
+        print(f"| labeler at {reference} | {old_s:.3f} | {runs / old_s:,.0f} |")
+    base = "baseline: str.lower() + re.split sentences"
+    print(f"| {base} | {baseline_s:.3f} | {runs / baseline_s:,.0f} |")
     print()
+    if old:
+        print(f"This tree's labeler runs at {old_s / labeler_s:.2f}x the speed of {reference}'s.")
     print(f"The labeler takes {labeler_s / baseline_s:.1f}x the baseline's time.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, action="append", help="one evaluation set (repeatable)"
+    )
+    parser.add_argument("--repeat", type=int, default=20, help="timing passes over every report")
+    parser.add_argument("--errors", type=int, default=0, help="list up to N wrong labels")
+    parser.add_argument("--reference", help="also time the labeler at this git revision")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds with --reference")
+    args = parser.parse_args(argv)
+
+    named = {path.stem: [path] for path in args.data} if args.data else DEFAULT_SETS
+    sets: list[SetResult] = []
+    for name, paths in named.items():
+        items: list[Item] = []
+        for path in paths:
+            if not path.is_file():
+                print(f"No evaluation set at {path} (see tests/data/labeler/README.md).")
+                return 2
+            try:
+                items += load(path)
+            except (OSError, ValueError) as exc:
+                print(f"Cannot read the evaluation set: {exc}")
+                return 2
+        if not items:
+            print(f"The evaluation set {name} has no reports.")
+            return 2
+        sets.append(evaluate(name, items))
+
+    print("# Report labeler on " + ", ".join(f"{r.name} ({len(r.items)} reports)" for r in sets))
+    print()
+    for name, paths in named.items():
+        shown = [str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in paths]
+        print(f"- {name}: " + ", ".join(shown))
+    print()
+    print_accuracy(sets, args.errors)
+    texts = [item.text for result in sets for item in result.items]
+    print_speed(texts, args.repeat, args.reference, args.rounds)
     return 0
 
 

@@ -61,6 +61,16 @@ NEGATION_SCOPE: list[Case] = [
     ("No change in the small left pleural effusion.", {EFFUSION: P}),
     ("No significant interval change in the right apical pneumothorax.", {PTX: P}),
     ("Not only is there a right pneumothorax but also a left effusion.", {PTX: P, EFFUSION: P}),
+    # a negation opens a list whose first items are not findings
+    (
+        "The lungs are clear without findings to indicate hyperinflation, pneumonia, or edema.",
+        {PNEUMONIA: N, EDEMA: N},
+    ),
+    ("No signs of air trapping, pneumothorax or effusion.", {PTX: N, EFFUSION: N}),
+    ("No acute process, small left pleural effusion.", {EFFUSION: P}),
+    # a negated finding carries its negation to what it would support
+    ("No infiltrates to support pneumonia.", {PNEUMONIA: N, OPACITY: N}),
+    ("No focal areas of consolidation to support pneumonia.", {PNEUMONIA: N}),
 ]
 
 # B. Global normal statements label no single observation; they are normal statements for
@@ -74,6 +84,13 @@ GLOBAL_NORMAL: list[str] = [
     "Normal chest radiograph.",
     "Unremarkable chest radiograph.",
     "No radiographic evidence of acute cardiopulmonary disease.",
+    "Negative chest.",
+    "Negative study.",
+    "The examination is negative.",
+    "Chest clear.",
+    "Clear chest.",
+    "Normal two views of the chest.",
+    "Normal radiographic appearance of the chest.",
 ]
 GLOBAL_NORMAL_WITH_FINDINGS: list[Case] = [
     ("Stable cardiomegaly. No acute cardiopulmonary process.", {HEART: P, EDEMA: M, PTX: M}),
@@ -97,6 +114,13 @@ ALTERNATIVES: list[Case] = [
     ("Apparent old rib fractures on the left.", {FRACTURE: U}),
     ("Apparent small left pleural effusion.", {EFFUSION: U}),
     ("There is apparently a small right pneumothorax.", {PTX: U}),
+    ("No apparent pneumothorax.", {PTX: N}),
+    ("Pneumonia is favored over atelectasis.", {PNEUMONIA: U, ATELECTASIS: U}),
+    ("Linear density favored to represent subsegmental atelectasis.", {ATELECTASIS: U}),
+    ("Suggestion of a small pleural effusion on the frontal view.", {EFFUSION: U}),
+    ("Volume loss in the lingula, with or without superimposed infection.", {PNEUMONIA: U}),
+    ("Findings suggesting airways disease without lobar pneumonia.", {PNEUMONIA: N}),
+    ("Atypical pneumonia should be included in the differential.", {PNEUMONIA: U}),
     # negation still wins over the "or" of a negated list
     ("No pneumothorax or effusion.", {PTX: N, EFFUSION: N}),
     ("Pneumothorax or effusion is not seen.", {PTX: N, EFFUSION: N}),
@@ -129,6 +153,12 @@ NOT_MENTIONS: list[Case] = [
         {PNEUMONIA: U, EDEMA: U},
     ),
     ("Aspiration is a consideration.", {PNEUMONIA: M}),
+    ("Mild peribronchial cuffing.", {EDEMA: M}),
+    ("Kerley B lines at the bases.", {EDEMA: M}),
+    ("Opacification of the ethmoid air cells and maxillary sinuses.", {OPACITY: M}),
+    ("Sinus opacification.", {OPACITY: M}),
+    ("The pulmonary parenchyma is clear.", {OPACITY: N, CONSOLIDATION: N}),
+    ("The lungs are well - expanded and clear.", {OPACITY: N, CONSOLIDATION: N}),
 ]
 
 # E. A present pneumothorax in other words.

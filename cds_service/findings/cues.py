@@ -106,9 +106,11 @@ UNCERTAINTY_CUES: tuple[CueRule, ...] = (
             ("any", r"\bif\s+any\b"),
             ("question|suspici", r"\bquestion\s+of\b|\b(?:suspicious|suspicion)\s+(?:for|of)\b"),
             (
-                "concern|worrisome|suggestive",
-                r"\b(?:concerning|concern|worrisome)\s+for\b|\bsuggestive\s+of\b",
+                "concern|worrisome|suggestive|suggestion",
+                r"\b(?:concerning|concern|worrisome)\s+for\b|\bsuggesti(?:ve|on)\s+of\b",
             ),
+            # "with or without superimposed infection": the "without" is not a negation.
+            ("without", r"\bwith\s+or\s+without\b"),
             ("suggest", r"\bsuggest(?<!to suggest)(?:s|ing|ed)?\b"),
             (
                 "differential",
@@ -150,6 +152,10 @@ UNCERTAINTY_CUES: tuple[CueRule, ...] = (
                 r"|underestimated|occult)\b",
             ),
             ("likely", r"\b(?:less|more)\s+likely\b"),
+            (
+                "included|considered",
+                r"\b(?:should|may|must|could|might)\s+(?:also\s+)?be\s+(?:included|considered)\b",
+            ),
             ("any", r"\bif\s+any\b"),
         ),
         Direction.BACKWARD,
@@ -160,6 +166,8 @@ UNCERTAINTY_CUES: tuple[CueRule, ...] = (
         Direction.BOTH,
         3,
     ),
+    # "pneumonia is favored over atelectasis", "favored to represent atelectasis"
+    CueRule(patterns(("favor", r"\bfavou?r(?:ed|s)?\b")), Direction.BOTH, 4),
 )
 
 
@@ -300,7 +308,7 @@ TERMINATORS = patterns(
 # pneumonia" negates the pneumonia too, and "suggest" is not an uncertainty cue there.
 NEGATION_CONTINUATION = re.compile(
     r"^\s*,?\s*(?:(?:is|are)\s+)?(?:(?:seen|identified|present|noted)\s+)?"
-    r"(?:to\s+(?:suggest|indicate|represent)|that\s+(?:would\s+)?(?:suggests?|indicates?)"
+    r"(?:to\s+(?:suggest|indicate|represent|support)|that\s+(?:would\s+)?(?:suggests?|indicates?)"
     r"|suggest(?:ive|ing)(?:\s+of)?|suspicious\s+for|concerning\s+for|worrisome\s+for"
     r"|characteristic\s+of|typical\s+of|consistent\s+with|compatible\s+with|diagnostic\s+of"
     r"|to\s+account\s+for|such\s+as)\s+(?:[\w-]+\s+){0,3}$"
@@ -336,7 +344,7 @@ PHRASE_MODIFIERS = frozenset({
     "significant", "definite", "focal", "discrete", "gross", "frank", "overt", "obvious",
     "visible", "demonstrable", "appreciable", "evident", "apparent", "convincing", "clear",
     "left", "right", "bilateral", "unilateral", "apical", "basilar", "pleural", "lobar",
-    "segmental", "rib", "other", "residual", "recurrent", "additional", "further", "acute-",
+    "segmental", "rib", "other", "residual", "recurrent", "additional", "further",
     "radiographic", "moderate", "massive", "free", "layering", "evidence", "of",
     "signs", "sign", "seen", "present",
 })

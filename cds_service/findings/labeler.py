@@ -63,7 +63,9 @@ _RANK = {Label.NOT_MENTIONED: 0, Label.NEGATIVE: 1, Label.UNCERTAIN: 2, Label.PO
 _LINK_FILLER_MAX = 4  # words besides connectors allowed between two coordinated mentions
 # Words that stop a cue before it reaches the first mention after it.
 _NEGATION_BLOCKERS = (GAP_BLOCKERS - ATTRIBUTIVE_PARTICIPLES) | {"and", "with"}
-_HEDGE_BLOCKERS = (GAP_BLOCKERS - HEDGED_VERBS) | {"and", "with"}
+# A hedge stops at "and", "with" and at a negation: "suggesting airways disease without
+# pneumonia" hedges no pneumonia.
+_HEDGE_BLOCKERS = (GAP_BLOCKERS - HEDGED_VERBS) | {"and", "with", "without", "no", "not"}
 # Every mention regex with its triggers, flattened once: the hot loop of the labeler.
 _MENTION_TABLE = tuple(
     (gate, "a" in gate.regex.groupindex, rule) for rule in MENTION_RULES for gate in rule.patterns
@@ -97,16 +99,27 @@ _NET_GATES = {
 _ALTERNATIVE_BEFORE = re.compile(r"(?:\bor\s+|\w/)$")
 _ALTERNATIVE_AFTER = re.compile(r"(?:/\w|\s+or\s+\w|\s+and/or\b)")
 _ALTERNATIVE_WORD = re.compile(r"(?<!\w)(?:or|and/or|/)(?!\w)|\w/\w")
+# A negation's list ("no findings to indicate A, B, or C"): the words before its first item,
+# the words of each item, and how a list closes after a mention.
+_LIST_LEAD_MAX = 5
+_LIST_ITEM_MAX = 3
+_LIST_CLOSE = re.compile(r"\s*,?\s*(?:or|and|nor)\b")
+_LIST_CLOSE_SPAN = 8
 _TRIGGER_SPAN = max(len(t) for gate, _, _ in _MENTION_TABLE for t in gate.triggers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObservationLabel:
     """What the report says about one observation and the sentence that decided it."""
 
     observation: Observation
     label: Label
     sentence: str | None  # the sentence that decided the label (None when not mentioned)
+
+
+_OBSERVATIONS = tuple(Observation)
+# Frozen, so one instance per observation serves every report that does not mention it.
+_NOT_MENTIONED = {obs: ObservationLabel(obs, Label.NOT_MENTIONED, None) for obs in _OBSERVATIONS}
 
 
 @dataclass(slots=True)
@@ -289,15 +302,21 @@ def _chain(slots: list[_Slot], links: list[str | None], first: int, forward: boo
     return members
 
 
-def _gap_ok(gap: str, reach: int, forward: bool, negation: bool) -> bool:
+def _gap_ok(gap: str, reach: int, forward: bool, negation: bool, after: str = "") -> bool:
     """Whether a cue reaches across ``gap`` to the nearest mention (few words, one clause).
 
     Going forward, a negation reaches through the modifiers of the noun phrase it opens,
     commas between them included ("no acute, displaced rib fracture", "no visualized
-    pneumothorax"), and stops at a verb ("no effusion is seen and the heart is enlarged").
+    pneumothorax"), over the items of a list it opens ("no findings to indicate
+    hyperinflation, pneumonia, or airways disease": ``after`` is the text after the mention,
+    where a list may close), and stops at a verb ("no effusion is seen and the heart is
+    enlarged").
     """
     words = _words(gap)
     has_comma = "," in words
+    if has_comma and forward and negation and _list_gap(words, after):
+        words = [w for w in words if w != ","]
+        return not any(w in _NEGATION_BLOCKERS for w in words)
     words = [w for w in words if w != ","]
     if len(words) > reach:
         return False
@@ -309,6 +328,22 @@ def _gap_ok(gap: str, reach: int, forward: bool, negation: bool) -> bool:
     # does not.
     blockers = _NEGATION_BLOCKERS if negation else _HEDGE_BLOCKERS
     return not any(w in blockers for w in words)
+
+
+def _list_gap(words: list[str], after: str) -> bool:
+    """Whether a gap with commas holds the first items of a list that a conjunction closes:
+    short items, and "or", "and" or "nor" before the last one (in the gap or just after the
+    mention)."""
+    pieces: list[list[str]] = [[]]
+    for word in words:
+        if word == ",":
+            pieces.append([])
+        else:
+            pieces[-1].append(word)
+    if len(pieces[0]) > _LIST_LEAD_MAX or any(len(p) > _LIST_ITEM_MAX for p in pieces[1:]):
+        return False
+    closed = any(w in ("or", "and", "nor") for w in pieces[-1])
+    return closed or _LIST_CLOSE.match(after) is not None
 
 
 def _is_modifier(word: str) -> bool:
@@ -411,7 +446,11 @@ def _apply_cues(
             for i, slot in enumerate(slots):
                 if slot.start >= c_end:
                     if not clauses.crossed(c_end, slot.start) and _gap_ok(
-                        low[c_end : slot.start], rule.reach, True, negation
+                        low[c_end : slot.start],
+                        rule.reach,
+                        True,
+                        negation,
+                        low[slot.end : slot.end + _LIST_CLOSE_SPAN],
                     ):
                         targets.extend(_chain(slots, links, i, True))
                     break
@@ -433,6 +472,8 @@ def _mark_alternatives(low: str, slots: list[_Slot], links: list[str | None]) ->
     """Mentions offered as alternatives are uncertain: "atelectasis or pneumonia",
     "scarring/atelectasis", "infiltrate and/or atelectasis". A negated list ("no effusion or
     pneumothorax") offers no alternatives, so negated mentions are left alone."""
+    if "or" not in low and "/" not in low:
+        return
     for index, slot in enumerate(slots):
         if slot.negated or slot.uncertain:
             continue
@@ -549,16 +590,16 @@ def label_report(text: str, *, gated: bool = True) -> dict[Observation, Observat
             current = best.get(obs)
             if current is None or _RANK[label] > _RANK[current[0]]:
                 best[obs] = (label, sentence.text)
-    missing = [obs for obs in Observation if obs not in best]
+    missing = [obs for obs in _OBSERVATIONS if obs not in best]
     for obs, evidence in _unlabelled_mentions(text, labelled, skipped, missing, scanned, gated):
         best[obs] = (Label.UNCERTAIN, evidence)
     out: dict[Observation, ObservationLabel] = {}
-    for obs in Observation:
+    for obs in _OBSERVATIONS:
         if obs in best:
             label, evidence = best[obs]
             out[obs] = ObservationLabel(obs, label, evidence)
         else:
-            out[obs] = ObservationLabel(obs, Label.NOT_MENTIONED, None)
+            out[obs] = _NOT_MENTIONED[obs]
     out[Observation.NO_FINDING] = _no_finding(best, normal_sentence, first_negative)
     return out
 

@@ -215,7 +215,11 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     MentionRule(
         (Observation.LUNG_OPACITY,),
         patterns(
-            ("opac|opec", r"\bop[ae]c\w*"),
+            (
+                "opac|opec",
+                r"\b(?<!sinus )op[ae]c\w*\b(?!\s+of\s+the\s+(?:\w+\s+){0,2}?"
+                r"(?:sinus|sinuses|ethmoid|maxillary|frontal|sphenoid|mastoid|air\s+cells|antrum)\b)",
+            ),
             ("infilt", r"\binfilt\w*"),
             ("haz", r"\bhaz(?:y|iness)\b"),
             ("space", r"\bair[- ]?space\s+(?:disease|process|filling)\b"),
@@ -229,12 +233,13 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         patterns(
             (
                 "clear",
-                r"\blungs?(?:\s+(?:fields?|parenchyma|bases))?\s*:?\s+(?:{cop}\s+)?{gap}"
+                r"\b(?:lungs?|(?:pulmonary|lung)\s+parenchyma)(?:\s+(?:fields?|parenchyma|bases))?\s*:?"
+                r"\s+(?:{cop}\s+)?{gap}"
                 r"(?P<a>clear)\b(?!\s+of\b)".format(cop=_COP, gap=up_to_words(3, "not|no|and")),
             ),
             (
                 "clear",
-                rf"\blungs?(?:\s+(?:fields?|parenchyma|bases))?\s+(?:{_COP}\s+)?(?:\w+\s+){{0,3}}?"
+                rf"\blungs?(?:\s+(?:fields?|parenchyma|bases))?\s+(?:{_COP}\s+)?(?:[\w-]+\s+){{0,4}}?"
                 r"and\s+(?P<a>clear)\b",
             ),
             ("clear", r"\bclear\s+lungs?\b"),
@@ -265,9 +270,8 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ("congest", r"\bcongest(?:ion|ed|ive)\b"),
             ("engorg", r"\bengorge\w*"),
             ("overload", r"\b(?:fluid|volume)\s+overload(?:ed)?\b"),
-            ("cephali", r"\bcephali[sz]ation\b"),
-            ("kerley|septal", r"\bkerley\s*(?:b\s+)?lines?\b|\bseptal\s+lines?\b"),
-            ("cuffing", r"\bperibronchial\s+cuffing\b"),
+            # Kerley lines, cephalization and peribronchial cuffing are signs, not labelled on
+            # their own (the labelling rules).
             ("venous", r"\bpulmonary\s+venous\s+hypertension\b"),
             ("chf|failure", r"\bchf\b|\bheart\s+failure\b"),
         ),
@@ -511,6 +515,23 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\bunremarkable\s+(?:chest\s+)?(?P<a>radiographs?|x-?rays?|study"
                 r"|exam(?:ination)?|chest)\b",
             ),
+            (
+                "normal",
+                r"\bnormal\s+(?:(?:radiographic|two|2|frontal|lateral|pa|ap|single)\s+)*"
+                r"(?P<a>views?|appearance|radiographs?)\s+of\s+the\s+chest\b",
+            ),
+            (
+                "negative",
+                r"\bnegative\s+(?:(?:frontal|pa|ap|portable|two[- ]view|lateral|and)\s+)*"
+                r"(?:chest\s+)?(?P<a>chest|study|exam(?:ination)?|radiographs?|x-?rays?|films?)\b"
+                r"(?!\s+for\b)",
+            ),
+            (
+                "negative|clear",
+                rf"\b(?:chest|study|exam(?:ination)?|radiographs?)\s+(?:{_COP}\s+)?"
+                r"(?P<a>negative|clear)\b(?!\s+(?:for|of)\b)",
+            ),
+            ("clear", r"\bclear\s+(?P<a>chest)\b"),
         ),
         base=Label.NEGATIVE,
         fixed=True,
