@@ -1,23 +1,32 @@
 """Rule-based CheXpert-style labeler: report text -> a label and its evidence per observation."""
 
 # How it works: a report is split into sentences (sentences.py); in each, mention patterns
-# (mentions.py, cues.py) find the observations, and negation and uncertainty cues reach the nearest
-# mention on their side plus the mentions coordinated with it ("no A, B or C"), never across
-# a clause terminator ("but", ";", "there is" ...). Sentence labels are then aggregated the
-# CheXpert way: positive > uncertain > negative.
+# (mentions.py) find the observations, and the cues of cues.py govern them by one scope
+# mechanism: a cue has a direction (forward, backward or both) and a window (its reach in
+# words); its scope runs from the cue to the nearest mention on its side and on over the
+# mentions coordinated with it ("no A, B or C"), and ends at a termination term ("but",
+# "however", "which", ";", "there is" ...), at a verb that opens a new statement, or at
+# the window's edge. Pseudo-cues ("no change", "not only", "partially resolved") are masked
+# first; uncertainty cues are found before negation cues, so "not excluded" is a hedge.
+# Sentence labels are then aggregated the CheXpert way: positive > uncertain > negative.
 #
-# Decisions on the cases the issue left open:
+# The labelling rules are those of tests/data/labeler/README.md. Decisions on cases they
+# leave open:
 # - "no definite X" is negative (the radiologist reports the finding as absent);
 # - "consistent with" / "compatible with" state a diagnosis: positive; "suggestive of",
-#   "likely", "probable", "concerning for", "less likely" are uncertain; "unlikely" negative;
-# - a calcified granuloma is a (healed) Lung Lesion: positive;
-# - "no acute cardiopulmonary process" and "normal chest radiograph / study" are negative for
-#   Consolidation, Edema, Pneumonia, Pneumothorax, Pleural Effusion and Lung Opacity only;
-# - a normal cardiomediastinal silhouette is negative for Enlarged Cardiomediastinum and
-#   Cardiomegaly; "prominent" heart, mediastinum or vessels is uncertain;
+#   "suggestion of", "likely", "probable", "favored", "apparent", "concerning for", "less
+#   likely" are uncertain; "unlikely" negative; mentions offered as alternatives ("A or B",
+#   "A/B", "A and/or B") are uncertain unless a negation governs them;
+# - whole-study normal statements ("no acute cardiopulmonary process", "normal chest
+#   radiograph", "negative study", "clear chest") label no single observation: they are
+#   only the normal statement the No Finding rule asks for;
+# - a normal cardiomediastinal silhouette, or one "not enlarged", is negative for Enlarged
+#   Cardiomediastinum and Cardiomegaly; "prominent" heart, mediastinum or vessels is
+#   uncertain;
 # - heart size "top normal" / "upper limits of normal" is negative, "borderline" and
 #   "normal to mildly enlarged" uncertain;
-# - "partially / nearly resolved" is positive; "removal of" a device is negative;
+# - "partially / nearly / almost completely resolved" is positive; "removal of" a device is
+#   negative, and a removed device alone is not a normal statement for No Finding;
 # - "has not resolved" / "no resolution of" is positive (a resolution that did not happen);
 # - INDICATION / HISTORY / REASON / TECHNIQUE sections are not labelled, and only to the end
 #   of their line; EXAM, STUDY and COMPARISON lines are (they can carry findings);
