@@ -128,9 +128,10 @@ def fmt(value: float | None) -> str:
 
 def macro_f1(
     counts: dict[tuple[Observation, Label], Counts], observations: list[Observation]
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, float | None, float | None]:
     """(class macro: mean over the 3 classes of F1 on counts pooled over the observations;
-    cell mean: mean F1 over the (observation, class) cells that have gold or predictions)."""
+    all cells: mean F1 over the (observation, class) cells that have gold or predictions;
+    cells with support: the same over the cells with gold support, the issue's measure)."""
     class_f1: list[float] = []
     for cls in CLASSES:
         pooled = Counts()
@@ -148,9 +149,16 @@ def macro_f1(
         for cls in CLASSES
         if (value := counts[(obs, cls)].f1()) is not None
     ]
+    supported = [
+        value
+        for obs in observations
+        for cls in CLASSES
+        if counts[(obs, cls)].support and (value := counts[(obs, cls)].f1()) is not None
+    ]
     return (
         sum(class_f1) / len(class_f1) if class_f1 else None,
         sum(cells) / len(cells) if cells else None,
+        sum(supported) / len(supported) if supported else None,
     )
 
 
@@ -259,20 +267,24 @@ def print_accuracy(sets: list[SetResult], errors: int) -> None:
     print()
     print(
         "| Observations | "
-        + " | ".join(f"{r.name}: class macro | {r.name}: cell mean" for r in sets)
+        + " | ".join(
+            f"{r.name}: cells with support | {r.name}: class macro | {r.name}: all cells"
+            for r in sets
+        )
         + " |"
     )
-    print("|---|" + "---|---|" * len(sets))
+    print("|---|" + "---|---|---|" * len(sets))
     for name, group in (("8 major findings", major), ("all 14", list(Observation))):
         row = f"| {name} |"
         for result in sets:
-            by_class, by_cell = macro_f1(result.counts, group)
-            row += f" {fmt(by_class)} | {fmt(by_cell)} |"
+            by_class, by_cell, by_supported = macro_f1(result.counts, group)
+            row += f" {fmt(by_supported)} | {fmt(by_class)} | {fmt(by_cell)} |"
         print(row)
     print()
-    print("Class macro: F1 of each class on counts summed over the observations, averaged over")
-    print("the three classes. Cell mean: the average F1 over the (observation, class) cells that")
-    print("have a gold or predicted label (the issue's measure: cells with support).")
+    print("Cells with support: the mean F1 over the (observation, class) cells with at least")
+    print("one gold label (the issue's measure). Class macro: F1 of each class on counts summed")
+    print("over the observations, averaged over the three classes. All cells: the mean over the")
+    print("cells with a gold or a predicted label (a prediction without support scores 0).")
     print()
     print("## Pneumothorax safety")
     print()

@@ -263,3 +263,36 @@ def test_prefilters_agree_on_every_case(case: Case) -> None:
     fast = {o: item.label for o, item in label_report(case[0]).items()}
     plain = {o: item.label for o, item in label_report(case[0], gated=False).items()}
     assert fast == plain
+
+
+# A normal state said of a list of subjects applies to each; pleural spaces and lungs "clear".
+NORMAL_LISTS: list[Case] = [
+    (
+        "The heart, pulmonary vasculature and mediastinum are within normal limits.",
+        {HEART: N, EDEMA: N, MEDIASTINUM: N},
+    ),
+    (
+        "The cardiac silhouette, mediastinum, and pulmonary vasculature are unremarkable.",
+        {HEART: N, MEDIASTINUM: N, EDEMA: N},
+    ),
+    (
+        "Heart size, mediastinal contour, and pulmonary vascularity are within normal limits.",
+        {HEART: N, MEDIASTINUM: N, EDEMA: N},
+    ),
+    ("The heart and pulmonary vasculature are normal.", {HEART: N, EDEMA: N}),
+    ("The heart is enlarged and the mediastinum is normal.", {HEART: P, MEDIASTINUM: N}),
+    ("Heart size and pulmonary vascularity are increased.", {HEART: P}),
+    ("The pleural spaces are clear.", {EFFUSION: N}),
+    ("Clear right lung.", {OPACITY: N, CONSOLIDATION: N}),
+    ("Clear, hyperaerated lungs.", {OPACITY: N, CONSOLIDATION: N}),
+    ("Stents in the left anterior descending artery.", {DEVICES: M}),
+    ("Compatible with scarring or subsegmental atelectasis.", {ATELECTASIS: U}),
+    ("Focal subsegmental atelectasis/scarring in the left mid lung.", {ATELECTASIS: U}),
+    ("Left basilar subsegmental atelectasis.", {ATELECTASIS: P}),
+    ("Left or right lower lobe atelectasis cannot be told apart.", {ATELECTASIS: P}),
+]
+
+
+@pytest.mark.parametrize("case", NORMAL_LISTS, ids=_id)
+def test_normal_state_of_a_list_and_other_real_phrasings(case: Case) -> None:
+    _check(case)

@@ -34,6 +34,18 @@ _HEART = (
     r"(?:heart(?:\s+size)?|cardiac\s+(?:size|silhouette|shadow|contours?|diameter|outline)"
     r"|size\s+of\s+the\s+(?:heart|cardiac\s+silhouette)|cardiothoracic\s+ratio)"
 )
+# A normal state said of a list of subjects applies to each of them: "the heart, mediastinum
+# and pulmonary vasculature are within normal limits". The lookahead runs from one subject
+# over the rest of the list (no verb or negation in it) to the plural verb and the state.
+_LIST_TAIL = (
+    r"(?:\s*,|\s+and\b)(?:(?!\b(?:is|are|was|were|has|have|with|without|no|not|but)\b)"
+    r"[^.;:]){0,60}?\b(?:are|appear|remain)\s+(?:\w+ly\s+)?"
+)
+_LIST_TO_NORMAL_STATE = (
+    rf"(?={_LIST_TAIL}(?:within\s+(?:normal\s+limits|limits\s+of\s+normal)|normal"
+    r"|unremarkable)\b)"
+)
+_LIST_TO_ENLARGED_STATE = rf"(?={_LIST_TAIL}(?:enlarged|increased|widened)\b)"
 _CMS = r"cardio[- ]?mediastinal\s+(?:silhouettes?|contours?|shadow|size|structures)"
 _MEDIASTINUM = r"(?:mediastinal\s+(?:silhouettes?|contours?|shadow|width)|mediastinum)"
 _NORMAL_STATE = (
@@ -71,6 +83,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ),
             ("increase", r"\bincreased?\s+in\s+(?:the\s+)?(?:heart|cardiac)\s+size\b"),
             ("heart|cardi", rf"\b{_HEART}\s+(?:{_COP}\s+)?{_STATE_GAP}{_ENLARGED}"),
+            ("heart|cardi", rf"\b(?P<a>{_HEART}){_LIST_TO_ENLARGED_STATE}"),
         ),
     ),
     MentionRule(
@@ -115,6 +128,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\b(?:normal|top[- ]normal|upper[- ]normal|normal[- ]sized?)\s+(?:heart|cardiac)"
                 r"(?:\s+(?:size|silhouette|contours?|shadow))?\b",
             ),
+            ("heart|cardi", rf"\b(?P<a>{_HEART}){_LIST_TO_NORMAL_STATE}"),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -183,6 +197,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 rf"\b{_MEDIASTINUM}\s+(?:{_COP}\s+)?{_NORMAL_GAP}{_NORMAL_STATE}",
             ),
             ("normal", rf"\bnormal\s+{_MEDIASTINUM}"),
+            ("mediastin", rf"\b(?P<a>{_MEDIASTINUM}){_LIST_TO_NORMAL_STATE}"),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -197,7 +212,8 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             (
                 "lesion",
                 r"\blesion(?<!osseous lesion)(?<!lytic lesion)(?<!bony lesion)(?<!bone lesion)"
-                r"(?<!skin lesion)(?<!sclerotic lesion)(?<!blastic lesion)s?\b",
+                r"(?<!skin lesion)(?<!sclerotic lesion)(?<!blastic lesion)"
+                r"(?<!destructive lesion)s?\b",
             ),
             (
                 "tumo|neoplas|malignan|carcinoma|metasta|cancer",
@@ -242,7 +258,11 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 rf"\blungs?(?:\s+(?:fields?|parenchyma|bases))?\s+(?:{_COP}\s+)?(?:[\w-]+\s+){{0,4}}?"
                 r"and\s+(?P<a>clear)\b",
             ),
-            ("clear", r"\bclear\s+lungs?\b"),
+            (
+                "clear",
+                r"\bclear,?\s+(?:(?:left|right|bilateral|hyper\w+|well[- ]expanded|expanded)\s+)?"
+                r"lungs?\b",
+            ),
             (
                 "normal|unremarkable",
                 r"\blungs?(?:\s+(?:fields?|parenchyma))?\s+(?:are|is|appears?|remains?)\s+"
@@ -310,6 +330,11 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 rf"(?:{_COP}\s+)?{_NORMAL_GAP}{_NORMAL_STATE}",
             ),
             ("normal", r"\bnormal\s+(?:pulmonary\s+)?vascula(?:ture|rity)\b"),
+            (
+                "vascula",
+                r"\b(?P<a>(?:pulmonary\s+)?vascula(?:ture|rity|r\s+markings))"
+                + _LIST_TO_NORMAL_STATE,
+            ),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -341,7 +366,14 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     MentionRule(
         (Observation.ATELECTASIS,),
         patterns(
-            ("atel|atal", r"\bat[ae]l[ae]?c?t[a-z]*"),
+            # Type words belong to the mention, so "scarring or subsegmental atelectasis"
+            # reads as one alternative.
+            (
+                "atel|atal",
+                r"\b(?:(?:sub-?segmental|segmental|plate[- ]?like|discoid|linear|bibasilar"
+                r"|basilar|bibasal|basal|chronic|obstructive|compressive|passive|dependent"
+                r"|rounded|lobar)\s+)*at[ae]l[ae]?c?t[a-z]*",
+            ),
             (
                 "collaps",
                 r"\bcollaps(?<!vertebral collaps)(?<!body collaps)(?<!height collaps)"
@@ -405,6 +437,10 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 ),
             ),
             ("sharp", r"\bsharp\s+(?:costophrenic|cp)\s+(?:angles?|sulci)\b"),
+            (
+                "clear",
+                rf"\bpleural\s+spaces?\s+(?:{_COP}\s+)?(?:\w+ly\s+)?(?P<a>clear)\b(?!\s+of\b)",
+            ),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -466,8 +502,8 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\bsternal\s+(?:wires?|sutures?|cerclage)\b|\b(?:guide)?wires?\b",
             ),
             (
-                "stent|coil|hardware|drain",
-                r"\bstents?\b|\bcoils?\b|\bhardware\b|\bdrains?\b",
+                "hardware|drain",
+                r"\bhardware\b|\bdrains?\b",
             ),
             ("cannula|shunt", r"\bcannula\w*|\bshunt\b"),
             (
