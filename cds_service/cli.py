@@ -168,7 +168,43 @@ def cmd_hook(args: argparse.Namespace) -> int:
 
 
 # -- findings -------------------------------------------------------------------------------
+FINDINGS_EPILOG = """\
+one report: the text on standard input, e.g. cxr-cds findings --all < report.txt
+
+batch (CheXpert labeler format, stanfordmlgroup/chexpert-labeler):
+  cxr-cds findings --csv reports.csv -o labeled.csv
+      reports.csv has no header; each row's first field is one report (other fields are
+      ignored, blank lines skipped). labeled.csv has the header
+      Reports,No Finding,Enlarged Cardiomediastinum,...,Support Devices
+      and per report its text, then 1 (positive), 0 (negative), -1 (uncertain) or blank
+      (not mentioned) per observation. An empty report gets a row of blanks.
+  cxr-cds findings --csv reports.csv --column report_text --id-column study_id -o labeled.csv
+      the first row is a header: the report is the column named by --column; --id-column
+      carries that column into the output, first, under its own name (other columns are
+      dropped: join back on the id).
+  cxr-cds findings --jsonl reports.jsonl --id-column id -o labeled.jsonl
+      one JSON object a line with the report in "text" (or the field --column names), or
+      one JSON string a line; writes {"id", "text", "labels": {observation: positive |
+      negative | uncertain | not_mentioned}} per line (all 14; "id" with --id-column),
+      the layout of tests/data/labeler/eval.jsonl. --output-format csv|jsonl converts.
+
+FILE - reads standard input; no -o (or -o -) writes standard output. The summary goes to
+standard error. Input is UTF-8 (a byte-order mark is allowed). Bad input is a one-line error
+naming the line, exit status 2; an output file is written under a temporary name and only
+renamed into place when complete."""
+
+
 def cmd_findings(args: argparse.Namespace) -> int:
+    if args.csv is not None or args.jsonl is not None:
+        return _findings_batch(args)
+    batch_only = ("column", "id_column", "output", "output_format")
+    given = [f"--{o.replace('_', '-')}" for o in batch_only if getattr(args, o) is not None]
+    if args.jobs != 1:
+        given.append("--jobs")
+    if given:
+        print(f"error: {', '.join(given)}: only with --csv FILE or --jsonl FILE", file=sys.stderr)
+        return 2
+
     from cds_service.findings.labeler import label_report, labels_as_json
     from cds_service.findings.observations import Label
 
@@ -184,6 +220,61 @@ def cmd_findings(args: argparse.Namespace) -> int:
         if label.label is Label.NOT_MENTIONED and not args.all:
             continue
         print(f"{observation.value:28} {label.label.value:13} {label.sentence or ''}")
+    return 0
+
+
+def _findings_batch(args: argparse.Namespace) -> int:
+    import os
+
+    from cds_service.findings.batch import BatchError, Format, Source, label_file
+
+    if args.json or args.all:
+        print("error: --json and --all are for one report on standard input", file=sys.stderr)
+        return 2
+    if args.jobs < 0:
+        print("error: --jobs N: N processes, 0 for every CPU", file=sys.stderr)
+        return 2
+    input_format: Format = "csv" if args.csv is not None else "jsonl"
+    if input_format == "csv" and args.id_column is not None and args.column is None:
+        print(
+            "error: --id-column needs --column: a header row names the report and id columns",
+            file=sys.stderr,
+        )
+        return 2
+    path = args.csv if args.csv is not None else args.jsonl
+    source: Source = sys.stdin.buffer if path == "-" else path
+    name = "standard input" if path == "-" else path
+    to_stdout = args.output in (None, "-")
+
+    def progress(count: int) -> None:
+        print(f"... {count} reports", file=sys.stderr, flush=True)
+
+    try:
+        summary = label_file(
+            source,
+            sys.stdout if to_stdout else args.output,
+            input_format=input_format,
+            output_format=args.output_format,
+            column=args.column,
+            id_column=args.id_column,
+            jobs=args.jobs,
+            name=name,
+            progress=progress,
+        )
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a Unix filter does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    empty = f" ({summary.empty} empty)" if summary.empty else ""
+    where = "standard output" if to_stdout else args.output
+    print(
+        f"{summary.reports} report{'s' if summary.reports != 1 else ''} labelled{empty} "
+        f"in {summary.seconds:.1f} s -> {where}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -268,9 +359,44 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--json", action="store_true")
     hook.set_defaults(func=cmd_hook)
 
-    findings = sub.add_parser("findings", help="label a report read from standard input")
+    findings = sub.add_parser(
+        "findings",
+        help="label a report from standard input, or a CSV / JSON Lines file of reports",
+        description="Label radiology reports: the 14 CheXpert observations.",
+        epilog=FINDINGS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     findings.add_argument("--json", action="store_true", help="all 14 observations as JSON")
     findings.add_argument("--all", action="store_true", help="also list not mentioned ones")
+    batch_input = findings.add_mutually_exclusive_group()
+    batch_input.add_argument(
+        "--csv", metavar="FILE", help="label every report of a CSV file (CheXpert format)"
+    )
+    batch_input.add_argument(
+        "--jsonl", metavar="FILE", help="label every report of a JSON Lines file"
+    )
+    findings.add_argument(
+        "--column",
+        metavar="NAME",
+        help="CSV: the first row is a header and NAME the report column; "
+        'JSON Lines: the report field (default "text")',
+    )
+    findings.add_argument(
+        "--id-column", metavar="NAME", help="carry this column / field into the output"
+    )
+    findings.add_argument(
+        "-o", "--output", metavar="FILE", help="file to write (default or -: standard output)"
+    )
+    findings.add_argument(
+        "--output-format", choices=["csv", "jsonl"], help="default: the input's format"
+    )
+    findings.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="label in N processes, output in input order (0: every CPU; default 1)",
+    )
     findings.set_defaults(func=cmd_findings)
 
     feedback = sub.add_parser("feedback", help="clinicians' feedback on cards")
