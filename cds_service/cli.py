@@ -71,7 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     stop = threading.Event()
     try:
-        run_forever(store, backend, stop, filer=filer)
+        run_forever(store, backend, stop, filer=filer, batch_size=settings.model_batch_size)
     except KeyboardInterrupt:
         stop.set()
     return 0

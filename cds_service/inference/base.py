@@ -104,3 +104,24 @@ class SourceAwareBackend(Backend, Protocol):
     def analyse_from(
         self, study_uid: str, study: dict[str, Any], fhir_server: str | None
     ) -> AnalysisResult: ...
+
+
+@dataclass(frozen=True)
+class StudyWork:
+    """One study for a batch: its UID, its ImagingStudy resource and the FHIR server it is in."""
+
+    study_uid: str
+    study: dict[str, Any]
+    fhir_server: str | None
+
+
+@runtime_checkable
+class BatchBackend(SourceAwareBackend, Protocol):
+    """A Backend that analyses several studies together, so the model sees them as one batch.
+
+    The answer has one entry per study, in order: its result, or the exception that study
+    raised (a study whose image cannot be fetched fails alone). ModelUnavailable is raised
+    for the whole batch: nothing was analysed.
+    """
+
+    def analyse_batch(self, work: Sequence[StudyWork]) -> list[AnalysisResult | Exception]: ...

@@ -4,13 +4,21 @@ have the ReportWriter (the model) write the report, code the findings from its t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cds_service.findings.to_findings import findings_from_report
 from cds_service.imaging.errors import NotAnalysable, UnsupportedImage
 from cds_service.imaging.files import DecodedImage
-from cds_service.inference.base import ReportRequest, ReportWriter, write_detailed
+from cds_service.inference.base import (
+    ModelUnavailable,
+    ReportRequest,
+    ReportWriter,
+    StudyWork,
+    WrittenReport,
+    write_detailed,
+)
 from cds_service.results import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -23,7 +31,7 @@ class StudyImageSource(Protocol):
 
 
 class ImagePipelineBackend:
-    """Backend (and SourceAwareBackend) over a ReportWriter and a study image source.
+    """BatchBackend over a ReportWriter and a study image source.
 
     NotAnalysable and UnsupportedImage become a "not-analysed" result with the reason; network
     and FHIR failures propagate so the worker retries the job.
@@ -40,30 +48,62 @@ class ImagePipelineBackend:
     def analyse_from(
         self, study_uid: str, study: dict[str, Any], fhir_server: str | None
     ) -> AnalysisResult:
-        try:
-            image = self.images.load(study, fhir_server)
-        except NotAnalysable as exc:
-            return self._not_analysed(study_uid, study, exc.reason)
-        except UnsupportedImage as exc:
-            return self._not_analysed(study_uid, study, f"image cannot be read: {exc.description}")
-        reports = write_detailed(self.writer, [ReportRequest(image.pixels)])
-        if len(reports) != 1:
-            raise RuntimeError(f"the report writer returned {len(reports)} texts for one image")
-        report = reports[0]
+        outcome = self.analyse_batch([StudyWork(study_uid, study, fhir_server)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def analyse_batch(self, work: Sequence[StudyWork]) -> list[AnalysisResult | Exception]:
+        """Fetch every study's image, then have the model write all their reports at once."""
+        outcomes: list[AnalysisResult | Exception | None] = [None] * len(work)
+        loaded: list[tuple[int, DecodedImage]] = []
+        for index, item in enumerate(work):
+            try:
+                loaded.append((index, self.images.load(item.study, item.fhir_server)))
+            except NotAnalysable as exc:
+                outcomes[index] = self._not_analysed(item.study_uid, item.study, exc.reason)
+            except UnsupportedImage as exc:
+                reason = f"image cannot be read: {exc.description}"
+                outcomes[index] = self._not_analysed(item.study_uid, item.study, reason)
+            except Exception as exc:  # noqa: BLE001 - one study's fetch fails that study alone
+                outcomes[index] = exc
+        if loaded:
+            requests = [ReportRequest(image.pixels) for _, image in loaded]
+            try:
+                reports = write_detailed(self.writer, requests)
+            except ModelUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the batch failed: each study says so
+                reports = None
+                for index, _ in loaded:
+                    outcomes[index] = exc
+            if reports is not None:
+                if len(reports) != len(loaded):
+                    raise RuntimeError(
+                        f"the report writer returned {len(reports)} texts for {len(loaded)} images"
+                    )
+                for (index, image), report in zip(loaded, reports, strict=True):
+                    outcomes[index] = self._result(work[index], image, report)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _result(
+        self, item: StudyWork, image: DecodedImage, report: WrittenReport
+    ) -> AnalysisResult:
         if report.truncated:
             # A report cut before it mentions, say, pneumothorax would read (and be coded) as
             # "no pneumothorax": never store it as complete. Greedy decoding would cut it again,
             # so this is final rather than a retry.
-            return self._not_analysed(study_uid, study, truncation_reason(report.new_tokens))
+            reason = truncation_reason(report.new_tokens)
+            return self._not_analysed(item.study_uid, item.study, reason)
         text = report.text
         log.info("study analysed (%d x %d image)", *image.pixels.shape)
         return AnalysisResult(
-            study_uid=study_uid,
+            study_uid=item.study_uid,
             model=self.model,
             status="completed",
             report_text=text,
             findings=findings_from_report(text),
-            study_started=study.get("started"),
+            study_started=item.study.get("started"),
             analysed_at=_now(),
             extra={"image_notes": list(image.notes), "transfer_syntax": image.transfer_syntax},
         )

@@ -269,30 +269,40 @@ class SqliteStore:
 
     def claim(self, model: ModelInfo, stale_after_s: float = 600.0) -> Job | None:
         """Take the oldest queued job (or one whose worker died mid-run) for this model."""
+        jobs = self.claim_batch(model, 1, stale_after_s)
+        return jobs[0] if jobs else None
+
+    def claim_batch(self, model: ModelInfo, limit: int, stale_after_s: float = 600.0) -> list[Job]:
+        """Take up to ``limit`` of the oldest queued jobs for this model in one transaction,
+        with those whose worker died mid-run: a claim is a lease that a job left 'running'
+        past ``stale_after_s`` gives up, so a dead worker's jobs come back."""
+        if limit < 1:
+            raise ValueError("claim at least one job")
         now = time.time()
         with self._tx() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT id, tenant, study_uid, patient_id, fhir_server, study_resource, attempts "
                 "FROM jobs WHERE model_id = ? AND model_version = ? AND "
                 "(status = 'queued' OR (status = 'running' AND updated_at < ?)) "
-                "ORDER BY id LIMIT 1",
-                (model.model_id, model.version, now - stale_after_s),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
+                "ORDER BY id LIMIT ?",
+                (model.model_id, model.version, now - stale_after_s, limit),
+            ).fetchall()
+            conn.executemany(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ? "
                 "WHERE id = ?",
-                (now, row[0]),
+                [(now, row[0]) for row in rows],
             )
-        return Job(
-            id=row[0],
-            ref=StudyRef(tenant=row[1], study_uid=row[2], patient_id=row[3]),
-            model=model,
-            fhir_server=row[4],
-            study_resource=json.loads(row[5]),
-            attempts=row[6] + 1,
-        )
+        return [
+            Job(
+                id=row[0],
+                ref=StudyRef(tenant=row[1], study_uid=row[2], patient_id=row[3]),
+                model=model,
+                fhir_server=row[4],
+                study_resource=json.loads(row[5]),
+                attempts=row[6] + 1,
+            )
+            for row in rows
+        ]
 
     def finish(self, job: Job, result: AnalysisResult) -> None:
         """Store the result and close the job in one transaction (no lost or double result)."""

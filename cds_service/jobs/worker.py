@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 
 from cds_service.errors import CdsServiceError
 from cds_service.fhir.client import FhirError
-from cds_service.inference.base import Backend, ModelUnavailable, SourceAwareBackend
+from cds_service.inference.base import (
+    Backend,
+    BatchBackend,
+    ModelUnavailable,
+    SourceAwareBackend,
+    StudyWork,
+)
 from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import Job, SqliteStore
 from cds_service.results import AnalysisResult
@@ -31,20 +37,69 @@ def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None 
     Raises ModelUnavailable, after putting the job back uncounted, when the model cannot take
     work now: the caller waits before it claims again.
     """
-    job = store.claim(backend.model)
-    if job is None:
-        return False
+    return process_batch(store, backend, filer, batch_size=1) > 0
+
+
+def process_batch(
+    store: SqliteStore,
+    backend: Backend,
+    filer: ReportFiler | None = None,
+    batch_size: int = 1,
+) -> int:
+    """Claim up to ``batch_size`` queued jobs in one transaction and run them as one batch
+    (a BatchBackend hands all their images to the model together); returns how many jobs
+    were claimed, 0 when the queue was empty.
+
+    Each job ends on its own: a study whose image cannot be fetched fails (and is retried)
+    alone. Raises ModelUnavailable, after putting every claimed job back uncounted, when the
+    model cannot take work now.
+    """
+    jobs = store.claim_batch(backend.model, batch_size)
+    if not jobs:
+        return 0
     try:
-        if isinstance(backend, SourceAwareBackend):
-            result = backend.analyse_from(job.ref.study_uid, job.study_resource, job.fhir_server)
-        else:
-            result = backend.analyse(job.ref.study_uid, job.study_resource)
+        outcomes = _analyse(backend, jobs)
     except ModelUnavailable as exc:
-        store.put_back(job, f"{type(exc).__name__}: {exc}")
+        for job in jobs:
+            store.put_back(job, f"{type(exc).__name__}: {exc}")
         raise
-    except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
-        _record_failure(store, job, exc)
-        return True
+    if len(jobs) > 1:
+        log.info("analysed a batch of %d jobs", len(jobs))
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            _record_failure(store, job, outcome)
+        else:
+            _finish(store, filer, job, outcome)
+    return len(jobs)
+
+
+def _analyse(backend: Backend, jobs: list[Job]) -> list[AnalysisResult | Exception]:
+    """One outcome per job, in order. ModelUnavailable propagates (nothing was analysed)."""
+    if isinstance(backend, BatchBackend):
+        work = [StudyWork(j.ref.study_uid, j.study_resource, j.fhir_server) for j in jobs]
+        outcomes = backend.analyse_batch(work)
+        if len(outcomes) != len(jobs):
+            raise RuntimeError(f"the backend answered {len(outcomes)} of {len(jobs)} studies")
+        return outcomes
+    answers: list[AnalysisResult | Exception] = []
+    for job in jobs:
+        try:
+            if isinstance(backend, SourceAwareBackend):
+                answers.append(
+                    backend.analyse_from(job.ref.study_uid, job.study_resource, job.fhir_server)
+                )
+            else:
+                answers.append(backend.analyse(job.ref.study_uid, job.study_resource))
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker
+            answers.append(exc)
+    return answers
+
+
+def _finish(
+    store: SqliteStore, filer: ReportFiler | None, job: Job, result: AnalysisResult
+) -> None:
     if result.status == "completed" and not result.report_text.strip():
         # An empty report is not "no finding": say that nothing was analysed.
         result = replace(
@@ -54,7 +109,6 @@ def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None 
     log.info("analysed job %s (%s)", job.id, result.status)
     if filer is not None and result.status == "completed":
         _file(store, filer, job, result)
-    return True
 
 
 def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResult) -> None:
@@ -87,12 +141,14 @@ def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
     )
 
 
-def drain(store: SqliteStore, backend: Backend, filer: ReportFiler | None = None) -> int:
+def drain(
+    store: SqliteStore, backend: Backend, filer: ReportFiler | None = None, batch_size: int = 1
+) -> int:
     """Process jobs until the queue is empty; returns how many were processed. Raises
-    ModelUnavailable (the job put back) when the model cannot take work."""
+    ModelUnavailable (the jobs put back) when the model cannot take work."""
     count = 0
-    while process_one(store, backend, filer):
-        count += 1
+    while claimed := process_batch(store, backend, filer, batch_size):
+        count += claimed
     return count
 
 
@@ -136,12 +192,17 @@ def run_forever(
     poll_s: float = 0.2,
     filer: ReportFiler | None = None,
     availability: ModelAvailability | None = None,
+    batch_size: int = 1,
 ) -> None:
-    log.info("inference worker started for %s", backend.model.label)
+    """Claim and run batches of up to ``batch_size`` jobs (CXR_CDS_MODEL_BATCH_SIZE) until
+    ``stop`` is set."""
+    log.info(
+        "inference worker started for %s (batches of up to %d)", backend.model.label, batch_size
+    )
     availability = availability or ModelAvailability()
     while not stop.is_set():
         try:
-            busy = process_one(store, backend, filer)
+            busy = process_batch(store, backend, filer, batch_size) > 0
         except ModelUnavailable as exc:
             stop.wait(availability.unavailable(exc))
             continue

@@ -121,7 +121,7 @@ def run_demo(
     threading.Thread(
         target=run_forever,
         args=(store, backend, stop),
-        kwargs={"filer": filer},
+        kwargs={"filer": filer, "batch_size": settings.model_batch_size},
         name="worker",
         daemon=True,
     ).start()
