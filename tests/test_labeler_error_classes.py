@@ -43,7 +43,6 @@ NEGATION_SCOPE: list[Case] = [
     ("Without visible pneumothorax or effusion.", {PTX: N, EFFUSION: N}),
     ("No acute, displaced rib fractures.", {FRACTURE: N}),
     ("No displaced, acute rib fracture is identified.", {FRACTURE: N}),
-    ("No large, loculated pleural effusion.", {EFFUSION: N}),
     (
         "No identified pneumothorax, pleural effusion, or focal consolidation.",
         {PTX: N, EFFUSION: N, CONSOLIDATION: N},
@@ -295,4 +294,76 @@ NORMAL_LISTS: list[Case] = [
 
 @pytest.mark.parametrize("case", NORMAL_LISTS, ids=_id)
 def test_normal_state_of_a_list_and_other_real_phrasings(case: Case) -> None:
+    _check(case)
+
+
+# From the independent review of this change: a broadened negation or hedge must never hide
+# a present finding or raise a false alert. Each was right before the change or is a
+# pre-existing defect the review found.
+REVIEW_PRESENT: list[Case] = [
+    ("Effusion not seen, small left pneumothorax.", {PTX: P, EFFUSION: N}),
+    ("Pneumothorax not identified, small left effusion.", {EFFUSION: P, PTX: N}),
+    ("Chest tube removed, small left pneumothorax.", {PTX: P}),
+    ("Effusion resolved, small right pneumothorax.", {PTX: P}),
+    ("Pneumothorax no longer seen, small left effusion persists.", {EFFUSION: P}),
+    ("Pneumonia unlikely, small left effusion.", {EFFUSION: P}),
+    ("Patient not rotated, small right pneumothorax.", {PTX: P}),
+    ("No mediastinal shift, large left pneumothorax and effusion.", {PTX: P, EFFUSION: P}),
+    ("No comparison, large left pneumothorax and effusion.", {PTX: P, EFFUSION: P}),
+    ("No hyperinflation, right lower lobe consolidation and effusion.", {CONSOLIDATION: P}),
+    ("No prior exam, moderate cardiomegaly and edema.", {HEART: P, EDEMA: P}),
+    ("No tension seen in the large left pneumothorax.", {PTX: P}),
+    ("No re-expansion noted of the large left pneumothorax.", {PTX: P}),
+    ("No response noted in the left pleural effusion.", {EFFUSION: P}),
+    (
+        "No acute cardiopulmonary process, small left pneumothorax and effusion.",
+        {PTX: P, EFFUSION: P, NO_FINDING: M},
+    ),
+    ("No consolidation, large right pneumothorax and small effusion.", {PTX: P, EFFUSION: P}),
+    ("No pneumothorax, small effusions and bibasilar atelectasis.", {EFFUSION: P}),
+    ("Left chest tube w/pneumothorax.", {PTX: P}),
+    ("Small left pneumothorax and/or hydropneumothorax.", {PTX: P}),
+    ("Pneumothorax/hydropneumothorax.", {PTX: P}),
+    ("Left effusion/hemothorax.", {EFFUSION: P}),
+    ("Left IJ or subclavian line in place.", {DEVICES: P}),
+    ("IJ/PICC line in the SVC.", {DEVICES: P}),
+    ("No, left pneumothorax.", {PTX: P}),
+    ("No acute, left pneumothorax.", {PTX: P}),
+    ("Small left pleural effusion, with or without atelectasis.", {EFFUSION: P, ATELECTASIS: U}),
+    ("No pneumothorax, small effusion.", {PTX: N, EFFUSION: P}),
+    (
+        "Without focal consolidation, large effusion or pneumothorax.",
+        {CONSOLIDATION: N, EFFUSION: N, PTX: N},
+    ),
+]
+REVIEW_NEGATED: list[Case] = [
+    ("Pneumothorax no longer apparent.", {PTX: N}),
+    ("Pneumothorax is not readily apparent.", {PTX: N}),
+    ("Effusion is not clearly apparent.", {EFFUSION: N}),
+    ("No readily apparent pneumothorax.", {PTX: N}),
+    ("Without any apparent pneumothorax.", {PTX: N}),
+    ("No pneumothorax or apparent effusion.", {EFFUSION: N}),
+    ("No suggestion of pneumothorax.", {PTX: N}),
+    ("No radiographic suggestion of pneumothorax.", {PTX: N}),
+    ("No evidence or suggestion of pneumothorax.", {PTX: N}),
+    ("No suggestion of pneumothorax or effusion.", {PTX: N, EFFUSION: N}),
+    ("No findings suspicious for pneumothorax.", {PTX: N}),
+    ("No concern for pneumothorax.", {PTX: N}),
+    ("Nothing to suggest pneumothorax.", {PTX: N}),
+    ("No effusion, pneumothorax or free air.", {PTX: N, EFFUSION: N}),
+    ("No pneumothorax, effusion, or XXXX.", {PTX: N, EFFUSION: N}),
+    ("No XXXX, XXXX, pneumothorax.", {PTX: N}),
+    ("Pneumothorax isn't seen.", {PTX: N}),
+    ("There isn\u2019t a pneumothorax.", {PTX: N}),
+    ("Pneumothorax: neg.", {PTX: N}),
+]
+
+
+@pytest.mark.parametrize("case", REVIEW_PRESENT, ids=_id)
+def test_review_present_findings_stay_present(case: Case) -> None:
+    _check(case)
+
+
+@pytest.mark.parametrize("case", REVIEW_NEGATED, ids=_id)
+def test_review_negated_findings_stay_negative(case: Case) -> None:
     _check(case)

@@ -22,13 +22,16 @@ class CueRule:
     """A negation or uncertainty cue; ``reach`` is the most words between cue and mention.
 
     A ``clause_final`` cue counts only where it ends its phrase: "pneumothorax: none" but not
-    "pneumothorax, no other abnormality" (see CLAUSE_FINAL_FOLLOWERS).
+    "pneumothorax, no other abnormality" (see CLAUSE_FINAL_FOLLOWERS). An ``opens_phrase``
+    cue is a determiner-like negation ("no", "without") that governs the noun phrase after
+    it, adjectives and commas included ("no acute, displaced rib fracture").
     """
 
     patterns: tuple[GatedPattern, ...]
     direction: Direction
     reach: int
     clause_final: bool = False
+    opens_phrase: bool = False
 
 
 # --- Cues ------------------------------------------------------------------------------------
@@ -77,8 +80,7 @@ PSEUDO_CUES = patterns(
 
 _HEDGE_WORDS = (
     r"\b(?:may|might|could|possible|possibly|probable|probably|likely|presumed|presumably"
-    # "apparent" hedges a finding, except as the "no apparent X" of a negation
-    r"|(?<!not )(?<!no )(?<!without )apparent|apparently"
+    r"|apparently"
     r"|presumptive|questionable|suspected|suspect|equivocal|indeterminate|borderline"
     r"|uncertain|perhaps|potential|potentially|conceivably)\b"
 )
@@ -104,6 +106,10 @@ UNCERTAINTY_CUES: tuple[CueRule, ...] = (
                 _HEDGE_WORDS,
             ),
             ("any", r"\bif\s+any\b"),
+            # "Apparent old rib fractures", "an apparent effusion": the adjective that opens
+            # its phrase hedges; after a verb or a negation ("is not apparent", "no apparent")
+            # it means "evident" and is part of what is said.
+            ("apparent", r"^\s*(?:\d{1,2}[.)]\s*)?apparent\b|\b(?:an?|with|some)\s+apparent\b"),
             ("question|suspici", r"\bquestion\s+of\b|\b(?:suspicious|suspicion)\s+(?:for|of)\b"),
             (
                 "concern|worrisome|suggestive|suggestion",
@@ -181,14 +187,22 @@ def _not_after(words: str, auxiliaries: str) -> str:
 
 
 NEGATION_CUES: tuple[CueRule, ...] = (
-    CueRule(patterns(("no", r"\bno\b(?!\s+longer\b)")), Direction.FORWARD, 7),
     CueRule(
         patterns(
+            ("no", r"\bno\b(?!\s+longer\b)"),
+            ("nothing", r"\bnothing\b"),
             (
                 "without|negative|free|clear|absence|lack|neither|nor|rather",
                 r"\b(?:without|negative\s+for|free\s+of|clear\s+of|absence\s+of|lack\s+of|neither"
                 r"|nor|rather\s+than)\b",
             ),
+        ),
+        Direction.FORWARD,
+        7,
+        opens_phrase=True,
+    ),
+    CueRule(
+        patterns(
             (
                 "resolution|removal|clearing|disappearance|exclusion|longer",
                 r"\b(?:resolution\s+of|removal\s+of|clearing\s+of|disappearance\s+of"
@@ -220,13 +234,18 @@ NEGATION_CUES: tuple[CueRule, ...] = (
         Direction.FORWARD,
         2,
     ),
-    CueRule(patterns(("not", r"\bnot\b")), Direction.FORWARD, 3),
+    CueRule(
+        patterns(("not", r"\bnot\b"), ("n't|n’t", r"\b(?:is|are|was|were)n[\'’]t\b")),
+        Direction.FORWARD,
+        3,
+    ),
     # After the mention; the verb before the cue ("is not seen") is just a word in the gap.
     CueRule(
         patterns(
             (
-                "not|longer|can't",
-                r"\b(?:not|no\s+longer|cannot|can't|could\s+not)\s+(?:\w+ly\s+)?(?:be\s+)?"
+                "not|longer|can't|can’t|n't|n’t",
+                r"\b(?:not|no\s+longer|cannot|can[\'’]t|could\s+not|(?:is|are|was|were)n[\'’]t)\s+"
+                r"(?:\w+ly\s+)?(?:be\s+)?"
                 r"(?:seen|identified|visualized"
                 r"|visible|appreciated|appreciable|evident|present|demonstrated|detected|noted"
                 r"|apparent|observed|shown|depicted|recurred|reaccumulated|developed"
@@ -247,8 +266,8 @@ NEGATION_CUES: tuple[CueRule, ...] = (
     CueRule(
         patterns(
             (
-                "no|negative|absent",
-                r"[:,(\u2013\u2014-]\s*(?:none|negative|absent|no|not\s+seen)\b",
+                "no|neg|absent",
+                r"[:,(\u2013\u2014-]\s*(?:none|negative|neg|absent|no|not\s+seen)\b",
             ),
         ),
         Direction.BACKWARD,
@@ -335,18 +354,27 @@ ATTRIBUTIVE_PARTICIPLES = frozenset({
     "observed",
 })
 # fmt: on
-# What a negation may reach across a comma through: only the modifiers of one noun phrase
-# ("no acute, displaced rib fracture"), never a noun of its own ("no acute process, small
-# effusion"). Besides these words, adverbs (-ly) and participles (-ed) count as modifiers.
+# What a determiner-like negation ("no", "without") may reach across a comma through: only
+# adjectives of one noun phrase ("no acute, displaced rib fracture"), never a noun of its own
+# ("no acute process, pneumothorax"), a participle ("not seen, pneumothorax") or a size word,
+# which says that what follows is present ("no effusion, small pneumothorax"). "xxxx" is the
+# de-identification token of public report sets, a word of unknown kind.
 # fmt: off
-PHRASE_MODIFIERS = frozenset({
-    "a", "an", "any", "the", "acute", "new", "large", "small", "sizable", "sizeable", "big",
-    "significant", "definite", "focal", "discrete", "gross", "frank", "overt", "obvious",
-    "visible", "demonstrable", "appreciable", "evident", "apparent", "convincing", "clear",
-    "left", "right", "bilateral", "unilateral", "apical", "basilar", "pleural", "lobar",
-    "segmental", "rib", "other", "residual", "recurrent", "additional", "further",
-    "radiographic", "moderate", "massive", "free", "layering", "evidence", "of",
-    "signs", "sign", "seen", "present",
+PHRASE_ADJECTIVES = frozenset({
+    "a", "an", "any", "the", "acute", "new", "significant", "definite", "focal", "discrete",
+    "gross", "frank", "overt", "obvious", "visible", "demonstrable", "appreciable", "evident",
+    "convincing", "displaced", "nondisplaced", "non-displaced", "loculated", "visualized",
+    "identifiable", "pleural", "lobar", "segmental", "rib", "other", "recurrent", "additional",
+    "further",
+    "radiographic", "free", "layering", "xxxx",
+})
+# Words that say a finding is present; a list item holding one is a new statement ("no
+# pneumothorax, small effusions and atelectasis" leaves the effusions present).
+PRESENCE_WORDS = frozenset({
+    "small", "large", "moderate", "mild", "severe", "massive", "trace", "tiny", "minimal",
+    "sizable", "sizeable", "big", "stable", "persistent", "increasing", "increased",
+    "worsening", "worsened", "enlarging", "marked", "extensive", "dense", "residual",
+    "unchanged", "redemonstrated", "again",
 })
 # fmt: on
 # Verbs an uncertainty cue reaches through: "may represent", "could be", "likely reflects".

@@ -50,7 +50,8 @@ from cds_service.findings.cues import (
     HEDGED_VERBS,
     NEGATION_CONTINUATION,
     NEGATION_CUES,
-    PHRASE_MODIFIERS,
+    PHRASE_ADJECTIVES,
+    PRESENCE_WORDS,
     PSEUDO_CUES,
     TERMINATORS,
     TRAILING_ASIDE_OPENERS,
@@ -71,7 +72,7 @@ __all__ = ["ObservationLabel", "label_report", "labels_as_json"]
 _RANK = {Label.NOT_MENTIONED: 0, Label.NEGATIVE: 1, Label.UNCERTAIN: 2, Label.POSITIVE: 3}
 _LINK_FILLER_MAX = 4  # words besides connectors allowed between two coordinated mentions
 # Words that stop a cue before it reaches the first mention after it.
-_NEGATION_BLOCKERS = (GAP_BLOCKERS - ATTRIBUTIVE_PARTICIPLES) | {"and", "with"}
+_NEGATION_BLOCKERS = GAP_BLOCKERS | {"and", "with"}
 # A hedge stops at "and", "with" and at a negation: "suggesting airways disease without
 # pneumonia" hedges no pneumonia.
 _HEDGE_BLOCKERS = (GAP_BLOCKERS - HEDGED_VERBS) | {"and", "with", "without", "no", "not"}
@@ -105,15 +106,17 @@ _NET_GATES = {
 }
 # Alternatives right beside a mention ("scarring/atelectasis", "atelectasis or scarring"),
 # and an "or" joining two mentions of a list.
-_ALTERNATIVE_BEFORE = re.compile(r"(?:\bor\s+|\w/)$")
+_ALTERNATIVE_SPAN = 8
+_ALTERNATIVE_BEFORE = re.compile(r"(?:\bor\s+|(?<![\s/(]w)(?<=\w)/)$")
 _ALTERNATIVE_AFTER = re.compile(r"(?:/\w|\s+or\s+\w|\s+and/or\b)")
-_ALTERNATIVE_WORD = re.compile(r"(?<!\w)(?:or|and/or|/)(?!\w)|\w/\w")
+_WITH_SLASH = re.compile(r"\bw/")
 # A negation's list ("no findings to indicate A, B, or C"): the words before its first item,
 # the words of each item, and how a list closes after a mention.
 _LIST_LEAD_MAX = 5
 _LIST_ITEM_MAX = 3
-_LIST_CLOSE = re.compile(r"\s*,?\s*(?:or|and|nor)\b")
+_LIST_CLOSE = re.compile(r"\s*,?\s*(?:or|nor)\b")
 _LIST_CLOSE_SPAN = 8
+_OR_WORDS = frozenset({"or", "nor", "and/or", "/"})
 _TRIGGER_SPAN = max(len(t) for gate, _, _ in _MENTION_TABLE for t in gate.triggers)
 
 
@@ -251,13 +254,16 @@ class _Clauses:
 
 
 def _link(gap: str) -> str | None:
-    """How two neighbouring mentions are joined: 'conj', 'comma', 'adj', 'cont' or None."""
+    """How two neighbouring mentions are joined: 'and' or 'or' (a conjunction), 'comma',
+    'comma+' (a comma and a word that says the next finding is present), 'adj', 'cont', or
+    None (not joined)."""
     words = _words(gap)
     if not words:
         return "adj"
     if NEGATION_CONTINUATION.match(gap):
         return "cont"
     has_conj = False
+    has_or = False
     fillers = 0
     for index, word in enumerate(words):
         word = word.strip(".:")
@@ -267,8 +273,11 @@ def _link(gap: str) -> str | None:
             index == len(words) - 1 and word in ATTRIBUTIVE_PARTICIPLES
         ):
             return None
+        if word in ("with", "without"):
+            return None  # "effusion, with or without atelectasis": not a list
         if word in CONJUNCTIONS or word in ("as", "well"):  # "as well as" joins too
             has_conj = True
+            has_or = has_or or word in _OR_WORDS
             nxt = words[index + 1] if index + 1 < len(words) else ""
             if word == "and" and nxt in DETERMINERS:
                 return None  # "no effusion and the heart is enlarged": a new statement
@@ -277,30 +286,52 @@ def _link(gap: str) -> str | None:
     if fillers > _LINK_FILLER_MAX:
         return None
     if has_conj:
-        return "conj"
-    return "comma" if "," in words else None
+        return "or" if has_or else "and"
+    if "," not in words:
+        return None
+    # "No pneumothorax, small effusions and atelectasis": a size or course word after a comma
+    # says the next finding is present, unless "or" closes the list ("no consolidation,
+    # large effusion, or pneumothorax" is one negated list).
+    return "comma+" if any(w in PRESENCE_WORDS for w in words) else "comma"
 
 
-def _chain(slots: list[_Slot], links: list[str | None], first: int, forward: bool) -> list[int]:
-    """The mentions a cue reaches: the first one and those coordinated with it."""
+def _chain(
+    slots: list[_Slot],
+    links: list[str | None],
+    first: int,
+    forward: bool,
+    closed_after: list[bool] | None = None,
+) -> list[int]:
+    """The mentions a cue reaches: the first one and those coordinated with it.
+
+    ``closed_after[i]``: an "or" / "nor" follows mention i, so a list that reaches it is
+    closed there even when its last item names no finding ("no effusion, pneumothorax or
+    free air").
+    """
     members = [first]
     pending: list[int] = []
+    pending_presence = False
     seen_conj = False
     index = first
     step = 1 if forward else -1
     while 0 <= index + step < len(slots):
         link = links[index] if forward else links[index - 1]
         nxt = index + step
-        if link in ("conj", "adj", "cont"):
+        if link == "and" and pending_presence:
+            pending = []
+            break  # "no A, small B and C": B and C are a statement of their own
+        if link in ("and", "or", "adj", "cont"):
             members.extend(pending)
             members.append(nxt)
             pending = []
-            seen_conj = seen_conj or link == "conj"
-        elif link == "comma":
+            pending_presence = False
+            seen_conj = seen_conj or link in ("and", "or")
+        elif link in ("comma", "comma+"):
             # "no A, B or C": a comma joins a list only if a conjunction closes it; going
             # backwards the conjunction has already been seen ("A, B or C is not seen").
             if forward:
                 pending.append(nxt)
+                pending_presence = pending_presence or link == "comma+"
             elif seen_conj:
                 members.append(nxt)
             else:
@@ -308,41 +339,47 @@ def _chain(slots: list[_Slot], links: list[str | None], first: int, forward: boo
         else:
             break
         index = nxt
+    if pending and closed_after is not None and closed_after[pending[-1]]:  # by "or"
+        members.extend(pending)
     return members
 
 
-def _gap_ok(gap: str, reach: int, forward: bool, negation: bool, after: str = "") -> bool:
+def _gap_ok(gap: str, rule: CueRule, forward: bool, negation: bool, after: str = "") -> bool:
     """Whether a cue reaches across ``gap`` to the nearest mention (few words, one clause).
 
-    Going forward, a negation reaches through the modifiers of the noun phrase it opens,
-    commas between them included ("no acute, displaced rib fracture", "no visualized
-    pneumothorax"), over the items of a list it opens ("no findings to indicate
-    hyperinflation, pneumonia, or airways disease": ``after`` is the text after the mention,
-    where a list may close), and stops at a verb ("no effusion is seen and the heart is
-    enlarged").
+    Going forward, a negation stops at a verb ("no effusion is seen and the heart is
+    enlarged"), except a participle right before the mention ("no visualized pneumothorax").
+    A determiner-like negation (``rule.opens_phrase``: "no", "without") also reaches across
+    the commas between the adjectives of its noun phrase ("no acute, displaced rib
+    fracture") and over the first items of a list that "or" closes ("no findings to indicate
+    hyperinflation, pneumonia, or edema": ``after`` is the text after the mention).
     """
     words = _words(gap)
     has_comma = "," in words
-    if has_comma and forward and negation and _list_gap(words, after):
-        words = [w for w in words if w != ","]
-        return not any(w in _NEGATION_BLOCKERS for w in words)
-    words = [w for w in words if w != ","]
-    if len(words) > reach:
-        return False
+    plain = [w for w in words if w != ","]
     if not forward:
-        return not has_comma
-    if has_comma and not (negation and all(_is_modifier(w) for w in words)):
-        return False
-    # "may represent atelectasis": a hedge reaches through the verb it hedges; a negation
-    # does not.
+        return not has_comma and len(plain) <= rule.reach
     blockers = _NEGATION_BLOCKERS if negation else _HEDGE_BLOCKERS
-    return not any(w in blockers for w in words)
+    last = len(plain) - 1
+    if any(
+        w in blockers and not (negation and i == last and w in ATTRIBUTIVE_PARTICIPLES)
+        for i, w in enumerate(plain)
+    ):
+        return False
+    if not has_comma:
+        return len(plain) <= rule.reach
+    if not (negation and rule.opens_phrase):
+        return False
+    # The comma must stand between adjectives: "no, left pneumothorax" is not one phrase.
+    if words[0] != "," and len(plain) <= rule.reach and all(w in PHRASE_ADJECTIVES for w in plain):
+        return True
+    return _list_gap(words, after)
 
 
 def _list_gap(words: list[str], after: str) -> bool:
-    """Whether a gap with commas holds the first items of a list that a conjunction closes:
-    short items, and "or", "and" or "nor" before the last one (in the gap or just after the
-    mention)."""
+    """Whether a gap with commas holds the first items of a list that "or" / "nor" closes
+    (in the gap or just after the mention): a short lead, short items, none of them saying
+    that a finding is present."""
     pieces: list[list[str]] = [[]]
     for word in words:
         if word == ",":
@@ -351,13 +388,10 @@ def _list_gap(words: list[str], after: str) -> bool:
             pieces[-1].append(word)
     if len(pieces[0]) > _LIST_LEAD_MAX or any(len(p) > _LIST_ITEM_MAX for p in pieces[1:]):
         return False
-    closed = any(w in ("or", "and", "nor") for w in pieces[-1])
+    if any(w in PRESENCE_WORDS for piece in pieces for w in piece):
+        return False
+    closed = any(w in ("or", "nor") for w in pieces[-1])
     return closed or _LIST_CLOSE.match(after) is not None
-
-
-def _is_modifier(word: str) -> bool:
-    """Whether a word can only modify the noun after it (an adjective, adverb or participle)."""
-    return word in PHRASE_MODIFIERS or word.endswith(("ly", "ed"))
 
 
 def _clause_final(low: str, c_end: int, slots: list[_Slot], clauses: _Clauses) -> bool:
@@ -416,7 +450,7 @@ def _reaches_back(
         return False
     gap = low[slot.end : c_start]
     if "," not in gap:
-        return _gap_ok(gap, rule.reach, False, negation)
+        return _gap_ok(gap, rule, False, negation)
     return _aside_gap_ok(gap, rule.reach) and _clause_final(low, c_end, slots, clauses)
 
 
@@ -442,8 +476,14 @@ def _apply_cues(
     clauses: _Clauses,
     negation: bool,
     skip: list[tuple[int, int]],
+    closed_after: list[bool],
+    governed: list[tuple[int, int]],
 ) -> None:
-    """Mark the slots each cue reaches: the nearest mention on its side and its list."""
+    """Mark the slots each cue reaches: the nearest mention on its side and its list.
+
+    Cues that start inside a ``skip`` span are ignored; each forward negation adds the span
+    from its start to the first mention it governs to ``governed``.
+    """
     for cue in cues:
         rule, c_start, c_end = cue
         if any(s <= c_start < e for s, e in skip):
@@ -456,12 +496,14 @@ def _apply_cues(
                 if slot.start >= c_end:
                     if not clauses.crossed(c_end, slot.start) and _gap_ok(
                         low[c_end : slot.start],
-                        rule.reach,
+                        rule,
                         True,
                         negation,
                         low[slot.end : slot.end + _LIST_CLOSE_SPAN],
                     ):
-                        targets.extend(_chain(slots, links, i, True))
+                        targets.extend(_chain(slots, links, i, True, closed_after))
+                        if negation:
+                            governed.append((c_start, slot.start))
                     break
         if rule.direction is not Direction.FORWARD:
             for i in range(len(slots) - 1, -1, -1):
@@ -479,35 +521,44 @@ def _apply_cues(
 
 def _mark_alternatives(low: str, slots: list[_Slot], links: list[str | None]) -> None:
     """Mentions offered as alternatives are uncertain: "atelectasis or pneumonia",
-    "scarring/atelectasis", "infiltrate and/or atelectasis". A negated list ("no effusion or
-    pneumothorax") offers no alternatives, so negated mentions are left alone."""
+    "scarring/atelectasis", "infiltrate and/or atelectasis".
+
+    Left alone: negated mentions (a negated list, "no effusion or pneumothorax", offers no
+    alternatives), two names for one finding ("pneumothorax/hydropneumothorax"), devices
+    (which line it is does not make the line uncertain) and "w/" (with).
+    """
     if "or" not in low and "/" not in low:
         return
     for index, slot in enumerate(slots):
-        if slot.negated or slot.uncertain:
+        if slot.negated or slot.uncertain or _only_devices(slot):
             continue
-        before = low[max(0, slot.start - 8) : slot.start]
-        after = low[slot.end : slot.end + 8]
+        left = slots[index - 1] if index > 0 else None
+        right = slots[index + 1] if index + 1 < len(slots) else None
         joined = (
-            _ALTERNATIVE_BEFORE.search(before) is not None
-            or _ALTERNATIVE_AFTER.match(after) is not None
-            or (
-                index > 0 and links[index - 1] == "conj" and _offers_or(low, slots[index - 1], slot)
-            )
-            or (
-                index + 1 < len(slots)
-                and links[index] == "conj"
-                and _offers_or(low, slot, slots[index + 1])
-            )
-        )
+            left is not None and links[index - 1] == "or" and _alternatives(low, left, slot)
+        ) or (right is not None and links[index] == "or" and _alternatives(low, slot, right))
+        # An alternative that names no finding ("scarring/atelectasis"), right beside it.
+        if not joined and (left is None or slot.start - left.end > _ALTERNATIVE_SPAN):
+            before = low[max(0, slot.start - _ALTERNATIVE_SPAN) : slot.start]
+            joined = _ALTERNATIVE_BEFORE.search(before) is not None
+        if not joined and (right is None or right.start - slot.end > _ALTERNATIVE_SPAN):
+            after = low[slot.end : slot.end + _ALTERNATIVE_SPAN]
+            joined = _ALTERNATIVE_AFTER.match(after) is not None
         if joined:
             slot.uncertain = True
 
 
-def _offers_or(low: str, left: _Slot, right: _Slot) -> bool:
+def _only_devices(slot: _Slot) -> bool:
+    return all(obs is Observation.SUPPORT_DEVICES for obs, _ in slot.mentions)
+
+
+def _alternatives(low: str, left: _Slot, right: _Slot) -> bool:
+    """Whether two mentions that an "or" link joins are offered as alternatives."""
     if left.negated or right.negated:
         return False
-    return _ALTERNATIVE_WORD.search(low, left.end, right.start) is not None
+    if {obs for obs, _ in left.mentions} & {obs for obs, _ in right.mentions}:
+        return False  # two names for one finding
+    return _WITH_SLASH.search(low, left.end - 1, right.start) is None
 
 
 def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceResult | None:
@@ -533,7 +584,9 @@ def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceR
     if unc_cues:
         masked = _mask(masked, sorted((start, end) for _, start, end in unc_cues))
     neg_cues = _find_cues(masked, NEGATION_CUES, active, gated)
-    _apply_cues(low, neg_cues, slots, links, clauses, True, [])
+    closed_after = [_LIST_CLOSE.match(low, slot.end) is not None for slot in slots]
+    governed: list[tuple[int, int]] = []
+    _apply_cues(low, neg_cues, slots, links, clauses, True, [], closed_after, governed)
     # "No consolidation suspicious for pneumonia": a phrase that carries a negation on to the
     # next mention is not an uncertainty cue there.
     carried = [
@@ -541,7 +594,9 @@ def _label_sentence(low: str, active: frozenset[int], gated: bool) -> _SentenceR
         for i, link in enumerate(links)
         if link == "cont" and slots[i].negated
     ]
-    _apply_cues(low, unc_cues, slots, links, clauses, False, carried)
+    # "No suggestion of pneumothorax", "no findings suspicious for pneumonia": a hedge inside
+    # the noun phrase a negation governs is part of what is negated.
+    _apply_cues(low, unc_cues, slots, links, clauses, False, carried + governed, closed_after, [])
     _mark_alternatives(low, slots, links)
     labels: dict[Observation, Label] = {}
     normal = False
