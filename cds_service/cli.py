@@ -14,7 +14,7 @@ from pathlib import Path
 from cds_service.errors import ConfigurationError
 from cds_service.imaging.cli import register as register_dicom_commands
 from cds_service.inference.model_cli import register as register_model_commands
-from cds_service.inference.registry import SIMULATED_WARNING
+from cds_service.inference.registry import SIMULATED_WARNING, check_model_settings
 
 log = logging.getLogger("cxr_cds")
 
@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cds_service.web.gunicorn_app import run_gunicorn
 
     settings = Settings.from_env()
+    check_model_settings(settings)
     if settings.simulated:
         log.warning(SIMULATED_WARNING)
     supervisor = None
@@ -64,6 +65,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cds_service.jobs.worker import run_forever
 
     settings = Settings.from_env()
+    check_model_settings(settings)
     store = SqliteStore(settings.database)
     backend = load_backend(settings)
     filer = None

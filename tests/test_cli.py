@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SandboxHandle, ServiceHandle, free_port
 
 CLI = [sys.executable, "-m", "cds_service.cli"]
@@ -252,3 +254,70 @@ def test_findings_command_labels_a_report_from_stdin() -> None:
     assert "Pneumonia" in plain.stdout and "Fracture" not in plain.stdout
     empty = subprocess.run([*CLI, "findings"], input="", capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "standard input" in empty.stderr
+
+
+def _serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    port = free_port()
+    return {
+        "PATH": "/usr/bin:/bin",
+        "CXR_CDS_MODE": "development",
+        "CXR_CDS_AUTH": "off",
+        "CXR_CDS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "CXR_CDS_DB": str(tmp_path / "cds.sqlite3"),
+        **extra,
+    }
+
+
+def test_serve_with_a_missing_model_folder_is_one_configuration_error(tmp_path: Path) -> None:
+    for command in ("serve", "worker"):
+        run = subprocess.run(
+            [*CLI, command, *(["--port", str(free_port())] if command == "serve" else [])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_serve_env(
+                tmp_path, CXR_CDS_BACKEND="tiny", CXR_CDS_MODEL_DIR=str(tmp_path / "missing")
+            ),
+        )
+        assert run.returncode == 2, run.stderr
+        assert "configuration error" in run.stderr and "CXR_CDS_MODEL_DIR" in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_serve_on_cuda_without_cuda_is_one_configuration_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    (tmp_path / "model").mkdir()
+    run = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_serve_env(
+            tmp_path,
+            CXR_CDS_BACKEND="tiny",
+            CXR_CDS_MODEL_DIR=str(tmp_path / "model"),
+            CXR_CDS_MODEL_DEVICE="cuda",
+        ),
+    )
+    assert run.returncode == 2, run.stderr
+    assert "configuration error" in run.stderr and "no usable CUDA device" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_supervisor_does_not_restart_a_worker_stopped_by_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cds_service.jobs import supervisor as supervisor_module
+
+    starts = tmp_path / "starts"
+    script = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(2)"
+    monkeypatch.setattr(supervisor_module, "WORKER_COMMAND", (sys.executable, "-c", script))
+    watcher = supervisor_module.WorkerSupervisor(restart_delay_s=0.05)
+    watcher.start()
+    watcher._thread.join(10)
+    assert not watcher._thread.is_alive()
+    assert starts.read_text() == "x"  # started once, never again
+    watcher.stop()

@@ -44,6 +44,33 @@ def _model_folder(settings: Settings) -> Path:
     return folder
 
 
+def check_model_settings(settings: Settings) -> None:
+    """Refuse, with one ConfigurationError, model settings that cannot work on this host:
+    a missing model folder, or a CUDA device the host does not have. Checked before the web
+    tier or the worker starts, so a bad setting is one clear line, not a worker restarting
+    forever or a traceback in every gunicorn worker."""
+    if settings.backend == "simulated":
+        return
+    _model_folder(settings)
+    device = settings.model_device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"CXR_CDS_MODEL_DEVICE={device}, but this host has no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): "
+            "set CXR_CDS_MODEL_DEVICE=cpu or auto, or install a CUDA build of torch"
+        )
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigurationError(
+            f"CXR_CDS_MODEL_DEVICE={device}, but this host has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def model_info(settings: Settings) -> ModelInfo:
     """Which model the settings name, without loading it (the weights' sha256 is cached).
 

@@ -9,6 +9,7 @@ import threading
 
 log = logging.getLogger(__name__)
 WORKER_COMMAND = (sys.executable, "-m", "cds_service.cli", "worker")
+CONFIGURATION_ERROR_EXIT = 2  # what `cxr-cds` exits with on a ConfigurationError
 
 
 class WorkerSupervisor:
@@ -33,6 +34,13 @@ class WorkerSupervisor:
             self._process = subprocess.Popen(WORKER_COMMAND)
             code = self._process.wait()
             if self._stop.is_set():
+                return
+            if code == CONFIGURATION_ERROR_EXIT:
+                # Restarting cannot fix a setting: say so once instead of looping.
+                log.error(
+                    "inference worker stopped on a configuration error (see above); "
+                    "not restarting it: fix the setting and restart cxr-cds serve"
+                )
                 return
             log.warning("inference worker exited with %s; restarting in %.0f s", code, self._delay)
             self._stop.wait(self._delay)
