@@ -190,7 +190,9 @@ class HookHandler:
         # Results belong to the tenant (issuer) that sent the study; only a vetted FHIR
         # server is ever stored with a job.
         tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
-        server = access.fhir_server if access is not None else None
+        # The job keeps the EHR that holds the study even when the hook sent no
+        # fhirAuthorization: the worker reads it with that EHR's registered access.
+        server = self._vetted_fhir_server(body, issuer)
         # Where this service files reports itself, a card must not offer a second copy.
         offer_filing = not self._files_to(body.get("fhirServer"), issuer)
         statuses = self._statuses(recent, tenant, patient_id, server, offer_filing)
@@ -270,6 +272,15 @@ class HookHandler:
             if len(self._reports) > REPORT_CACHE_SIZE:
                 self._reports.popitem(last=False)
         return report
+
+    def _vetted_fhir_server(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> str | None:
+        """The hook's fhirServer when this caller may name it (None otherwise)."""
+        server = body.get("fhirServer")
+        if not isinstance(server, str) or not server:
+            return None
+        if issuer is None:
+            return server if self.settings.mode == "development" else None
+        return server if issuer.allows_fhir_server(server) else None
 
     def _fhir_access(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> FhirAccess | None:
         server = body.get("fhirServer")
@@ -359,7 +370,8 @@ class HookHandler:
                 )
             return StudyStatus(study=study, state="not-analysed", result=stored.result)
         if self.store.job_state(ref, self.model) is not None:
-            return StudyStatus(study=study, state="in-progress")
+            waiting = self.store.waiting_reason(ref, self.model) or ""
+            return StudyStatus(study=study, state="in-progress", reason=waiting)
         if enqueue and self.settings.enqueue_on_miss:
             try:
                 self.store.enqueue(ref, self.model, study, server)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cds_service.imaging.errors import ImageFetchError, NotAnalysable
+from cds_service.imaging.errors import ImageFetchError, NoAccess, NotAnalysable
 from cds_service.imaging.files import DecodedImage, read_image_file
 from cds_service.inference.base import BatchBackend, ModelUnavailable, ReportRequest
 from cds_service.inference.pipeline import ImagePipelineBackend
@@ -181,3 +181,60 @@ def test_run_forever_batches_what_is_queued(tmp_path: Path) -> None:
         worker.join(timeout=10)
     assert sorted(writer.calls, reverse=True) == [8, 4]
     assert all(store.get_result(ref, backend.model) is not None for ref in refs)
+
+
+class NoAccessImages(Images):
+    def load(self, study: dict[str, Any], fhir_server: str | None) -> DecodedImage:
+        if study["id"].startswith("elsewhere"):
+            raise NoAccess(fhir_server)
+        return super().load(study, fhir_server)
+
+
+def test_a_study_without_access_waits_with_the_reason_and_is_never_final(tmp_path: Path) -> None:
+    """No registered access to the study's EHR: not a fact about the study. The job waits,
+    uncounted, says why (the FHIR base and the setting to add), and runs once a worker
+    starts again with the settings fixed."""
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    writer = CountingWriter()
+    backend = ImagePipelineBackend(writer, NoAccessImages())
+    refs = queue(store, backend.model, ["elsewhere-1", "s1"])
+    assert process_batch(store, backend, batch_size=8) == 2
+    assert store.get_result(refs[0], backend.model) is None  # never a final "not analysed"
+    completed = store.get_result(refs[1], backend.model)
+    assert completed is not None and completed.result.status == "completed"
+    assert job_rows(tmp_path / "q.sqlite3") == [("queued", 0), ("done", 1)]
+    reason = store.waiting_reason(refs[0], backend.model)
+    assert reason is not None
+    assert "no access to http://ehr/fhir" in reason and "CXR_CDS_EHR_CLIENTS" in reason
+    assert store.claim_batch(backend.model, 8) == []  # waits: not claimed again at once
+    # A worker that starts (with new settings) releases the waiting jobs.
+    assert store.release_waiting() == 1
+    assert store.waiting_reason(refs[0], backend.model) is None
+    fixed = ImagePipelineBackend(writer, Images())
+    assert drain(store, fixed, batch_size=8) == 1
+    stored = store.get_result(refs[0], backend.model)
+    assert stored is not None and stored.result.status == "completed"
+
+
+def test_the_card_of_a_waiting_study_says_why() -> None:
+    from datetime import UTC, datetime
+
+    from cds_service.fhir_out.cards import CardContext, StudyStatus, cards_for_study
+
+    study = {
+        "resourceType": "ImagingStudy",
+        "id": "s1",
+        "started": "2026-11-30T10:00:00+00:00",
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}],
+    }
+    reason = str(NoAccess("http://ehr/fhir"))
+    ctx = CardContext(
+        model=SimulatedReportWriter().model,
+        smart_launch_url="http://127.0.0.1:9/app/launch",
+        now=datetime(2026, 12, 1, tzinfo=UTC),
+    )
+    cards = cards_for_study(StudyStatus(study=study, state="in-progress", reason=reason), ctx)
+    assert len(cards) == 1
+    assert cards[0]["summary"].endswith("AI analysis waiting")
+    assert "no access to http://ehr/fhir" in cards[0]["detail"]
+    assert "CXR_CDS_EHR_CLIENTS" in cards[0]["detail"]

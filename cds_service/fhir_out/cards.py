@@ -262,6 +262,21 @@ def _built_for_study(status: StudyStatus, ctx: CardContext) -> list[Built]:
         if status.unfiled_report is not None:
             _offer_filing(built[0][0], status.unfiled_report, ctx)
         return built
+    if status.state == "in-progress" and status.reason:
+        # Queued but waiting (no access to the EHR yet): say why, in the operator's words.
+        return [
+            _card(
+                key=f"{uid}|waiting",
+                summary=f"{label}: AI analysis waiting",
+                indicator="info",
+                detail_lines=[
+                    f"The study is queued for AI analysis but waits: {status.reason}.",
+                    "No AI findings exist for this study yet.",
+                ],
+                study=status.study,
+                ctx=ctx,
+            )
+        ]
     if status.state == "in-progress":
         return [
             _card(

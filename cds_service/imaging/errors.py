@@ -34,3 +34,26 @@ class ImageFetchError(ImagingError):
 
     status = 502
     code = "image-fetch-failed"
+
+
+class NoAccess(ImagingError):
+    """The worker has no registered access to the EHR that holds the study, so its images
+    were never looked for. Not a fact about the study: the job waits and is tried again once
+    access is configured; it is never stored as "not analysed"."""
+
+    status = 503
+    code = "no-access"
+
+    def __init__(self, fhir_server: str | None) -> None:
+        if fhir_server:
+            message = (
+                f"no access to {fhir_server}: register it in CXR_CDS_EHR_CLIENTS (a SMART "
+                "Backend Services client) so the worker can read its studies and images"
+            )
+        else:
+            message = (
+                "the study came with no FHIR server to read it from, and no image server "
+                "holds it: the worker cannot look for its images"
+            )
+        super().__init__(message)
+        self.fhir_server = fhir_server

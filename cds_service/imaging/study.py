@@ -30,6 +30,7 @@ from cds_service.imaging import decode, selection
 from cds_service.imaging.errors import (
     ImageFetchError,
     ImagingError,
+    NoAccess,
     NotAnalysable,
     UnsupportedImage,
 )
@@ -155,6 +156,10 @@ class StudyImages:
         if not sources and access is not None and client is not None:
             sources = self._media_sources(vetted, client, access, reasons)
         if not sources:
+            if access is None and not reasons:
+                # Nothing was looked at: without access to the EHR its Endpoints and Media
+                # are out of reach, which says nothing about the study.
+                raise NoAccess(fhir_server)
             raise NotAnalysable(
                 "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
             )

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     fhir_server TEXT, study_resource TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0
 );
 -- At most one live job per study and model version: enqueueing twice is a no-op.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live
@@ -92,9 +93,7 @@ class SqliteStore:
         self._local = threading.local()
         conn = self._conn()
         conn.executescript(SCHEMA)  # executescript manages its own transaction
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
-        if "filed_location" not in columns:  # files written before write-back existed
-            conn.execute("ALTER TABLE results ADD COLUMN filed_location TEXT")
+        _migrate(conn)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -283,9 +282,10 @@ class SqliteStore:
             rows = conn.execute(
                 "SELECT id, tenant, study_uid, patient_id, fhir_server, study_resource, attempts "
                 "FROM jobs WHERE model_id = ? AND model_version = ? AND "
-                "(status = 'queued' OR (status = 'running' AND updated_at < ?)) "
+                "((status = 'queued' AND not_before <= ?) "
+                "OR (status = 'running' AND updated_at < ?)) "
                 "ORDER BY id LIMIT ?",
-                (model.model_id, model.version, now - stale_after_s, limit),
+                (model.model_id, model.version, now, now - stale_after_s, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ? "
@@ -321,6 +321,39 @@ class SqliteStore:
                 "updated_at = ? WHERE id = ? AND status = 'running'",
                 (reason[:500], time.time(), job.id),
             )
+
+    def defer(self, job: Job, reason: str, delay_s: float) -> None:
+        """Requeue a job that cannot run yet through no fault of its study (no access to its
+        EHR), uncounted, not to be claimed for ``delay_s``; ``reason`` says why it waits."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), error = ?, "
+                "updated_at = ?, not_before = ? WHERE id = ? AND status = 'running'",
+                (reason[:500], now, now + delay_s, job.id),
+            )
+
+    def release_waiting(self) -> int:
+        """Make every waiting job claimable now (the settings may have changed: a worker
+        calls this when it starts); returns how many there were."""
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET not_before = 0 WHERE status = 'queued' AND not_before > 0"
+            )
+            return cursor.rowcount
+
+    def waiting_reason(self, ref: StudyRef, model: ModelInfo) -> str | None:
+        """Why the study's queued job waits (None when it is not waiting)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT error FROM jobs WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                "AND model_version = ? AND status = 'queued' AND not_before > ?",
+                (ref.tenant, ref.study_uid, model.model_id, model.version, time.time()),
+            )
+            .fetchone()
+        )
+        return str(row[0]) if row and row[0] else None
 
     def _close(
         self, job: Job, status: str, error: str | None, result: AnalysisResult | None
@@ -361,6 +394,25 @@ def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResu
             time.time(),
         ),
     )
+
+
+# PRAGMA user_version of a file this code has brought up to date; each step below is one
+# version. Files from before versioning (user_version 0) get every step whose column is
+# missing, so no file is broken and none is migrated twice.
+SCHEMA_VERSION = 2
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version >= SCHEMA_VERSION:
+        return
+    results = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    if "filed_location" not in results:  # 1: files written before write-back existed
+        conn.execute("ALTER TABLE results ADD COLUMN filed_location TEXT")
+    jobs = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "not_before" not in jobs:  # 2: jobs that wait (no access to their EHR yet)
+        conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 class QueueFull(Exception):

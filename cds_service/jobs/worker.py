@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from cds_service.errors import CdsServiceError
 from cds_service.fhir.client import FhirError
+from cds_service.imaging.errors import NoAccess
 from cds_service.inference.base import (
     Backend,
     BatchBackend,
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 FIRST_UNAVAILABLE_WAIT_S = 2.0
 MAX_UNAVAILABLE_WAIT_S = 30.0
+NO_ACCESS_RETRY_S = 300.0  # a job without access to its EHR is tried again this much later
+_WARNED_NO_ACCESS: set[str | None] = set()  # FHIR bases (not PHI) already logged
 
 
 def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None = None) -> bool:
@@ -66,7 +69,9 @@ def process_batch(
     if len(jobs) > 1:
         log.info("analysed a batch of %d jobs", len(jobs))
     for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, NoAccess):
+            _wait_for_access(store, job, outcome)
+        elif isinstance(outcome, Exception):
             _record_failure(store, job, outcome)
         else:
             _finish(store, filer, job, outcome)
@@ -120,6 +125,15 @@ def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResu
         return
     if written is not None:
         store.mark_filed(job.ref.tenant, job.ref.study_uid, job.model, written.report_location)
+
+
+def _wait_for_access(store: SqliteStore, job: Job, exc: NoAccess) -> None:
+    """No access to the study's EHR: the job waits, uncounted, with the reason, and is tried
+    again later (at once when a worker restarts with new settings); never a final result."""
+    if exc.fhir_server not in _WARNED_NO_ACCESS:
+        _WARNED_NO_ACCESS.add(exc.fhir_server)
+        log.warning("jobs wait: %s", exc.description)
+    store.defer(job, exc.description, NO_ACCESS_RETRY_S)
 
 
 def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
@@ -200,6 +214,9 @@ def run_forever(
         "inference worker started for %s (batches of up to %d)", backend.model.label, batch_size
     )
     availability = availability or ModelAvailability()
+    released = store.release_waiting()
+    if released:
+        log.info("%d waiting jobs released: the settings may now give access", released)
     while not stop.is_set():
         try:
             busy = process_batch(store, backend, filer, batch_size) > 0

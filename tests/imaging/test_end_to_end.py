@@ -15,7 +15,7 @@ import pytest
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
 from cds_service.imaging.decode import read_dataset
-from cds_service.imaging.errors import ImageFetchError
+from cds_service.imaging.errors import ImageFetchError, NoAccess
 from cds_service.imaging.files import read_image_file
 from cds_service.imaging.retrieval import ImageFetcher, fetch_wado_instance, fetch_wado_metadata
 from cds_service.imaging.selection import select_dataset
@@ -147,12 +147,15 @@ def test_endpoint_of_a_study_not_reread_from_a_registered_ehr_is_not_followed(
     ehr: Ehr, tmp_path: Path
 ) -> None:
     # Same study, but from a FHIR server we hold no registration for: its Endpoint (and
-    # any address in it) is not trusted, so nothing is fetched.
+    # any address in it) is not trusted, so nothing is fetched. That is no fact about the
+    # study: the analysis waits for access, named with the setting to add, and is never
+    # stored as a false "no image found".
     images = study_images_for(())
     backend = ImagePipelineBackend(SimulatedReportWriter(), images)
-    result = backend.analyse_from("1.2.3", ehr.studies["cxr-nema-rg1"], "http://elsewhere/fhir")
-    assert result.status == "not-analysed"
-    assert "endpoint" in result.reason
+    with pytest.raises(NoAccess) as raised:
+        backend.analyse_from("1.2.3", ehr.studies["cxr-nema-rg1"], "http://elsewhere/fhir")
+    assert "no access to http://elsewhere/fhir" in raised.value.description
+    assert "CXR_CDS_EHR_CLIENTS" in raised.value.description
 
 
 def test_study_without_endpoint_is_read_from_its_dicom_media(ehr: Ehr, tmp_path: Path) -> None:
