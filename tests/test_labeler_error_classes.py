@@ -367,3 +367,48 @@ def test_review_present_findings_stay_present(case: Case) -> None:
 @pytest.mark.parametrize("case", REVIEW_NEGATED, ids=_id)
 def test_review_negated_findings_stay_negative(case: Case) -> None:
     _check(case)
+
+
+# From the second independent review.
+SECOND_REVIEW: list[Case] = [
+    # a normal list never outranks what is said of one of its subjects
+    ("Enlarged heart, mediastinum and hila are normal.", {HEART: P}),
+    (
+        "There is an enlarged cardiac silhouette, and the mediastinum and hila are normal.",
+        {HEART: P},
+    ),
+    ("Widened mediastinum, heart and hila are normal.", {MEDIASTINUM: P, HEART: N}),
+    ("Increased heart size, mediastinal and hilar contours are normal.", {HEART: P}),
+    ("Borderline heart size, mediastinum and hila are normal.", {HEART: U}),
+    ("Prominent pulmonary vasculature, heart and mediastinum are normal.", {EDEMA: U, HEART: N}),
+    ("Heart size and mediastinum are normal or mildly enlarged.", {HEART: M}),
+    # "nothing" does not reach over commas
+    ("Nothing new, cardiomegaly and effusion.", {HEART: P, EFFUSION: P}),
+    ("Nothing acute, consolidation in the right lower lobe.", {CONSOLIDATION: P}),
+    ("Nothing more than mild pulmonary edema.", {EDEMA: P}),
+    (
+        "Nothing to suggest pneumonia, cardiomegaly and small effusions.",
+        {PNEUMONIA: N, HEART: P, EFFUSION: P},
+    ),
+    # a presence word keeps an item present even when "or" closes the list
+    ("No pneumothorax, increasing left effusion or hemorrhage.", {PTX: N, EFFUSION: U}),
+    ("No pneumothorax and small left effusion.", {PTX: N, EFFUSION: P}),
+    # a course word governs its list: no alternatives there
+    ("No change in the left effusion or the right pneumothorax.", {PTX: P, EFFUSION: P}),
+    ("No interval increase in the right pneumothorax or subcutaneous emphysema.", {PTX: P}),
+    ("Unchanged right pneumothorax or left effusion.", {PTX: P, EFFUSION: P}),
+    # pre-existing defects it found
+    ("No visualized right pneumothorax.", {PTX: N}),
+    ("No identified left apical pneumothorax.", {PTX: N}),
+    ("No residual, recurrent pneumothorax.", {PTX: N}),
+    ("No new, large pneumothorax.", {PTX: N}),
+    ("Can't see a pneumothorax.", {PTX: N}),
+    ("The pneumothorax is gone.", {PTX: N}),
+    ("The pneumothorax isn't resolved.", {PTX: P}),
+    ("The left effusion hasn't completely resolved.", {EFFUSION: P}),
+]
+
+
+@pytest.mark.parametrize("case", SECOND_REVIEW, ids=_id)
+def test_second_review(case: Case) -> None:
+    _check(case)

@@ -67,7 +67,8 @@ PSEUDO_CUES = patterns(
     # A resolution that did not happen: "has not resolved", "no resolution of the effusion".
     (
         "resolv|clear|remov|evacuat|disappear",
-        r"\b(?:not|never)\s+(?:yet\s+)?(?:been\s+)?(?:resolved|resolving|cleared|clearing"
+        r"\b(?:not|never|(?:is|are|has|have|was|were)n[\'’]t)\s+(?:yet\s+)?(?:been\s+)?"
+        r"(?:(?:completely|entirely|fully|totally)\s+)?(?:resolved|resolving|cleared|clearing"
         r"|removed|evacuated|disappeared)\b",
     ),
     (
@@ -190,7 +191,6 @@ NEGATION_CUES: tuple[CueRule, ...] = (
     CueRule(
         patterns(
             ("no", r"\bno\b(?!\s+longer\b)"),
-            ("nothing", r"\bnothing\b"),
             (
                 "without|negative|free|clear|absence|lack|neither|nor|rather",
                 r"\b(?:without|negative\s+for|free\s+of|clear\s+of|absence\s+of|lack\s+of|neither"
@@ -234,6 +234,20 @@ NEGATION_CUES: tuple[CueRule, ...] = (
         Direction.FORWARD,
         2,
     ),
+    # "Nothing to suggest pneumonia": a pronoun, not a determiner, so it does not reach over
+    # commas ("nothing acute, consolidation at the right base").
+    CueRule(
+        patterns(
+            ("nothing", r"\bnothing\b(?!\s+(?:more|other|else)\s+than\b)"),
+            (
+                "see|identify|visuali|detect",
+                r"\b(?:can(?:not|[\'’]t|\s+not)|do(?:es)?\s+not|don[\'’]t|doesn[\'’]t)\s+"
+                r"(?:see|identify|visuali[sz]e|detect)\b",
+            ),
+        ),
+        Direction.FORWARD,
+        6,
+    ),
     CueRule(
         patterns(("not", r"\bnot\b"), ("n't|n’t", r"\b(?:is|are|was|were)n[\'’]t\b")),
         Direction.FORWARD,
@@ -252,8 +266,9 @@ NEGATION_CUES: tuple[CueRule, ...] = (
                 r"|re-?demonstrated|identifiable|found)\b",
             ),
             (
-                "absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal",
-                r"\b(?:absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal)\b",
+                "absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal|gone",
+                r"\b(?:absent|resolved|cleared|disappeared|removed|evacuated|withdrawn|removal"
+                r"|gone)\b",
             ),
             ("ruled|excluded", r"\b(?:ruled\s+out|excluded)\b"),
             ("unlikely", r"\bunlikely\b"),
@@ -366,16 +381,31 @@ PHRASE_ADJECTIVES = frozenset({
     "convincing", "displaced", "nondisplaced", "non-displaced", "loculated", "visualized",
     "identifiable", "pleural", "lobar", "segmental", "rib", "other", "recurrent", "additional",
     "further",
-    "radiographic", "free", "layering", "xxxx",
+    "radiographic", "free", "layering", "xxxx", "residual", "large", "sizable", "sizeable",
+    "tension",
 })
+# Where a finding lies: words that may follow an attributive participle before the noun
+# ("no visualized right apical pneumothorax").
+# fmt: off
+LOCATION_WORDS = frozenset({
+    "left", "right", "bilateral", "unilateral", "apical", "basilar", "basal", "bibasilar",
+    "lateral", "medial", "upper", "lower", "middle", "lobe", "lung", "anterior", "posterior",
+    "residual", "recurrent", "new", "large", "small", "tension",
+})
+# fmt: on
 # Words that say a finding is present; a list item holding one is a new statement ("no
-# pneumothorax, small effusions and atelectasis" leaves the effusions present).
+# pneumothorax, small effusions and atelectasis" leaves the effusions present), even when
+# "or" closes the list. Size words a negation often carries ("no large effusion") are in
+# NEGATABLE_SIZES: an item with one of those is negated when "or" closes the list ("no
+# consolidation, large effusion, or pneumothorax").
+# fmt: off
 PRESENCE_WORDS = frozenset({
-    "small", "large", "moderate", "mild", "severe", "massive", "trace", "tiny", "minimal",
-    "sizable", "sizeable", "big", "stable", "persistent", "increasing", "increased",
-    "worsening", "worsened", "enlarging", "marked", "extensive", "dense", "residual",
-    "unchanged", "redemonstrated", "again",
+    "small", "mild", "severe", "trace", "tiny", "minimal", "stable", "persistent",
+    "increasing", "increased", "worsening", "worsened", "enlarging", "marked", "extensive",
+    "dense", "unchanged", "redemonstrated", "again", "moderate", "decreasing", "decreased",
+    "improving", "improved",
 })
+NEGATABLE_SIZES = frozenset({"large", "sizable", "sizeable", "big", "massive", "significant"})
 # fmt: on
 # Verbs an uncertainty cue reaches through: "may represent", "could be", "likely reflects".
 # fmt: off

@@ -48,6 +48,8 @@ from cds_service.findings.cues import (
     DETERMINERS,
     GAP_BLOCKERS,
     HEDGED_VERBS,
+    LOCATION_WORDS,
+    NEGATABLE_SIZES,
     NEGATION_CONTINUATION,
     NEGATION_CUES,
     PHRASE_ADJECTIVES,
@@ -110,6 +112,11 @@ _ALTERNATIVE_SPAN = 8
 _ALTERNATIVE_BEFORE = re.compile(r"(?:\bor\s+|(?<![\s/(]w)(?<=\w)/)$")
 _ALTERNATIVE_AFTER = re.compile(r"(?:/\w|\s+or\s+\w|\s+and/or\b)")
 _WITH_SLASH = re.compile(r"\bw/")
+_COURSE_WINDOW = 60
+_COURSE_BEFORE = re.compile(
+    r"\b(?:no|without)\s+(?:\w+\s+){0,2}?(?:change|increase|decrease|worsening|progression"
+    r"|improvement)\s+(?:in|of)\b|\b(?:unchanged|stable|persistent|persisting)\b"
+)
 # A negation's list ("no findings to indicate A, B, or C"): the words before its first item,
 # the words of each item, and how a list closes after a mention.
 _LIST_LEAD_MAX = 5
@@ -285,14 +292,21 @@ def _link(gap: str) -> str | None:
             fillers += 1
     if fillers > _LINK_FILLER_MAX:
         return None
+    present = any(w in PRESENCE_WORDS for w in words)
     if has_conj:
-        return "or" if has_or else "and"
+        if has_or:
+            return "or"
+        # "no pneumothorax and small effusion": the effusion is a statement of its own
+        return "and!" if present else "and"
     if "," not in words:
         return None
     # "No pneumothorax, small effusions and atelectasis": a size or course word after a comma
-    # says the next finding is present, unless "or" closes the list ("no consolidation,
-    # large effusion, or pneumothorax" is one negated list).
-    return "comma+" if any(w in PRESENCE_WORDS for w in words) else "comma"
+    # says the next finding is present ('comma!'); a size a negation often carries makes it
+    # present unless "or" closes the list ('comma+': "no consolidation, large effusion, or
+    # pneumothorax" is one negated list).
+    if present:
+        return "comma!"
+    return "comma+" if any(w in NEGATABLE_SIZES for w in words) else "comma"
 
 
 def _chain(
@@ -310,28 +324,29 @@ def _chain(
     """
     members = [first]
     pending: list[int] = []
-    pending_presence = False
+    presence = ""  # the strongest sign of presence among the pending items: "", "+" or "!"
     seen_conj = False
     index = first
     step = 1 if forward else -1
     while 0 <= index + step < len(slots):
         link = links[index] if forward else links[index - 1]
         nxt = index + step
-        if link == "and" and pending_presence:
+        if forward and (link == "and!" or presence == "!" or (link == "and" and presence)):
             pending = []
             break  # "no A, small B and C": B and C are a statement of their own
-        if link in ("and", "or", "adj", "cont"):
+        if link in ("and", "and!", "or", "adj", "cont"):
             members.extend(pending)
             members.append(nxt)
             pending = []
-            pending_presence = False
-            seen_conj = seen_conj or link in ("and", "or")
-        elif link in ("comma", "comma+"):
+            presence = ""
+            seen_conj = seen_conj or link in ("and", "and!", "or")
+        elif link in ("comma", "comma+", "comma!"):
             # "no A, B or C": a comma joins a list only if a conjunction closes it; going
             # backwards the conjunction has already been seen ("A, B or C is not seen").
             if forward:
                 pending.append(nxt)
-                pending_presence = pending_presence or link == "comma+"
+                mark = link[5:]
+                presence = "!" if "!" in (presence, mark) else (presence or mark)
             elif seen_conj:
                 members.append(nxt)
             else:
@@ -339,6 +354,8 @@ def _chain(
         else:
             break
         index = nxt
+    if presence == "!":
+        pending = []
     if pending and closed_after is not None and closed_after[pending[-1]]:  # by "or"
         members.extend(pending)
     return members
@@ -360,9 +377,8 @@ def _gap_ok(gap: str, rule: CueRule, forward: bool, negation: bool, after: str =
     if not forward:
         return not has_comma and len(plain) <= rule.reach
     blockers = _NEGATION_BLOCKERS if negation else _HEDGE_BLOCKERS
-    last = len(plain) - 1
     if any(
-        w in blockers and not (negation and i == last and w in ATTRIBUTIVE_PARTICIPLES)
+        w in blockers and not (negation and _attributive(w, plain[i + 1 :]))
         for i, w in enumerate(plain)
     ):
         return False
@@ -374,6 +390,14 @@ def _gap_ok(gap: str, rule: CueRule, forward: bool, negation: bool, after: str =
     if words[0] != "," and len(plain) <= rule.reach and all(w in PHRASE_ADJECTIVES for w in plain):
         return True
     return _list_gap(words, after)
+
+
+def _attributive(word: str, rest: list[str]) -> bool:
+    """Whether a participle stands before the noun it modifies: only adjectives or location
+    words follow it up to the mention ("no visualized right pneumothorax")."""
+    return word in ATTRIBUTIVE_PARTICIPLES and all(
+        w in PHRASE_ADJECTIVES or w in LOCATION_WORDS for w in rest
+    )
 
 
 def _list_gap(words: list[str], after: str) -> bool:
@@ -389,7 +413,7 @@ def _list_gap(words: list[str], after: str) -> bool:
     if len(pieces[0]) > _LIST_LEAD_MAX or any(len(p) > _LIST_ITEM_MAX for p in pieces[1:]):
         return False
     if any(w in PRESENCE_WORDS for piece in pieces for w in piece):
-        return False
+        return False  # "no pneumothorax, small effusion or scarring": the effusion is there
     closed = any(w in ("or", "nor") for w in pieces[-1])
     return closed or _LIST_CLOSE.match(after) is not None
 
@@ -531,6 +555,10 @@ def _mark_alternatives(low: str, slots: list[_Slot], links: list[str | None]) ->
         return
     for index, slot in enumerate(slots):
         if slot.negated or slot.uncertain or _only_devices(slot):
+            continue
+        # "No change in the effusion or the pneumothorax", "unchanged A or B": both are
+        # there; the "or" lists what did not change.
+        if _COURSE_BEFORE.search(low, max(0, slot.start - _COURSE_WINDOW), slot.start):
             continue
         left = slots[index - 1] if index > 0 else None
         right = slots[index + 1] if index + 1 < len(slots) else None

@@ -38,12 +38,13 @@ _HEART = (
 # and pulmonary vasculature are within normal limits". The lookahead runs from one subject
 # over the rest of the list (no verb or negation in it) to the plural verb and the state.
 _LIST_TAIL = (
-    r"(?:\s*,|\s+and\b)(?:(?!\b(?:is|are|was|were|has|have|with|without|no|not|but)\b)"
+    r"(?:\s*,|\s+and\b)(?:(?!\b(?:is|are|was|were|has|have|with|without|no|not|but|which"
+    r"|enlarged|enlarging|increased|large|widened|prominent|borderline)\b)"
     r"[^.;:]){0,60}?\b(?:are|appear|remain)\s+(?:\w+ly\s+)?"
 )
 _LIST_TO_NORMAL_STATE = (
     rf"(?={_LIST_TAIL}(?:within\s+(?:normal\s+limits|limits\s+of\s+normal)|normal"
-    r"|unremarkable)\b)"
+    r"|unremarkable)\b(?!\s+(?:to|or|versus|vs)\b))"
 )
 _LIST_TO_ENLARGED_STATE = rf"(?={_LIST_TAIL}(?:enlarged|increased|widened)\b)"
 _CMS = r"cardio[- ]?mediastinal\s+(?:silhouettes?|contours?|shadow|size|structures)"
@@ -128,7 +129,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 r"\b(?:normal|top[- ]normal|upper[- ]normal|normal[- ]sized?)\s+(?:heart|cardiac)"
                 r"(?:\s+(?:size|silhouette|contours?|shadow))?\b",
             ),
-            ("heart|cardi", rf"\b(?P<a>{_HEART}){_LIST_TO_NORMAL_STATE}"),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -197,7 +197,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 rf"\b{_MEDIASTINUM}\s+(?:{_COP}\s+)?{_NORMAL_GAP}{_NORMAL_STATE}",
             ),
             ("normal", rf"\bnormal\s+{_MEDIASTINUM}"),
-            ("mediastin", rf"\b(?P<a>{_MEDIASTINUM}){_LIST_TO_NORMAL_STATE}"),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -330,11 +329,6 @@ MENTION_RULES: tuple[MentionRule, ...] = (
                 rf"(?:{_COP}\s+)?{_NORMAL_GAP}{_NORMAL_STATE}",
             ),
             ("normal", r"\bnormal\s+(?:pulmonary\s+)?vascula(?:ture|rity)\b"),
-            (
-                "vascula",
-                r"\b(?P<a>(?:pulmonary\s+)?vascula(?:ture|rity|r\s+markings))"
-                + _LIST_TO_NORMAL_STATE,
-            ),
         ),
         base=Label.NEGATIVE,
         fixed=True,
@@ -517,6 +511,36 @@ MENTION_RULES: tuple[MentionRule, ...] = (
             ),
             ("device", r"\bdevices?\b"),
         ),
+    ),
+    # --- A normal state said of a list of subjects ("the heart, mediastinum and vasculature
+    # are normal"). Lowest priority: any other mention of the same subject wins ("enlarged
+    # heart, mediastinum and hila are normal" keeps the enlarged heart).
+    MentionRule(
+        (Observation.CARDIOMEGALY,),
+        patterns(("heart|cardi", rf"\b(?P<a>{_HEART}){_LIST_TO_NORMAL_STATE}")),
+        base=Label.NEGATIVE,
+        fixed=True,
+        priority=-1,
+    ),
+    MentionRule(
+        (Observation.ENLARGED_CARDIOMEDIASTINUM,),
+        patterns(("mediastin", rf"\b(?P<a>{_MEDIASTINUM}){_LIST_TO_NORMAL_STATE}")),
+        base=Label.NEGATIVE,
+        fixed=True,
+        priority=-1,
+    ),
+    MentionRule(
+        (Observation.EDEMA,),
+        patterns(
+            (
+                "vascula",
+                r"\b(?P<a>(?:pulmonary\s+)?vascula(?:ture|rity|r\s+markings))"
+                + _LIST_TO_NORMAL_STATE,
+            )
+        ),
+        base=Label.NEGATIVE,
+        fixed=True,
+        priority=-1,
     ),
     # --- Whole-study normal phrases ---------------------------------------------------------
     MentionRule(
