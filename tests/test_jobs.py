@@ -212,3 +212,47 @@ def test_two_worker_processes_never_take_the_same_job(tmp_path: Path) -> None:
         worker.join(30)
     ids = [queue.get(timeout=5) for _ in range(60)]
     assert len(set(ids)) == 60
+
+
+OLD_JOBS_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL, study_uid TEXT NOT NULL, patient_id TEXT,
+    model_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    fhir_server TEXT, study_resource TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE results (
+    tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
+    model_id TEXT NOT NULL, model_version TEXT NOT NULL, patient_id TEXT,
+    status TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, study_uid, model_id, model_version)
+);
+"""
+
+
+def test_a_file_from_before_schema_versions_is_migrated_not_broken(tmp_path: Path) -> None:
+    import json as json_module
+
+    from cds_service.jobs.sqlite_store import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_JOBS_SCHEMA)
+        conn.execute(
+            "INSERT INTO jobs (tenant, study_uid, patient_id, model_id, model_version, "
+            "fhir_server, study_resource, status, created_at, updated_at) "
+            "VALUES ('t', '1.2.3', 'p', ?, ?, NULL, ?, 'queued', 0, 0)",
+            (SIMULATED_MODEL.model_id, SIMULATED_MODEL.version, json_module.dumps(STUDY)),
+        )
+    store = SqliteStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        jobs = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        results = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    assert "not_before" in jobs and "filed_location" in results
+    job = store.claim(SIMULATED_MODEL)
+    assert job is not None and job.ref.study_uid == "1.2.3"
+    SqliteStore(path)  # opening it again changes nothing
