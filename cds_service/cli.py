@@ -79,6 +79,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from cds_service.config import Settings
+    from cds_service.inference.registry import model_info
+    from cds_service.jobs.sqlite_store import SqliteStore
+
+    settings = Settings.from_env()
+    if not settings.database.exists():
+        print(f"error: no database at {settings.database} (set CXR_CDS_DB)", file=sys.stderr)
+        return 2
+    store = SqliteStore(settings.database)
+    model = model_info(settings)
+    statuses = ("not-analysed", "failed") if args.state == "any" else (args.state,)
+    count = store.requeue(
+        model,
+        study_uid=args.study,
+        statuses=statuses,
+        reason=args.reason,
+        fhir_server=args.fhir,
+        dry_run=args.dry_run,
+    )
+    released = 0 if args.dry_run or not args.waiting else store.release_waiting()
+    verb = "would be queued again" if args.dry_run else "queued again"
+    print(f"{count} stud{'y' if count == 1 else 'ies'} {verb} for {model.label}")
+    if args.waiting and not args.dry_run:
+        print(f"{released} waiting job{'' if released == 1 else 's'} released")
+    return 0
+
+
 # -- sandbox ------------------------------------------------------------------------------
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
@@ -360,6 +388,25 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--no-prefetch", action="store_true")
     hook.add_argument("--json", action="store_true")
     hook.set_defaults(func=cmd_hook)
+
+    requeue = sub.add_parser(
+        "requeue",
+        help="analyse again studies whose result is 'not analysed' or 'failed' (operators)",
+        description="Analyse again the studies whose stored result for the configured model "
+        "is 'not analysed' or 'failed' (completed results are never redone: that would file "
+        "a second report). Filters combine.",
+    )
+    requeue.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    requeue.add_argument(
+        "--state", choices=["not-analysed", "failed", "any"], default="any", help="default: any"
+    )
+    requeue.add_argument("--reason", metavar="TEXT", help="only results whose reason contains TEXT")
+    requeue.add_argument("--fhir", metavar="URL", help="only studies from this FHIR base")
+    requeue.add_argument(
+        "--waiting", action="store_true", help="also release jobs waiting for access now"
+    )
+    requeue.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    requeue.set_defaults(func=cmd_requeue)
 
     findings = sub.add_parser(
         "findings",

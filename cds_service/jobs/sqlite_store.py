@@ -342,6 +342,69 @@ class SqliteStore:
             )
             return cursor.rowcount
 
+    def requeue(
+        self,
+        model: ModelInfo,
+        *,
+        study_uid: str | None = None,
+        statuses: Iterable[str] = ("not-analysed", "failed"),
+        reason: str | None = None,
+        fhir_server: str | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Analyse again the studies whose result for this model has one of ``statuses``
+        (never "completed": that would file a second report), optionally only one study, a
+        reason containing ``reason``, or jobs from ``fhir_server``. Each result is removed and
+        its last job queued afresh, in one transaction; returns how many (with ``dry_run``,
+        how many would be)."""
+        wanted = tuple(statuses)
+        if not wanted or "completed" in wanted:
+            raise ValueError("requeue takes not-analysed or failed results only")
+        now = time.time()
+        sql = (
+            "SELECT r.tenant, r.study_uid, "
+            "(SELECT j.id FROM jobs j WHERE j.tenant = r.tenant AND j.study_uid = r.study_uid "
+            "AND j.model_id = r.model_id AND j.model_version = r.model_version "
+            "ORDER BY j.id DESC LIMIT 1) AS job_id "
+            "FROM results r WHERE r.model_id = ? AND r.model_version = ? "
+            f"AND r.status IN ({', '.join('?' for _ in wanted)})"
+        )
+        params: list[Any] = [model.model_id, model.version, *wanted]
+        if study_uid is not None:
+            sql += " AND r.study_uid = ?"
+            params.append(study_uid)
+        if reason is not None:
+            sql += " AND instr(lower(coalesce(json_extract(r.body, '$.reason'), '')), ?) > 0"
+            params.append(reason.lower())
+        with self._tx() as conn:
+            rows = conn.execute(sql, params).fetchall()
+            chosen = []
+            for tenant, uid, job_id in rows:
+                if job_id is None:
+                    continue  # a result without its job (stored by hand): nothing to run
+                server = conn.execute(
+                    "SELECT fhir_server FROM jobs WHERE id = ?", (job_id,)
+                ).fetchone()[0]
+                if fhir_server is not None and (server or "").rstrip("/") != fhir_server.rstrip(
+                    "/"
+                ):
+                    continue
+                chosen.append((tenant, uid, job_id))
+            if dry_run:
+                return len(chosen)
+            for tenant, uid, job_id in chosen:
+                conn.execute(
+                    "DELETE FROM results WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                    "AND model_version = ?",
+                    (tenant, uid, model.model_id, model.version),
+                )
+                conn.execute(
+                    "UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, "
+                    "not_before = 0, updated_at = ? WHERE id = ?",
+                    (now, job_id),
+                )
+        return len(chosen)
+
     def waiting_reason(self, ref: StudyRef, model: ModelInfo) -> str | None:
         """Why the study's queued job waits (None when it is not waiting)."""
         row = (
