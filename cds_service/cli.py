@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cds_service.errors import ConfigurationError
 from cds_service.imaging.cli import register as register_dicom_commands
@@ -40,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     check_model_settings(settings)
+    warn_missing_access(settings)
     if settings.simulated:
         log.warning(SIMULATED_WARNING)
     supervisor = None
@@ -55,6 +57,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if supervisor is not None:
             supervisor.stop()
     return 0
+
+
+def warn_missing_access(settings: Any) -> None:
+    for base in settings.fhir_bases_without_access():
+        log.warning(
+            "no access to %s: its studies will wait; register it in CXR_CDS_EHR_CLIENTS "
+            "(a SMART Backend Services client) so the worker can read them",
+            base,
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

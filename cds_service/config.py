@@ -206,6 +206,18 @@ class Settings:
 
         return (*self.trusted_issuers, public_sandbox_issuer())
 
+    def fhir_bases_without_access(self) -> list[str]:
+        """The FHIR bases trusted callers may name whose studies the worker cannot read: no
+        CXR_CDS_EHR_CLIENTS registration for them (start-up warns about each)."""
+        registered = {client.fhir_base.rstrip("/") for client in self.ehr_clients}
+        missing: list[str] = []
+        for issuer in self.accepted_issuers():
+            for base in issuer.fhir_servers:
+                base = base.rstrip("/")
+                if base not in registered and base not in missing:
+                    missing.append(base)
+        return missing
+
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
 

@@ -150,3 +150,19 @@ def test_out_of_range_numbers_are_refused(name: str, value: str) -> None:
                 name: value,
             }
         )
+
+
+def test_fhir_bases_without_a_registration_are_named_for_the_start_up_warning(
+    tmp_path: Path,
+) -> None:
+    from cds_service.config import EhrClient, TrustedIssuer
+
+    settings = Settings(
+        mode="development",
+        trusted_issuers=(
+            TrustedIssuer("https://a", JWKS, fhir_servers=("https://a/fhir/", "https://b/fhir")),
+            TrustedIssuer("https://c", JWKS, fhir_servers=("https://b/fhir",)),
+        ),
+        ehr_clients=(EhrClient("https://a/fhir", "https://a/token", "cxr", tmp_path / "k.json"),),
+    )
+    assert settings.fhir_bases_without_access() == ["https://b/fhir"]
