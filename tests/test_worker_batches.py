@@ -238,3 +238,52 @@ def test_the_card_of_a_waiting_study_says_why() -> None:
     assert cards[0]["summary"].endswith("AI analysis waiting")
     assert "no access to http://ehr/fhir" in cards[0]["detail"]
     assert "CXR_CDS_EHR_CLIENTS" in cards[0]["detail"]
+
+
+def test_readyz_tells_whether_a_worker_with_its_model_is_alive(tmp_path: Path) -> None:
+    from cds_service.config import Settings
+    from cds_service.web.app import create_app
+
+    settings = Settings.from_env(
+        {
+            "CXR_CDS_MODE": "development",
+            "CXR_CDS_AUTH": "off",
+            "CXR_CDS_PUBLIC_URL": "http://127.0.0.1:9",
+            "CXR_CDS_DB": str(tmp_path / "cds.sqlite3"),
+        }
+    )
+    store = SqliteStore(settings.database)
+    client = create_app(settings, store=store).test_client()
+    answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert "no inference worker" in answer.get_json()["reasons"][0]
+    assert client.get("/healthz").status_code == 200  # alive, just not ready
+
+    model = SimulatedReportWriter().model
+    store.heartbeat("host:1:1", model.label, "the model is unavailable (next try in 4 s)")
+    answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.get_json()["reasons"] == ["the model is unavailable (next try in 4 s)"]
+
+    store.heartbeat("host:1:1", model.label)
+    answer = client.get("/readyz")
+    assert answer.status_code == 200 and answer.get_json()["status"] == "ready"
+
+
+def test_run_forever_reports_in(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    backend = ImagePipelineBackend(CountingWriter(), Images())
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=run_forever, args=(store, backend, stop), kwargs={"poll_s": 0.01}
+    )
+    worker.start()
+    try:
+        for _ in range(300):
+            if store.workers(backend.model.label, 30):
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert [error for _, error in store.workers(backend.model.label, 30)] == [None]

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     fingerprint TEXT PRIMARY KEY, service_id TEXT NOT NULL, card_uuid TEXT NOT NULL,
     outcome TEXT NOT NULL, body TEXT NOT NULL, received_at REAL NOT NULL
 );
+-- Each inference worker's latest sign of life, for /readyz.
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY, model_label TEXT NOT NULL, last_seen REAL NOT NULL, last_error TEXT
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant TEXT NOT NULL, study_uid TEXT NOT NULL, patient_id TEXT,
@@ -404,6 +408,26 @@ class SqliteStore:
                     (now, job_id),
                 )
         return len(chosen)
+
+    def heartbeat(self, name: str, model_label: str, error: str | None = None) -> None:
+        """A worker says it is alive with its model loaded (``error``: why it cannot work)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
+                (name, model_label, time.time(), error[:500] if error else None),
+            )
+
+    def workers(self, model_label: str, seen_within_s: float) -> list[tuple[str, str | None]]:
+        """(name, last error) of the workers of this model seen within ``seen_within_s``."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT name, last_error FROM workers WHERE model_label = ? AND last_seen >= ?",
+                (model_label, time.time() - seen_within_s),
+            )
+            .fetchall()
+        )
+        return [(str(r[0]), r[1]) for r in rows]
 
     def waiting_reason(self, ref: StudyRef, model: ModelInfo) -> str | None:
         """Why the study's queued job waits (None when it is not waiting)."""

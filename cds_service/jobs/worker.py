@@ -7,8 +7,11 @@ using up an attempt and the worker waits, longer each time, before it tries agai
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sqlite3
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -31,6 +34,7 @@ MAX_ATTEMPTS = 3
 FIRST_UNAVAILABLE_WAIT_S = 2.0
 MAX_UNAVAILABLE_WAIT_S = 30.0
 NO_ACCESS_RETRY_S = 300.0  # a job without access to its EHR is tried again this much later
+HEARTBEAT_S = 5.0  # how often a worker tells the store it is alive (/readyz reads it)
 _WARNED_NO_ACCESS: set[str | None] = set()  # FHIR bases (not PHI) already logged
 
 
@@ -217,7 +221,20 @@ def run_forever(
     released = store.release_waiting()
     if released:
         log.info("%d waiting jobs released: the settings may now give access", released)
+    name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    last_beat = 0.0
     while not stop.is_set():
+        if time.monotonic() - last_beat >= HEARTBEAT_S:
+            problem = (
+                f"the model is unavailable (next try in {availability.wait_s:.0f} s)"
+                if availability.wait_s
+                else None
+            )
+            try:
+                store.heartbeat(name, backend.model.label, problem)
+                last_beat = time.monotonic()
+            except sqlite3.Error as exc:
+                log.warning("job store error on heartbeat: %s", exc)
         try:
             busy = process_batch(store, backend, filer, batch_size) > 0
         except ModelUnavailable as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from html import escape
 from typing import Any
 
@@ -19,6 +20,7 @@ from cds_service.web.cds_hooks import create_cds_blueprint
 
 log = logging.getLogger(__name__)
 
+READY_WORKER_S = 30.0  # a worker heartbeat older than this means no worker
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -93,6 +95,34 @@ def create_app(
                 "queueDepth": store.queue_depth(handler.model),
             }
         )
+
+    @app.get("/readyz")
+    def ready() -> tuple[Response, int]:
+        """Ready when the queue answers and a worker of this model (loaded) reported in
+        recently without a problem; otherwise 503 with the reasons."""
+        reasons: list[str] = []
+        try:
+            depth = store.queue_depth(handler.model)
+            workers = store.workers(handler.model.label, READY_WORKER_S)
+        except sqlite3.Error as exc:
+            unreachable = {"status": "not-ready", "reasons": [f"job queue unreachable ({exc})"]}
+            return jsonify(unreachable), 503
+        if not workers:
+            reasons.append(
+                f"no inference worker for {handler.model.label} reported in the last "
+                f"{READY_WORKER_S:.0f} s (not started, crashed, or still loading the model)"
+            )
+        elif all(error for _, error in workers):
+            reasons.extend(sorted({str(error) for _, error in workers}))
+        body: dict[str, Any] = {
+            "status": "not-ready" if reasons else "ready",
+            "model": handler.model.label,
+            "workers": len(workers),
+            "queueDepth": depth,
+        }
+        if reasons:
+            body["reasons"] = reasons
+        return jsonify(body), 503 if reasons else 200
 
     @app.get("/model-card")
     def model_card() -> Response:
