@@ -399,6 +399,14 @@ SECOND_REVIEW: list[Case] = [
     ("Unchanged right pneumothorax or left effusion.", {PTX: P, EFFUSION: P}),
     # pre-existing defects it found
     ("No visualized right pneumothorax.", {PTX: N}),
+    # the same participle rule joins the items of a negated list
+    ("No effusion or visualized right pneumothorax.", {PTX: N, EFFUSION: N}),
+    ("No pleural effusion or identified left apical pneumothorax.", {PTX: N, EFFUSION: N}),
+    (
+        "No focal consolidation, effusion or visualized right pneumothorax.",
+        {PTX: N, EFFUSION: N, CONSOLIDATION: N},
+    ),
+    ("No effusion seen, left pneumothorax.", {PTX: P}),
     ("No identified left apical pneumothorax.", {PTX: N}),
     ("No residual, recurrent pneumothorax.", {PTX: N}),
     ("No new, large pneumothorax.", {PTX: N}),

@@ -274,11 +274,9 @@ def _link(gap: str) -> str | None:
     fillers = 0
     for index, word in enumerate(words):
         word = word.strip(".:")
-        # A participle right before the next mention modifies it ("no effusion or visualized
+        # A participle before the next mention modifies it ("no effusion or visualized right
         # pneumothorax"); anywhere else a verb starts a new statement.
-        if word in GAP_BLOCKERS and not (
-            index == len(words) - 1 and word in ATTRIBUTIVE_PARTICIPLES
-        ):
+        if word in GAP_BLOCKERS and not _attributive(word, words[index + 1 :]):
             return None
         if word in ("with", "without"):
             return None  # "effusion, with or without atelectasis": not a list
