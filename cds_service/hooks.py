@@ -163,7 +163,11 @@ class HookHandler:
             if not chest_orders(context):
                 return {"cards": []}  # not a chest radiograph order: no guidance
             prefix = "Prior "
-        access = self._fhir_access(body, issuer)
+        # The hook's fhirServer, when this caller may name it: the service queries it only
+        # with the hook's fhirAuthorization, and a job keeps it even without one (the worker
+        # reads it with that EHR's registered access).
+        server = self._vetted_fhir_server(body, issuer)
+        access = self._fhir_access(body, server)
         try:
             found = resolve_studies(
                 body.get("prefetch"),
@@ -190,11 +194,8 @@ class HookHandler:
         # Results belong to the tenant (issuer) that sent the study; only a vetted FHIR
         # server is ever stored with a job.
         tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
-        # The job keeps the EHR that holds the study even when the hook sent no
-        # fhirAuthorization: the worker reads it with that EHR's registered access.
-        server = self._vetted_fhir_server(body, issuer)
         # Where this service files reports itself, a card must not offer a second copy.
-        offer_filing = not self._files_to(body.get("fhirServer"), issuer)
+        offer_filing = not self._files_to(server)
         statuses = self._statuses(recent, tenant, patient_id, server, offer_filing)
         ctx = CardContext(
             model=self.model,
@@ -279,33 +280,30 @@ class HookHandler:
         if not isinstance(server, str) or not server:
             return None
         if issuer is None:
+            # Only reachable with authentication off, which only development mode allows.
             return server if self.settings.mode == "development" else None
-        return server if issuer.allows_fhir_server(server) else None
+        if not issuer.allows_fhir_server(server):
+            # A disallowed fhirServer causes no outbound request at all (SSRF guard).
+            log.warning("fhirServer not allowed for issuer %s; not contacting it", issuer.iss)
+            return None
+        return server
 
-    def _fhir_access(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> FhirAccess | None:
-        server = body.get("fhirServer")
+    @staticmethod
+    def _fhir_access(body: dict[str, Any], server: str | None) -> FhirAccess | None:
+        """The hook's fhirAuthorization for its vetted fhirServer (None when either is missing)."""
         auth = body.get("fhirAuthorization")
-        if not isinstance(server, str) or not isinstance(auth, dict):
+        if server is None or not isinstance(auth, dict):
             return None
         token = auth.get("access_token")
         if not isinstance(token, str) or not token:
             return None
         if str(auth.get("token_type", "Bearer")).lower() != "bearer":
             return None
-        if issuer is None:
-            # Only reachable with authentication off, which only development mode allows.
-            if self.settings.mode != "development":
-                return None
-        elif not issuer.allows_fhir_server(server):
-            # A disallowed fhirServer causes no outbound request at all (SSRF guard).
-            log.warning("fhirServer not allowed for issuer %s; not contacting it", issuer.iss)
-            return None
         return FhirAccess(fhir_server=server, access_token=token)
 
-    def _files_to(self, fhir_server: Any, issuer: TrustedIssuer | None) -> bool:
-        if not isinstance(fhir_server, str):
-            return False
-        if issuer is not None and not issuer.allows_fhir_server(fhir_server):
+    def _files_to(self, fhir_server: str | None) -> bool:
+        """Whether this service files reports itself to the (vetted) FHIR server."""
+        if fhir_server is None:
             return False
         bases = {ehr.fhir_base.rstrip("/") for ehr in self.settings.ehr_clients}
         return fhir_server.rstrip("/") in bases
