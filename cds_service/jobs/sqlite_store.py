@@ -365,12 +365,13 @@ class SqliteStore:
         if not wanted or "completed" in wanted:
             raise ValueError("requeue takes not-analysed or failed results only")
         now = time.time()
+        # Each result with its study's last job (the one to queue again) and its FHIR server.
         sql = (
-            "SELECT r.tenant, r.study_uid, "
-            "(SELECT j.id FROM jobs j WHERE j.tenant = r.tenant AND j.study_uid = r.study_uid "
-            "AND j.model_id = r.model_id AND j.model_version = r.model_version "
-            "ORDER BY j.id DESC LIMIT 1) AS job_id "
-            "FROM results r WHERE r.model_id = ? AND r.model_version = ? "
+            "SELECT r.tenant, r.study_uid, j.id, j.fhir_server FROM results r JOIN jobs j "
+            "ON j.id = (SELECT k.id FROM jobs k WHERE k.tenant = r.tenant "
+            "AND k.study_uid = r.study_uid AND k.model_id = r.model_id "
+            "AND k.model_version = r.model_version ORDER BY k.id DESC LIMIT 1) "
+            "WHERE r.model_id = ? AND r.model_version = ? "
             f"AND r.status IN ({', '.join('?' for _ in wanted)})"
         )
         params: list[Any] = [model.model_id, model.version, *wanted]
@@ -381,19 +382,12 @@ class SqliteStore:
             sql += " AND instr(lower(coalesce(json_extract(r.body, '$.reason'), '')), ?) > 0"
             params.append(reason.lower())
         with self._tx() as conn:
-            rows = conn.execute(sql, params).fetchall()
-            chosen = []
-            for tenant, uid, job_id in rows:
-                if job_id is None:
-                    continue  # a result without its job (stored by hand): nothing to run
-                server = conn.execute(
-                    "SELECT fhir_server FROM jobs WHERE id = ?", (job_id,)
-                ).fetchone()[0]
-                if fhir_server is not None and (server or "").rstrip("/") != fhir_server.rstrip(
-                    "/"
-                ):
-                    continue
-                chosen.append((tenant, uid, job_id))
+            # A result without a job (stored by hand) has nothing to run: the join leaves it out.
+            chosen = [
+                (tenant, uid, job_id)
+                for tenant, uid, job_id, server in conn.execute(sql, params)
+                if fhir_server is None or (server or "").rstrip("/") == fhir_server.rstrip("/")
+            ]
             if dry_run:
                 return len(chosen)
             for tenant, uid, job_id in chosen:
