@@ -66,6 +66,19 @@ _ENLARGED = r"(?P<a>enlarged|enlarging|increased|large|widened|wide|widening)\b"
 # only the normal statement the No Finding rule asks for. Their rule has no observations.
 NORMAL_STATEMENT: tuple[Observation, ...] = ()
 
+
+def _normal_in_a_list(observation: Observation, triggers: str, subject: str) -> MentionRule:
+    """``subject`` (a regex) as one of a list of subjects said to be normal: negative, at the
+    lowest priority, so any other mention of the same subject wins."""
+    return MentionRule(
+        (observation,),
+        patterns((triggers, rf"\b(?P<a>{subject}){_LIST_TO_NORMAL_STATE}")),
+        base=Label.NEGATIVE,
+        fixed=True,
+        priority=-1,
+    )
+
+
 MENTION_RULES: tuple[MentionRule, ...] = (
     # --- Cardiomegaly -----------------------------------------------------------------------
     MentionRule(
@@ -515,32 +528,10 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     # --- A normal state said of a list of subjects ("the heart, mediastinum and vasculature
     # are normal"). Lowest priority: any other mention of the same subject wins ("enlarged
     # heart, mediastinum and hila are normal" keeps the enlarged heart).
-    MentionRule(
-        (Observation.CARDIOMEGALY,),
-        patterns(("heart|cardi", rf"\b(?P<a>{_HEART}){_LIST_TO_NORMAL_STATE}")),
-        base=Label.NEGATIVE,
-        fixed=True,
-        priority=-1,
-    ),
-    MentionRule(
-        (Observation.ENLARGED_CARDIOMEDIASTINUM,),
-        patterns(("mediastin", rf"\b(?P<a>{_MEDIASTINUM}){_LIST_TO_NORMAL_STATE}")),
-        base=Label.NEGATIVE,
-        fixed=True,
-        priority=-1,
-    ),
-    MentionRule(
-        (Observation.EDEMA,),
-        patterns(
-            (
-                "vascula",
-                r"\b(?P<a>(?:pulmonary\s+)?vascula(?:ture|rity|r\s+markings))"
-                + _LIST_TO_NORMAL_STATE,
-            )
-        ),
-        base=Label.NEGATIVE,
-        fixed=True,
-        priority=-1,
+    _normal_in_a_list(Observation.CARDIOMEGALY, "heart|cardi", _HEART),
+    _normal_in_a_list(Observation.ENLARGED_CARDIOMEDIASTINUM, "mediastin", _MEDIASTINUM),
+    _normal_in_a_list(
+        Observation.EDEMA, "vascula", r"(?:pulmonary\s+)?vascula(?:ture|rity|r\s+markings)"
     ),
     # --- Whole-study normal phrases ---------------------------------------------------------
     MentionRule(
