@@ -10,12 +10,15 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cds_service.errors import ConfigurationError
 from cds_service.imaging.cli import register as register_dicom_commands
 from cds_service.inference.model_cli import register as register_model_commands
 from cds_service.inference.registry import SIMULATED_WARNING, check_model_settings
+
+if TYPE_CHECKING:
+    from cds_service.config import Settings
 
 log = logging.getLogger("cxr_cds")
 
@@ -59,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def warn_missing_access(settings: Any) -> None:
+def warn_missing_access(settings: Settings) -> None:
+    """One warning per trusted FHIR base whose studies the worker could not read."""
     for base in settings.fhir_bases_without_access():
         log.warning(
             "no access to %s: its studies will wait; register it in CXR_CDS_EHR_CLIENTS "
