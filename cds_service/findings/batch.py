@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import multiprocessing
 import os
@@ -453,7 +454,7 @@ def label_file(
                 progress(count)
             yield report
 
-    labelled = label_reports(counted(_chain(first, reports)), jobs=jobs)
+    labelled = label_reports(counted(itertools.chain((first,), reports)), jobs=jobs)
     with _output(destination) as out:
         if (output_format or input_format) == "csv":
             written = write_csv(labelled, out, id_column=id_column)
@@ -461,8 +462,3 @@ def label_file(
             written = write_jsonl(labelled, out, with_id=id_column is not None)
         out.flush()
     return BatchSummary(written, empty, time.perf_counter() - started)
-
-
-def _chain(first: Report, rest: Iterator[Report]) -> Iterator[Report]:
-    yield first
-    yield from rest
