@@ -60,14 +60,15 @@ class HfVlmReportWriter:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from cds_service.inference.device import pick_device
+
         weights = sorted(p.name for p in folder.glob("*.safetensors"))
         if not weights:
             raise ConfigurationError(
                 f"{folder}: no .safetensors weights (pickled .bin files are never loaded)"
             )
-        target = "cuda" if device == "auto" and torch.cuda.is_available() else device
-        target = "cpu" if target == "auto" else target
-        dtype = torch.bfloat16 if target.startswith("cuda") else torch.float32
+        target = pick_device(device)
+        dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
         try:
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(
@@ -79,7 +80,7 @@ class HfVlmReportWriter:
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigurationError(f"{folder}: cannot load as image-text-to-text: {exc}") from exc
-        model.to(torch.device(target))  # type: ignore[arg-type]  # transformers types .to oddly
+        model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly
         model.eval()
         processor.tokenizer.padding_side = "left"
         info = ModelInfo(model_id=hf_model_id(folder), version=weights_version(folder))

@@ -52,23 +52,10 @@ def check_model_settings(settings: Settings) -> None:
     if settings.backend == "simulated":
         return
     _model_folder(settings)
-    device = settings.model_device
-    if not device.startswith("cuda"):
-        return
-    import torch
+    if settings.model_device.startswith("cuda"):
+        from cds_service.inference.device import pick_device  # imports torch: only here
 
-    if not torch.cuda.is_available():
-        raise ConfigurationError(
-            f"CXR_CDS_MODEL_DEVICE={device}, but this host has no usable CUDA device "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): "
-            "set CXR_CDS_MODEL_DEVICE=cpu or auto, or install a CUDA build of torch"
-        )
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise ConfigurationError(
-            f"CXR_CDS_MODEL_DEVICE={device}, but this host has "
-            f"{torch.cuda.device_count()} CUDA device(s)"
-        )
+        pick_device(settings.model_device)
 
 
 def model_info(settings: Settings) -> ModelInfo:

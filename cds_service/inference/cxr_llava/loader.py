@@ -24,17 +24,9 @@ from cds_service.inference.cxr_llava.weights import (
     verify_layout,
     weight_files,
 )
+from cds_service.inference.device import pick_device
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("CUDA was asked for but no CUDA device is available")
-    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
