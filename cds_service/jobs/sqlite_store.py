@@ -319,22 +319,18 @@ class SqliteStore:
     def put_back(self, job: Job, reason: str) -> None:
         """Requeue a job that could not start through no fault of its own (the model was
         unavailable): the attempt its claim counted is given back."""
-        with self._tx() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), error = ?, "
-                "updated_at = ? WHERE id = ? AND status = 'running'",
-                (reason[:500], time.time(), job.id),
-            )
+        self.defer(job, reason, 0.0)
 
     def defer(self, job: Job, reason: str, delay_s: float) -> None:
         """Requeue a job that cannot run yet through no fault of its study (no access to its
-        EHR), uncounted, not to be claimed for ``delay_s``; ``reason`` says why it waits."""
+        EHR), uncounted, not to be claimed for ``delay_s`` (0: at once, not waiting);
+        ``reason`` says why."""
         now = time.time()
         with self._tx() as conn:
             conn.execute(
                 "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), error = ?, "
                 "updated_at = ?, not_before = ? WHERE id = ? AND status = 'running'",
-                (reason[:500], now, now + delay_s, job.id),
+                (reason[:500], now, now + delay_s if delay_s > 0 else 0.0, job.id),
             )
 
     def release_waiting(self) -> int:
