@@ -180,7 +180,7 @@ def main() -> int:
             study = entry["resource"]
             uid = imaging_study.study_uid(study)
             if uid:
-                ref = StudyRef(sandbox_base, uid, imaging_study.subject_patient_id(study))
+                ref = StudyRef(f"{sandbox_base}/fhir", uid, imaging_study.subject_patient_id(study))
                 store.put_result(ref, backend.analyse(uid, study))
         procs.append(
             subprocess.Popen(

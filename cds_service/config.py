@@ -7,12 +7,13 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cds_service.errors import ConfigurationError
+from cds_service.sources import canonical_fhir_base, same_fhir_base
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,8 @@ class TrustedIssuer:
     ignore_jku: bool = False
 
     def allows_fhir_server(self, url: str) -> bool:
-        """True when `url` is one of this issuer's FHIR bases (compared without trailing '/')."""
-        wanted = url.rstrip("/")
-        return any(wanted == allowed.rstrip("/") for allowed in self.fhir_servers)
+        """True when `url` is one of this issuer's FHIR bases (compared in canonical form)."""
+        return any(same_fhir_base(url, allowed) for allowed in self.fhir_servers)
 
     @classmethod
     def from_json(cls, item: Mapping[str, Any]) -> TrustedIssuer:
@@ -118,6 +118,9 @@ class EhrClient:
     # WADO-RS bases (URL prefixes) this EHR's Endpoints may point to besides its own FHIR
     # origin; they, and no other EHR's, receive this EHR's Backend Services token.
     image_servers: tuple[str, ...] = ()
+    # The secret this EHR's FHIR Subscriptions send (channel.header "Authorization: Bearer
+    # ..."): it tells the notification receiver which data source is calling.
+    notification_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, item: Any) -> EhrClient:
@@ -136,7 +139,26 @@ class EhrClient:
             key_file=Path(item["jwk_file"]),
             scope=item.get("scope") or cls.scope,
             image_servers=tuple(servers),
+            notification_token=_notification_token(item),
         )
+
+
+def _notification_token(item: dict[str, Any]) -> str | None:
+    """The optional 'notification_token_file' of an EHR client: at least 32 characters."""
+    path = item.get("notification_token_file")
+    if path is None:
+        return None
+    if not isinstance(path, str):
+        raise ConfigurationError("an EHR client's notification_token_file must be a path")
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read notification_token_file {path}: {exc}") from exc
+    if len(token) < 32 or any(c.isspace() for c in token):
+        raise ConfigurationError(
+            f"notification_token_file {path}: the token must be one word of 32+ characters"
+        )
+    return token
 
 
 def load_ehr_clients(path: str | Path) -> tuple[EhrClient, ...]:
@@ -184,6 +206,9 @@ class Settings:
     # Accept JWTs from the public CDS Hooks sandbox (its private key is public): never in
     # production. Its keys are pinned in the package; its jku is never fetched.
     trust_public_sandbox: bool = False
+    # The FHIR bases the public CDS Hooks sandbox may name as fhirServer (its results are
+    # those of that data source, shared with every other caller configured for it).
+    public_sandbox_fhir_servers: tuple[str, ...] = ()
     # Image servers (WADO-RS bases, URL prefixes) any EHR's studies may point to; they get no
     # EHR's token (list a PACS that needs one under that EHR's image_servers in
     # CXR_CDS_EHR_CLIENTS). Then the limits on every image fetched or decoded.
@@ -204,16 +229,17 @@ class Settings:
             return self.trusted_issuers
         from cds_service.security.public_sandbox import public_sandbox_issuer
 
-        return (*self.trusted_issuers, public_sandbox_issuer())
+        public = replace(public_sandbox_issuer(), fhir_servers=self.public_sandbox_fhir_servers)
+        return (*self.trusted_issuers, public)
 
     def fhir_bases_without_access(self) -> list[str]:
         """The FHIR bases trusted callers may name whose studies the worker cannot read: no
         CXR_CDS_EHR_CLIENTS registration for them (start-up warns about each)."""
-        registered = {client.fhir_base.rstrip("/") for client in self.ehr_clients}
+        registered = {canonical_fhir_base(client.fhir_base) for client in self.ehr_clients}
         missing: list[str] = []
         for issuer in self.accepted_issuers():
             for base in issuer.fhir_servers:
-                base = base.rstrip("/")
+                base = canonical_fhir_base(base)
                 if base not in registered and base not in missing:
                     missing.append(base)
         return missing
@@ -313,6 +339,13 @@ class Settings:
                 raise ConfigurationError(
                     "CXR_CDS_APP_FHIR_SERVERS must be absolute URLs (https:// in production)"
                 )
+        if any(
+            urlsplit(u).scheme not in {"http", "https"} or not urlsplit(u).netloc
+            for u in self.public_sandbox_fhir_servers
+        ):
+            raise ConfigurationError(
+                "CXR_CDS_PUBLIC_SANDBOX_FHIR_SERVERS must be absolute http(s) URLs"
+            )
         return self
 
     @classmethod
@@ -354,6 +387,9 @@ class Settings:
                 fhir_read_timeout_s=float(env.get("CXR_CDS_FHIR_READ_TIMEOUT", "5")),
                 ehr_clients=ehr_clients,
                 trust_public_sandbox=_bool(env.get("CXR_CDS_TRUST_PUBLIC_SANDBOX", "0")),
+                public_sandbox_fhir_servers=tuple(
+                    env.get("CXR_CDS_PUBLIC_SANDBOX_FHIR_SERVERS", "").split()
+                ),
                 image_servers=tuple(env.get("CXR_CDS_IMAGE_SERVERS", "").split()),
                 app_fhir_servers=tuple(env.get("CXR_CDS_APP_FHIR_SERVERS", "").split()),
                 image_max_bytes=int(env.get("CXR_CDS_IMAGE_MAX_BYTES", str(64 * 1024 * 1024))),

@@ -37,11 +37,16 @@ from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.orders import chest_orders
 from cds_service.results import AnalysisResult, ModelInfo
+from cds_service.sources import data_source, same_fhir_base
 
 log = logging.getLogger(__name__)
 REPORT_CACHE_SIZE = 1024
-# The tenant of results when authentication is off (development only): there is no issuer.
-DEVELOPMENT_TENANT = "development"
+# The caller when authentication is off (development only): there is no issuer.
+DEVELOPMENT_CALLER = "development"
+
+
+def _caller(issuer: TrustedIssuer | None) -> str:
+    return issuer.iss if issuer is not None else DEVELOPMENT_CALLER
 
 
 @dataclass(frozen=True)
@@ -191,18 +196,17 @@ class HookHandler:
             lookback_days=self.settings.lookback_days,
             limit=self.settings.max_studies,
         )
-        # Results belong to the tenant (issuer) that sent the study; only a vetted FHIR
-        # server is ever stored with a job.
-        tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
+        # Results belong to the data source: the vetted FHIR server, else the caller itself.
+        source = data_source(server, _caller(issuer))
         # Where this service files reports itself, a card must not offer a second copy.
         offer_filing = not self._files_to(server)
-        statuses = self._statuses(recent, tenant, patient_id, server, offer_filing)
+        statuses = self._statuses(recent, source, patient_id, server, offer_filing)
         ctx = CardContext(
             model=self.model,
             smart_launch_url=self.settings.smart_launch_url(),
             now=utcnow(),
             summary_prefix=prefix,
-            tenant=tenant,
+            source=source,
         )
         cards, records = build_cards(statuses, ctx)
         if records:
@@ -216,7 +220,6 @@ class HookHandler:
     ) -> int:
         """Store feedback (idempotent); returns how many items were new. An accepted 'File AI
         report to chart' suggestion means the EHR filed the report: offer it no more."""
-        tenant = issuer.iss if issuer is not None else DEVELOPMENT_TENANT
         stored = 0
         for item in items:
             stored += self.store.store_feedback(service_id, item)
@@ -229,14 +232,16 @@ class HookHandler:
             if item.get("outcome") != "accepted" or filing_suggestion_uuid(card) not in accepted:
                 continue
             record = self.store.card_record(card)
-            # Only the tenant that was shown the card can say its report was filed.
+            # Only a caller that may read the card's data source can say its report was filed.
             if (
                 record is not None
-                and record.tenant == tenant
+                and self._may_read(issuer, record.source)
                 and (record.model_id, record.model_version)
                 == (self.model.model_id, self.model.version)
             ):
-                self.store.mark_filed(tenant, record.study_uid, self.model, "filed by the EHR user")
+                self.store.mark_filed(
+                    record.source, record.study_uid, self.model, "filed by the EHR user"
+                )
         return stored
 
     def _suggested_report(
@@ -248,7 +253,7 @@ class HookHandler:
         study_id = as_str(study.get("id"))
         if study_id is None:
             return None
-        key = (ref.tenant, ref.study_uid, study_id)
+        key = (ref.source, ref.study_uid, study_id)
         with self._reports_lock:
             if key in self._reports:
                 self._reports.move_to_end(key)
@@ -273,6 +278,13 @@ class HookHandler:
             if len(self._reports) > REPORT_CACHE_SIZE:
                 self._reports.popitem(last=False)
         return report
+
+    def _may_read(self, issuer: TrustedIssuer | None, source: str) -> bool:
+        """A caller reads the results of the FHIR bases its configuration lists, and of its
+        own issuer (its data source when it names no FHIR server)."""
+        if issuer is None:
+            return self.settings.mode == "development"
+        return source == data_source(None, issuer.iss) or issuer.allows_fhir_server(source)
 
     def _vetted_fhir_server(self, body: dict[str, Any], issuer: TrustedIssuer | None) -> str | None:
         """The hook's fhirServer when this caller may name it (None otherwise)."""
@@ -305,19 +317,18 @@ class HookHandler:
         """Whether this service files reports itself to the (vetted) FHIR server."""
         if fhir_server is None:
             return False
-        bases = {ehr.fhir_base.rstrip("/") for ehr in self.settings.ehr_clients}
-        return fhir_server.rstrip("/") in bases
+        return any(same_fhir_base(ehr.fhir_base, fhir_server) for ehr in self.settings.ehr_clients)
 
     def _statuses(
         self,
         studies: list[dict[str, Any]],
-        tenant: str,
+        source: str,
         patient_id: str,
         server: str | None,
         offer_filing: bool = True,
     ) -> list[StudyStatus]:
         refs = [
-            StudyRef(tenant, uid, patient_id) if (uid := imaging_study.study_uid(s)) else None
+            StudyRef(source, uid, patient_id) if (uid := imaging_study.study_uid(s)) else None
             for s in studies
         ]
         statuses = [

@@ -88,7 +88,7 @@ class CardRecord:
     """What a card said, kept so that feedback on it can be traced to a study and finding."""
 
     uuid: str
-    tenant: str
+    source: str  # the data source (canonical FHIR base) the card's study belongs to
     study_uid: str
     finding: str  # a CheXpert observation, or "no-major-finding"
     ai_state: str  # present / uncertain / absent

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cds_service.sources import canonical_fhir_base
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS smart_launches (
-    state TEXT PRIMARY KEY, iss TEXT NOT NULL, tenant TEXT NOT NULL,
+    state TEXT PRIMARY KEY, iss TEXT NOT NULL, source TEXT NOT NULL,
     token_endpoint TEXT NOT NULL, code_verifier TEXT NOT NULL, redirect_uri TEXT NOT NULL,
     browser_binding TEXT NOT NULL, created_at REAL NOT NULL
 );
@@ -39,7 +41,7 @@ STATE_BYTES = 32  # 256 bits of entropy (SMART asks for at least 122)
 class PendingLaunch:
     state: str
     iss: str
-    tenant: str
+    source: str
     token_endpoint: str
     code_verifier: str
     redirect_uri: str
@@ -61,7 +63,7 @@ class Session:
 
     sid: str
     iss: str
-    tenant: str
+    source: str
     token_endpoint: str
     access_token: str
     expires_at: float
@@ -111,6 +113,9 @@ class SessionStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(smart_launches)")}
+            if "tenant" in columns:  # before results were keyed by data source
+                conn.execute("ALTER TABLE smart_launches RENAME COLUMN tenant TO source")
             conn.executescript(SCHEMA)
 
     @contextmanager
@@ -138,7 +143,7 @@ class SessionStore:
         self,
         *,
         iss: str,
-        tenant: str,
+        source: str,
         token_endpoint: str,
         code_verifier: str,
         redirect_uri: str,
@@ -147,7 +152,7 @@ class SessionStore:
         launch = PendingLaunch(
             state=secrets.token_urlsafe(STATE_BYTES),
             iss=iss,
-            tenant=tenant,
+            source=source,
             token_endpoint=token_endpoint,
             code_verifier=code_verifier,
             redirect_uri=redirect_uri,
@@ -163,7 +168,7 @@ class SessionStore:
                 (
                     launch.state,
                     iss,
-                    tenant,
+                    source,
                     token_endpoint,
                     code_verifier,
                     redirect_uri,
@@ -177,7 +182,7 @@ class SessionStore:
         """The pending launch for `state`, removed so that it cannot be used twice."""
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT state, iss, tenant, token_endpoint, code_verifier, redirect_uri, "
+                "SELECT state, iss, source, token_endpoint, code_verifier, redirect_uri, "
                 "browser_binding, created_at FROM smart_launches WHERE state = ?",
                 (state,),
             ).fetchone()
@@ -249,4 +254,8 @@ class SessionStore:
             ).fetchone()
         if row is None or row[1] < time.time() - SESSION_LIFETIME_S:
             return None
-        return Session(sid=sid, **json.loads(row[0]))
+        body = json.loads(row[0])
+        if "tenant" in body:  # saved before results were keyed by data source
+            body.pop("tenant")
+            body["source"] = canonical_fhir_base(body["iss"])
+        return Session(sid=sid, **body)

@@ -72,15 +72,15 @@ def ai_status(store: SqliteStore, ref: StudyRef, model: ModelInfo) -> str:
     return "not analysed yet"
 
 
-def study_ref(tenant: str, study: dict[str, Any]) -> StudyRef | None:
+def study_ref(source: str, study: dict[str, Any]) -> StudyRef | None:
     uid = imaging_study.study_uid(study)
     if uid is None:
         return None
-    return StudyRef(tenant, uid, imaging_study.subject_patient_id(study))
+    return StudyRef(source, uid, imaging_study.subject_patient_id(study))
 
 
 def study_rows(
-    fhir: FhirClient, patient: str, tenant: str, store: SqliteStore, model: ModelInfo
+    fhir: FhirClient, patient: str, source: str, store: SqliteStore, model: ModelInfo
 ) -> list[StudyRow]:
     bundle = fhir.get_json("ImagingStudy", [("patient", patient), ("_count", "50")])
     rows = []
@@ -89,7 +89,7 @@ def study_rows(
         study_id = as_str(study.get("id"))
         if study_id is None or not imaging_study.is_radiograph_candidate(study):
             continue
-        ref = study_ref(tenant, study)
+        ref = study_ref(source, study)
         rows.append(
             StudyRow(
                 id=study_id,
@@ -202,9 +202,9 @@ def study_png(
 
 
 def stored_result(
-    store: SqliteStore, tenant: str, study: dict[str, Any], model: ModelInfo
+    store: SqliteStore, source: str, study: dict[str, Any], model: ModelInfo
 ) -> StoredResult | None:
-    ref = study_ref(tenant, study)
+    ref = study_ref(source, study)
     stored = store.get_result(ref, model) if ref else None
     if stored is not None and stored.patient_id not in (None, ref.patient_id if ref else None):
         return None  # analysed for another patient under the same Study UID: never shown

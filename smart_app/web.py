@@ -30,6 +30,7 @@ from cds_service.inference.registry import device_info
 from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
 from cds_service.results import ModelInfo
+from cds_service.sources import canonical_fhir_base
 from smart_app import smart_client, viewer
 from smart_app.sessions import (
     PendingLaunch,
@@ -85,16 +86,14 @@ class SmartApp:
         self._png_lock = Lock()
 
     # -- configuration ----------------------------------------------------------------------
-    def tenant_for(self, iss: str) -> str | None:
-        """The CDS client issuer (result-store tenant) whose FHIR servers include `iss`. Only
-        these EHRs are contacted: `iss` comes from the browser (SSRF otherwise)."""
-        for issuer in self.settings.trusted_issuers:
-            if issuer.allows_fhir_server(iss):
-                return issuer.iss
-        # EHRs that only launch the app (e.g. the SMART launcher): their own tenant.
-        for base in self.settings.app_fhir_servers:
-            if url_under(iss, base):
-                return base
+    def source_for(self, iss: str) -> str | None:
+        """The data source (canonical FHIR base) of a launch from `iss`, when some trusted
+        issuer lists it or it is one of the EHRs that only launch the app (the SMART
+        launcher). Only these EHRs are contacted: `iss` comes from the browser (SSRF)."""
+        if any(issuer.allows_fhir_server(iss) for issuer in self.settings.accepted_issuers()):
+            return canonical_fhir_base(iss)
+        if any(url_under(iss, base) for base in self.settings.app_fhir_servers):
+            return canonical_fhir_base(iss)
         return None
 
     def ehr_origins(self) -> list[str]:
@@ -114,8 +113,8 @@ class SmartApp:
     # -- launch -----------------------------------------------------------------------------
     def start(self, iss: str, launch: str | None, scope: str) -> Response:
         iss = iss.rstrip("/")
-        tenant = self.tenant_for(iss)
-        if not iss or tenant is None:
+        source = self.source_for(iss)
+        if not iss or source is None:
             return _error(
                 "Unknown EHR",
                 "This app is not configured for the EHR that launched it (iss). Ask your "
@@ -129,7 +128,7 @@ class SmartApp:
         verifier = smart_client.new_code_verifier()
         pending = self.sessions.new_launch(
             iss=iss,
-            tenant=tenant,
+            source=source,
             token_endpoint=config.token_endpoint,
             code_verifier=verifier,
             redirect_uri=self.redirect_uri(),
@@ -362,7 +361,7 @@ class SmartApp:
             return _error("No patient", "The EHR launched the app without a patient.")
         rows = self.with_fhir(
             session,
-            lambda f, s: viewer.study_rows(f, str(s.patient), s.tenant, self.store, self.model),
+            lambda f, s: viewer.study_rows(f, str(s.patient), s.source, self.store, self.model),
         )
         return _page(
             "smart_app/studies.html",
@@ -374,8 +373,8 @@ class SmartApp:
 
     def study(self, session: Session, study_id: str) -> Response:
         study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
-        stored = viewer.stored_result(self.store, session.tenant, study, self.model)
-        ref = viewer.study_ref(session.tenant, study)
+        stored = viewer.stored_result(self.store, session.source, study, self.model)
+        ref = viewer.study_ref(session.source, study)
         status = viewer.ai_status(self.store, ref, self.model) if ref else "not analysed"
         device = device_info(self.settings, self.model)
         notice = NOTICES.get(request.args.get("notice", ""))
@@ -415,7 +414,7 @@ class SmartApp:
 
     def request_analysis(self, session: Session, study_id: str) -> Response:
         study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
-        ref = viewer.study_ref(session.tenant, study)
+        ref = viewer.study_ref(session.source, study)
         if ref is None:
             return _error("Cannot analyse", "The study has no DICOM Study UID.")
         try:
@@ -434,7 +433,7 @@ class SmartApp:
 
         def file(fhir: FhirClient, s: Session) -> Response:
             study = viewer.read_study(fhir, study_id, s.patient)
-            stored = viewer.stored_result(self.store, s.tenant, study, self.model)
+            stored = viewer.stored_result(self.store, s.source, study, self.model)
             if stored is None or stored.result.status != "completed":
                 return _error("Cannot file to chart", "There is no completed AI analysis.")
             resources = build_ai_report(
@@ -447,7 +446,7 @@ class SmartApp:
             answer = fhir.post_json("", transaction_bundle(resources))
             location = _report_location(answer)
             if location:
-                self.store.mark_filed(s.tenant, stored.result.study_uid, self.model, location)
+                self.store.mark_filed(s.source, stored.result.study_uid, self.model, location)
             return redirect(  # type: ignore[return-value]
                 url_for("smart_app.study", sid=s.sid, study_id=study_id, notice="filed"), 303
             )
@@ -461,7 +460,7 @@ def _session_fields(pending: PendingLaunch, token: dict[str, Any]) -> dict[str, 
     app_context = token.get("appContext")
     return {
         "iss": pending.iss,
-        "tenant": pending.tenant,
+        "source": pending.source,
         "token_endpoint": pending.token_endpoint,
         "access_token": str(token["access_token"]),
         "expires_at": expiry(token),

@@ -170,7 +170,7 @@ def analyse_seeded(service: ServiceHandle, sandbox: SandboxHandle) -> None:
     for study in sandbox.studies:
         uid = imaging_study.study_uid(study)
         assert uid
-        ref = StudyRef(sandbox.base, uid, imaging_study.subject_patient_id(study))
+        ref = StudyRef(sandbox.fhir, uid, imaging_study.subject_patient_id(study))
         service.store.enqueue(ref, backend.model, study, sandbox.fhir)
     drain(service.store, backend)
 
@@ -191,14 +191,19 @@ def start_stub(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServ
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def two_tenant_service(
-    tmp_path: Path, sandbox: SandboxHandle, other_iss: str = "https://other-ehr.example"
+def two_issuer_service(
+    tmp_path: Path,
+    sandbox: SandboxHandle,
+    other_iss: str = "https://other-ehr.example",
+    other_fhir_servers: tuple[str, ...] = (),
 ) -> tuple[ServiceHandle, ServerThread, ECKey, TrustedIssuer]:
-    """A service trusting the sandbox and a second EHR; returns the second EHR's key too."""
+    """A service trusting the sandbox and a second CDS client (another EHR, or with
+    ``other_fhir_servers`` another client of the same EHR); returns the second one's key."""
     other_key = ECKey.generate_key("P-384", auto_kid=True)
     other = TrustedIssuer(
         iss=other_iss,
         jwks={"keys": [{**other_key.as_dict(private=False), "kid": other_key.kid}]},
+        fhir_servers=other_fhir_servers,
     )
     mine = TrustedIssuer(
         iss=sandbox.base, jwks=sandbox.sandbox.key.public_jwks(), fhir_servers=(sandbox.fhir,)

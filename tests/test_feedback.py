@@ -30,7 +30,12 @@ def test_override_feedback_is_exported_with_its_finding(
         "type": "searchset",
         "entry": [{"resource": sandbox.studies[0]}],
     }
-    cards = post(service, sandbox, PV, patient_view_body(prefetch={PREFETCH_KEY: bundle})).json()
+    cards = post(
+        service,
+        sandbox,
+        PV,
+        patient_view_body(fhirServer=sandbox.fhir, prefetch={PREFETCH_KEY: bundle}),
+    ).json()
     card = cards["cards"][0]
     reasons = {r["code"]: r for r in card["overrideReasons"]}
     assert set(reasons) == {"finding-already-known", "disagree-with-ai", "image-quality"}
@@ -64,7 +69,7 @@ def test_override_feedback_is_exported_with_its_finding(
     [row] = list(csv.DictReader(io.StringIO(run.stdout)))
     uid = sandbox.studies[0]["identifier"][0]["value"].removeprefix("urn:oid:")
     assert row["study_uid"] == uid
-    assert row["tenant"] == sandbox.base
+    assert row["source"] == sandbox.fhir
     assert row["finding"] in {
         "Cardiomegaly",
         "Consolidation",

@@ -40,7 +40,7 @@ def hook_for(sandbox: SandboxHandle, study: dict[str, Any]) -> dict[str, Any]:
     bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": study}]}
     patient = imaging_study.subject_patient_id(study)
     assert patient
-    return patient_view_body(patient, prefetch={PREFETCH_KEY: bundle})
+    return patient_view_body(patient, fhirServer=sandbox.fhir, prefetch={PREFETCH_KEY: bundle})
 
 
 def test_unfiled_reports_are_offered_once_per_study(
@@ -93,7 +93,7 @@ def test_worker_files_each_analysis_once(
     study = sandbox.studies[2]  # cxr-demo-2's film
     uid = imaging_study.study_uid(study)
     assert uid
-    ref = StudyRef(sandbox.base, uid, "cxr-demo-2")
+    ref = StudyRef(sandbox.fhir, uid, "cxr-demo-2")
 
     def reports() -> list[dict[str, Any]]:
         bundle = requests.get(
@@ -147,7 +147,7 @@ def test_filing_failure_leaves_the_offer(
     uid = imaging_study.study_uid(study)
     assert uid
     service.store.enqueue(
-        StudyRef(sandbox.base, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
+        StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
     )
     assert drain(service.store, backend, filer) == 1
     cards = post(service, sandbox, PV, hook_for(sandbox, study))["cards"]

@@ -35,19 +35,20 @@ from tests.conftest import (
     make_service,
     patient_view_body,
     signed_post,
-    two_tenant_service,
+    two_issuer_service,
 )
 
 PV = "cxr-ai-patient-view"
 
 
-def prefetch_of(*studies: dict[str, Any], patient: str) -> dict[str, Any]:
+def prefetch_of(*studies: dict[str, Any], patient: str, fhir_server: str) -> dict[str, Any]:
+    """A patient-view from the EHR at ``fhir_server`` with the studies prefetched."""
     bundle = {
         "resourceType": "Bundle",
         "type": "searchset",
         "entry": [{"resource": s} for s in studies],
     }
-    return patient_view_body(patient, prefetch={PREFETCH_KEY: bundle})
+    return patient_view_body(patient, fhirServer=fhir_server, prefetch={PREFETCH_KEY: bundle})
 
 
 def filer_for(
@@ -71,7 +72,9 @@ def test_an_impossible_study_date_costs_only_the_filing_offer(
     analyse_seeded(service, sandbox)
     good = sandbox.studies[0]
     bad = {**sandbox.studies[1], "started": "2024-02-30"}
-    response = signed_post(service, sandbox, PV, prefetch_of(good, bad, patient="cxr-demo-1"))
+    response = signed_post(
+        service, sandbox, PV, prefetch_of(good, bad, patient="cxr-demo-1", fhir_server=sandbox.fhir)
+    )
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
     uids = {json.loads(c["links"][0]["appContext"])["studyInstanceUid"] for c in cards}
@@ -87,10 +90,10 @@ def test_worker_survives_a_report_that_fails_validation(
     uid = imaging_study.study_uid(study)
     assert uid
     service.store.enqueue(
-        StudyRef(sandbox.base, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
+        StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
     )
     service.store.enqueue(
-        StudyRef(sandbox.base, "2.25.77", "cxr-demo-1"),
+        StudyRef(sandbox.fhir, "2.25.77", "cxr-demo-1"),
         backend.model,
         {**study, "id": "nope"},
         sandbox.fhir,
@@ -114,7 +117,7 @@ def test_a_relabelled_study_is_never_filed_to_the_wrong_patient(
         params={"subject": "Patient/cxr-demo-1", "_summary": "count"},
     ).json()
     service.store.enqueue(
-        StudyRef(sandbox.base, uid, "cxr-demo-1"), backend.model, forged, sandbox.fhir
+        StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, forged, sandbox.fhir
     )
     assert drain(service.store, backend, filer) == 1
     after = requests.get(
@@ -123,7 +126,7 @@ def test_a_relabelled_study_is_never_filed_to_the_wrong_patient(
         params={"subject": "Patient/cxr-demo-1", "_summary": "count"},
     ).json()
     assert after["total"] == before["total"]
-    stored = service.store.get_result(StudyRef(sandbox.base, uid, "cxr-demo-1"), backend.model)
+    stored = service.store.get_result(StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model)
     assert stored is not None and stored.filed_location is None
 
 
@@ -139,7 +142,7 @@ def test_no_filing_offer_where_the_service_files_itself(
     handle, server = make_service(tmp_path, sandbox, ehr_clients=(ehr,))
     try:
         analyse_seeded(handle, sandbox)
-        body = prefetch_of(sandbox.studies[0], patient="cxr-demo-1")
+        body = prefetch_of(sandbox.studies[0], patient="cxr-demo-1", fhir_server=sandbox.fhir)
         body["fhirServer"] = sandbox.fhir
         cards = signed_post(handle, sandbox, PV, body).json()["cards"]
         assert cards and not any("suggestions" in c for c in cards)
@@ -147,17 +150,17 @@ def test_no_filing_offer_where_the_service_files_itself(
         server.stop()
 
 
-def test_feedback_marks_filed_only_for_the_right_tenant_and_suggestion(
+def test_feedback_marks_filed_only_for_the_right_data_source_and_suggestion(
     tmp_path: Path, sandbox: SandboxHandle
 ) -> None:
     from tests.conftest import claims_for, sign
 
-    handle, server, other_key, other = two_tenant_service(
+    handle, server, other_key, other = two_issuer_service(
         tmp_path, sandbox, "https://other.example"
     )
     try:
         analyse_seeded(handle, sandbox)
-        body = prefetch_of(sandbox.studies[0], patient="cxr-demo-1")
+        body = prefetch_of(sandbox.studies[0], patient="cxr-demo-1", fhir_server=sandbox.fhir)
         card = signed_post(handle, sandbox, PV, body).json()["cards"][0]
         suggestion = card["suggestions"][0]["uuid"]
 
@@ -180,7 +183,7 @@ def test_feedback_marks_filed_only_for_the_right_tenant_and_suggestion(
             json=accepted([suggestion]),
             timeout=10,
             headers={"Authorization": f"Bearer {token}"},
-        )  # another tenant
+        )  # another data source
         signed_post(handle, sandbox, PV + "/feedback", accepted(["not-the-filing-one"]))
         still = signed_post(handle, sandbox, PV, body).json()["cards"][0]
         assert "suggestions" in still
@@ -203,12 +206,12 @@ def test_an_empty_model_report_is_not_analysed_not_normal(
     study = sandbox.studies[0]
     uid = imaging_study.study_uid(study)
     assert uid
-    ref = StudyRef(sandbox.base, uid, "cxr-demo-1")
+    ref = StudyRef(sandbox.fhir, uid, "cxr-demo-1")
     service.store.enqueue(ref, Silent.model, study, sandbox.fhir)
     assert drain(service.store, Silent()) == 1
-    [card] = signed_post(service, sandbox, PV, prefetch_of(study, patient="cxr-demo-1")).json()[
-        "cards"
-    ]
+    [card] = signed_post(
+        service, sandbox, PV, prefetch_of(study, patient="cxr-demo-1", fhir_server=sandbox.fhir)
+    ).json()["cards"]
     assert card["summary"].endswith("not analysed by AI: the model returned no text")
 
 
@@ -358,7 +361,10 @@ def test_feedback_export_neutralises_spreadsheet_formulas(
 ) -> None:
     analyse_seeded(service, sandbox)
     card = signed_post(
-        service, sandbox, PV, prefetch_of(sandbox.studies[0], patient="cxr-demo-1")
+        service,
+        sandbox,
+        PV,
+        prefetch_of(sandbox.studies[0], patient="cxr-demo-1", fhir_server=sandbox.fhir),
     ).json()["cards"][0]
     item = {
         "card": card["uuid"],

@@ -24,7 +24,7 @@ from tests.conftest import (
     sign,
     signed_post,
     start_stub,
-    two_tenant_service,
+    two_issuer_service,
 )
 
 PV = "cxr-ai-patient-view"
@@ -103,9 +103,9 @@ def test_unfollowable_paging_is_flagged_not_hidden(
     assert len({c["links"][0].get("appContext") for c in cards[:-1]}) == 1
 
 
-def test_results_never_cross_tenants(tmp_path: Path, sandbox: SandboxHandle) -> None:
+def test_results_never_cross_data_sources(tmp_path: Path, sandbox: SandboxHandle) -> None:
     """Issuer B sending issuer A's Study UID for its own patient gets no A result."""
-    handle, server, other_key, other = two_tenant_service(
+    handle, server, other_key, other = two_issuer_service(
         tmp_path, sandbox, "https://other-ehr.example"
     )
     try:
@@ -126,10 +126,12 @@ def test_results_never_cross_tenants(tmp_path: Path, sandbox: SandboxHandle) -> 
 def test_stored_result_for_another_patient_is_not_shown(
     service: ServiceHandle, sandbox: SandboxHandle
 ) -> None:
-    """Within one tenant, a study UID analysed for patient X is not shown for patient Y."""
+    """Within one data source, a study UID analysed for patient X is not shown for patient Y."""
     analyse_seeded(service, sandbox)
     copied = {**sandbox.studies[0], "subject": {"reference": "Patient/cxr-demo-3"}}
-    body = patient_view_body("cxr-demo-3", prefetch={PREFETCH_KEY: bundle(copied)})
+    body = patient_view_body(
+        "cxr-demo-3", fhirServer=sandbox.fhir, prefetch={PREFETCH_KEY: bundle(copied)}
+    )
     [card] = call(service, sandbox, body).json()["cards"]
     assert "conflicts with another patient record" in card["summary"]
 

@@ -43,7 +43,7 @@ def test_enqueue_is_idempotent_per_study_and_model(tmp_path: Path) -> None:
     assert stored is not None and stored.result.status == "completed"
     assert stored.result.report_text.startswith("SIMULATED")
     assert stored.patient_id == "p1"
-    # Another tenant with the same Study UID sees nothing.
+    # Another data source with the same Study UID sees nothing.
     other = StudyRef("https://other-ehr.example", "1.2.3", "p1")
     assert store.get_result(other, SIMULATED_MODEL) is None
     assert store.queue_depth(SIMULATED_MODEL) == 0

@@ -160,12 +160,12 @@ def peer(tmp_path: Path, sandbox: SandboxHandle) -> Iterator[SandboxPeer]:
         ignore_jku=True,
     )
     handle, server = make_service(tmp_path, sandbox, trusted_issuers=(issuer,), mode="development")
-    analyse_for_sandbox_tenant(handle.store, sandbox)
+    analyse_for_sandbox_issuer(handle.store, sandbox)
     yield SandboxPeer(handle, key)
     server.stop()
 
 
-def analyse_for_sandbox_tenant(store: SqliteStore, sandbox: SandboxHandle) -> None:
+def analyse_for_sandbox_issuer(store: SqliteStore, sandbox: SandboxHandle) -> None:
     backend = SimulatedBackend()
     for study in sandbox.studies:
         uid = imaging_study.study_uid(study)

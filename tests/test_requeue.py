@@ -41,7 +41,7 @@ def analysed_store(path: Path) -> tuple[SqliteStore, dict[str, StudyRef]]:
             ("broken", "http://a/fhir"),
         ]
     ):
-        ref = StudyRef("tenant", f"1.2.{number}", "p1")
+        ref = StudyRef("https://ehr.example/fhir", f"1.2.{number}", "p1")
         store.enqueue(ref, backend.model, {"resourceType": "ImagingStudy", "id": study_id}, server)
         refs[study_id] = ref
     for _ in range(MAX_ATTEMPTS):

@@ -46,7 +46,7 @@ class CardContext:
     smart_launch_url: str
     now: datetime
     summary_prefix: str = ""
-    tenant: str = ""
+    source: str = ""  # the data source of the studies on the cards
 
 
 OVERRIDE_SYSTEM = "urn:cxr-cds:card-override-reason"
@@ -143,8 +143,8 @@ def _card(
     lines = [SIMULATED_LINE] if ctx.model.simulated else []
     lines += detail_lines
     lines += [SAFETY_LINE, f"Model: {ctx.model.model_id}, version {ctx.model.version}."]
-    # Stable per tenant, study, model and finding, so feedback on a re-shown card lines up.
-    card_uuid = str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.tenant}|{ctx.model.label}|{key}"))
+    # Stable per data source, study, model and finding, so feedback on a re-shown card lines up.
+    card_uuid = str(uuid.uuid5(CARD_NAMESPACE, f"{ctx.source}|{ctx.model.label}|{key}"))
     if ctx.summary_prefix and study:
         # "Prior chest radiograph (CR) 2 days ago: ..." on order hooks; study cards only.
         summary = ctx.summary_prefix + summary[:1].lower() + summary[1:]
@@ -169,7 +169,7 @@ def _card(
         card["overrideReasons"] = [dict(reason) for reason in OVERRIDE_REASONS]
         record = CardRecord(
             uuid=card_uuid,
-            tenant=ctx.tenant,
+            source=ctx.source,
             study_uid=uid,
             finding=finding[0],
             ai_state=finding[1],

@@ -44,6 +44,7 @@ from cds_service.imaging.retrieval import (
     fetch_wado_metadata,
     url_under,
 )
+from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
 
@@ -347,10 +348,10 @@ def unreadable_reason(exc: UnsupportedImage) -> str:
 def backend_services_access(ehrs: Sequence[EhrClient]) -> FhirAccess:
     """FhirAccess through SMART Backend Services for the EHRs the service is registered with."""
     clients: dict[str, BackendServicesClient] = {}
-    registered = {ehr.fhir_base.rstrip("/"): ehr for ehr in ehrs}
+    registered = {canonical_fhir_base(ehr.fhir_base): ehr for ehr in ehrs}
 
     def access(fhir_server: str) -> EhrAccess | None:
-        base = fhir_server.rstrip("/")
+        base = canonical_fhir_base(fhir_server)
         if base not in registered:
             return None
         if base not in clients:
@@ -359,7 +360,8 @@ def backend_services_access(ehrs: Sequence[EhrClient]) -> FhirAccess:
             token = clients[base].access_token()
         except FhirError as exc:
             raise ImageFetchError(f"no access token from the EHR ({type(exc).__name__})") from exc
-        return EhrAccess(base, token, image_servers=registered[base].image_servers)
+        ehr = registered[base]
+        return EhrAccess(ehr.fhir_base, token, image_servers=ehr.image_servers)
 
     return access
 

@@ -13,7 +13,7 @@ COLUMNS = (
     "received_at",
     "service_id",
     "card_uuid",
-    "tenant",
+    "source",
     "study_uid",
     "finding",
     "ai_state",

@@ -14,6 +14,7 @@ from cds_service.fhir_out.bundle import transaction_bundle
 from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
 from cds_service.jobs.sqlite_store import Job
 from cds_service.results import AnalysisResult
+from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ class ReportFiler:
         device: DeviceInfo,
     ) -> None:
         self.device = device
-        self._ehrs = {ehr.fhir_base.rstrip("/"): ehr for ehr in ehrs}
+        self._ehrs = {canonical_fhir_base(ehr.fhir_base): ehr for ehr in ehrs}
         self._clients: dict[str, BackendServicesClient] = {}
 
     def _client(self, fhir_server: str | None) -> BackendServicesClient | None:
         if fhir_server is None:
             return None
-        base = fhir_server.rstrip("/")
+        base = canonical_fhir_base(fhir_server)
         if base not in self._clients and base in self._ehrs:
             self._clients[base] = BackendServicesClient(self._ehrs[base])
         return self._clients.get(base)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.results import AnalysisResult, CardRecord, ModelInfo
+from cds_service.sources import canonical_fhir_base, same_fhir_base
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jwt_jti (
@@ -23,7 +24,7 @@ CREATE TABLE IF NOT EXISTS jwt_jti (
 CREATE INDEX IF NOT EXISTS jwt_jti_expiry ON jwt_jti (expires_at);
 -- What each AI-result card said, so feedback on a card uuid can be traced to its finding.
 CREATE TABLE IF NOT EXISTS cards (
-    uuid TEXT PRIMARY KEY, tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
+    uuid TEXT PRIMARY KEY, source TEXT NOT NULL, study_uid TEXT NOT NULL,
     finding TEXT NOT NULL, ai_state TEXT NOT NULL,
     model_id TEXT NOT NULL, model_version TEXT NOT NULL, first_shown REAL NOT NULL
 );
@@ -35,9 +36,13 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY, model_label TEXT NOT NULL, last_seen REAL NOT NULL, last_error TEXT
 );
+-- Where the polling watcher (and an empty Subscription notification) got to, per source.
+CREATE TABLE IF NOT EXISTS watch_cursors (
+    source TEXT PRIMARY KEY, last_updated TEXT NOT NULL, polled_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant TEXT NOT NULL, study_uid TEXT NOT NULL, patient_id TEXT,
+    source TEXT NOT NULL, study_uid TEXT NOT NULL, patient_id TEXT,
     model_id TEXT NOT NULL, model_version TEXT NOT NULL,
     fhir_server TEXT, study_resource TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
@@ -47,27 +52,33 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- At most one live job per study and model version: enqueueing twice is a no-op.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live
-    ON jobs (tenant, study_uid, model_id, model_version)
+    ON jobs (source, study_uid, model_id, model_version)
     WHERE status IN ('queued', 'running');
--- Results are per tenant (the CDS client's issuer): a Study UID seen by one EHR never
--- reveals another EHR's result, even if a caller sends a copied UID.
+-- Results belong to the data source (the canonical FHIR base of the EHR holding the study):
+-- a Study UID seen by one EHR never reveals another EHR's result, even if a caller sends a
+-- copied UID, and every caller configured for the same EHR sees the same result.
 CREATE TABLE IF NOT EXISTS results (
-    tenant TEXT NOT NULL, study_uid TEXT NOT NULL,
+    source TEXT NOT NULL, study_uid TEXT NOT NULL,
     model_id TEXT NOT NULL, model_version TEXT NOT NULL, patient_id TEXT,
     status TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
     filed_location TEXT,
-    PRIMARY KEY (tenant, study_uid, model_id, model_version)
+    PRIMARY KEY (source, study_uid, model_id, model_version)
 );
 """
 
 
 @dataclass(frozen=True)
 class StudyRef:
-    """A study as one tenant (CDS client issuer) knows it."""
+    """A study in its data source: the canonical FHIR base of the EHR that holds it (or, for a
+    caller that named no FHIR server, the caller's issuer)."""
 
-    tenant: str
+    source: str
     study_uid: str
     patient_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # One spelling per FHIR base, whoever built the reference.
+        object.__setattr__(self, "source", canonical_fhir_base(self.source))
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,9 @@ class SqliteStore:
         self.max_queue = max_queue
         self._local = threading.local()
         conn = self._conn()
+        _migrate(conn)  # an older file is brought up to date before the schema names new columns
         conn.executescript(SCHEMA)  # executescript manages its own transaction
-        _migrate(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -153,7 +165,7 @@ class SqliteStore:
                 [
                     (
                         r.uuid,
-                        r.tenant,
+                        r.source,
                         r.study_uid,
                         r.finding,
                         r.ai_state,
@@ -168,7 +180,7 @@ class SqliteStore:
     def feedback_rows(self) -> Iterator[dict[str, Any]]:
         """Every stored feedback item with the finding its card stated (for the site's review)."""
         cursor = self._conn().execute(
-            "SELECT f.received_at, f.service_id, f.card_uuid, f.outcome, f.body, c.tenant, "
+            "SELECT f.received_at, f.service_id, f.card_uuid, f.outcome, f.body, c.source, "
             "c.study_uid, c.finding, c.ai_state, c.model_id, c.model_version "
             "FROM feedback f LEFT JOIN cards c ON c.uuid = f.card_uuid ORDER BY f.received_at"
         )
@@ -196,34 +208,54 @@ class SqliteStore:
         row = (
             self._conn()
             .execute(
-                "SELECT body, patient_id, filed_location FROM results WHERE tenant = ? "
+                "SELECT body, patient_id, filed_location FROM results WHERE source = ? "
                 "AND study_uid = ? AND model_id = ? AND model_version = ?",
-                (ref.tenant, ref.study_uid, model.model_id, model.version),
+                (ref.source, ref.study_uid, model.model_id, model.version),
             )
             .fetchone()
         )
         return StoredResult(AnalysisResult.from_json(row[0]), row[1], row[2]) if row else None
 
-    def mark_filed(self, tenant: str, study_uid: str, model: ModelInfo, location: str) -> None:
+    def mark_filed(self, source: str, study_uid: str, model: ModelInfo, location: str) -> None:
         """Remember that the report of this analysis is in the EHR (so no more filing offers)."""
         with self._tx() as conn:
             conn.execute(
-                "UPDATE results SET filed_location = ? WHERE tenant = ? AND study_uid = ? "
+                "UPDATE results SET filed_location = ? WHERE source = ? AND study_uid = ? "
                 "AND model_id = ? AND model_version = ?",
-                (location, tenant, study_uid, model.model_id, model.version),
+                (location, source, study_uid, model.model_id, model.version),
             )
 
     def card_record(self, card_uuid: str) -> CardRecord | None:
         row = (
             self._conn()
             .execute(
-                "SELECT uuid, tenant, study_uid, finding, ai_state, model_id, model_version "
+                "SELECT uuid, source, study_uid, finding, ai_state, model_id, model_version "
                 "FROM cards WHERE uuid = ?",
                 (card_uuid,),
             )
             .fetchone()
         )
         return CardRecord(*row) if row else None
+
+    # -- watch cursors ----------------------------------------------------------------------
+    def watch_cursor(self, source: str) -> str | None:
+        """The meta.lastUpdated the watcher of this data source got to (None: never ran)."""
+        row = (
+            self._conn()
+            .execute("SELECT last_updated FROM watch_cursors WHERE source = ?", (source,))
+            .fetchone()
+        )
+        return str(row[0]) if row else None
+
+    def set_watch_cursor(self, source: str, last_updated: str) -> None:
+        """Move the cursor forward only: a slow poll never undoes a faster one."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO watch_cursors VALUES (?, ?, ?) ON CONFLICT(source) DO UPDATE SET "
+                "last_updated = max(last_updated, excluded.last_updated), "
+                "polled_at = excluded.polled_at",
+                (source, last_updated, time.time()),
+            )
 
     # -- job queue --------------------------------------------------------------------------
     def enqueue(
@@ -240,11 +272,11 @@ class SqliteStore:
             if depth >= self.max_queue:
                 raise QueueFull(f"analysis queue holds {depth} jobs (limit {self.max_queue})")
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO jobs (tenant, study_uid, patient_id, model_id, "
+                "INSERT OR IGNORE INTO jobs (source, study_uid, patient_id, model_id, "
                 "model_version, fhir_server, study_resource, status, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                 (
-                    ref.tenant,
+                    ref.source,
                     ref.study_uid,
                     ref.patient_id,
                     model.model_id,
@@ -262,9 +294,9 @@ class SqliteStore:
         row = (
             self._conn()
             .execute(
-                "SELECT status FROM jobs WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                "SELECT status FROM jobs WHERE source = ? AND study_uid = ? AND model_id = ? "
                 "AND model_version = ? AND status IN ('queued', 'running')",
-                (ref.tenant, ref.study_uid, model.model_id, model.version),
+                (ref.source, ref.study_uid, model.model_id, model.version),
             )
             .fetchone()
         )
@@ -284,7 +316,7 @@ class SqliteStore:
         now = time.time()
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT id, tenant, study_uid, patient_id, fhir_server, study_resource, attempts "
+                "SELECT id, source, study_uid, patient_id, fhir_server, study_resource, attempts "
                 "FROM jobs WHERE model_id = ? AND model_version = ? AND "
                 "((status = 'queued' AND not_before <= ?) "
                 "OR (status = 'running' AND updated_at < ?)) "
@@ -299,7 +331,7 @@ class SqliteStore:
         return [
             Job(
                 id=row[0],
-                ref=StudyRef(tenant=row[1], study_uid=row[2], patient_id=row[3]),
+                ref=StudyRef(source=row[1], study_uid=row[2], patient_id=row[3]),
                 model=model,
                 fhir_server=row[4],
                 study_resource=json.loads(row[5]),
@@ -363,8 +395,8 @@ class SqliteStore:
         now = time.time()
         # Each result with its study's last job (the one to queue again) and its FHIR server.
         sql = (
-            "SELECT r.tenant, r.study_uid, j.id, j.fhir_server FROM results r JOIN jobs j "
-            "ON j.id = (SELECT k.id FROM jobs k WHERE k.tenant = r.tenant "
+            "SELECT r.source, r.study_uid, j.id, j.fhir_server FROM results r JOIN jobs j "
+            "ON j.id = (SELECT k.id FROM jobs k WHERE k.source = r.source "
             "AND k.study_uid = r.study_uid AND k.model_id = r.model_id "
             "AND k.model_version = r.model_version ORDER BY k.id DESC LIMIT 1) "
             "WHERE r.model_id = ? AND r.model_version = ? "
@@ -380,17 +412,19 @@ class SqliteStore:
         with self._tx() as conn:
             # A result without a job (stored by hand) has nothing to run: the join leaves it out.
             chosen = [
-                (tenant, uid, job_id)
-                for tenant, uid, job_id, server in conn.execute(sql, params)
-                if fhir_server is None or (server or "").rstrip("/") == fhir_server.rstrip("/")
+                (source, uid, job_id)
+                for source, uid, job_id, server in conn.execute(sql, params)
+                if fhir_server is None
+                or same_fhir_base(source, fhir_server)
+                or same_fhir_base(server, fhir_server)
             ]
             if dry_run:
                 return len(chosen)
-            for tenant, uid, job_id in chosen:
+            for source, uid, job_id in chosen:
                 conn.execute(
-                    "DELETE FROM results WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                    "DELETE FROM results WHERE source = ? AND study_uid = ? AND model_id = ? "
                     "AND model_version = ?",
-                    (tenant, uid, model.model_id, model.version),
+                    (source, uid, model.model_id, model.version),
                 )
                 conn.execute(
                     "UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, "
@@ -424,9 +458,9 @@ class SqliteStore:
         row = (
             self._conn()
             .execute(
-                "SELECT error FROM jobs WHERE tenant = ? AND study_uid = ? AND model_id = ? "
+                "SELECT error FROM jobs WHERE source = ? AND study_uid = ? AND model_id = ? "
                 "AND model_version = ? AND status = 'queued' AND not_before > ?",
-                (ref.tenant, ref.study_uid, model.model_id, model.version, time.time()),
+                (ref.source, ref.study_uid, model.model_id, model.version, time.time()),
             )
             .fetchone()
         )
@@ -461,7 +495,7 @@ def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResu
     conn.execute(
         "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
         (
-            ref.tenant,
+            ref.source,
             result.study_uid,
             result.model.model_id,
             result.model.version,
@@ -476,20 +510,66 @@ def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResu
 # PRAGMA user_version of a file this code has brought up to date; each step below is one
 # version. Files from before versioning (user_version 0) get every step whose column is
 # missing, so no file is broken and none is migrated twice.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version >= SCHEMA_VERSION:
-        return
-    results = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
-    if "filed_location" not in results:  # 1: files written before write-back existed
-        conn.execute("ALTER TABLE results ADD COLUMN filed_location TEXT")
-    jobs = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    if "not_before" not in jobs:  # 2: jobs that wait (no access to their EHR yet)
-        conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if version >= SCHEMA_VERSION or not _columns(conn, "jobs"):
+        return  # up to date, or a new file that the schema creates whole
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if "filed_location" not in _columns(conn, "results"):  # 1: before write-back
+            conn.execute("ALTER TABLE results ADD COLUMN filed_location TEXT")
+        if "not_before" not in _columns(conn, "jobs"):  # 2: jobs that wait for access
+            conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
+        if "tenant" in _columns(conn, "jobs"):  # 3: keyed by data source, not by caller
+            _key_by_data_source(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _key_by_data_source(conn: sqlite3.Connection) -> None:
+    """Version 3: rows keyed by the caller's issuer move to the canonical FHIR base their
+    job was read from. A row whose study has no job with a FHIR server keeps its issuer (the
+    issuer is that caller's own data source). Where two issuers had the same study, the
+    first row keeps the key and the other's live job is dropped: one analysis per study."""
+    keyed = [t for t in ("jobs", "results", "cards") if "tenant" in _columns(conn, t)]
+    for table in keyed:
+        conn.execute(f"ALTER TABLE {table} RENAME COLUMN tenant TO source")
+    latest: dict[tuple[str, str, str, str], str] = {}
+    for source, uid, model_id, version, server in conn.execute(
+        "SELECT source, study_uid, model_id, model_version, fhir_server FROM jobs "
+        "WHERE fhir_server IS NOT NULL ORDER BY id"
+    ):
+        latest[(source, uid, model_id, version)] = canonical_fhir_base(server)
+    for (old, uid, model_id, version), new in latest.items():
+        key = (old, uid, model_id, version)
+        for table in keyed[1:]:
+            conn.execute(
+                f"UPDATE OR IGNORE {table} SET source = ? WHERE source = ? AND study_uid = ? "
+                "AND model_id = ? AND model_version = ?",
+                (new, *key),
+            )
+        conn.execute(
+            "UPDATE OR IGNORE jobs SET source = ? WHERE source = ? AND study_uid = ? "
+            "AND model_id = ? AND model_version = ? AND fhir_server IS NOT NULL",
+            (new, *key),
+        )
+        if new != old:  # a live job the unique index kept on the old key duplicates one
+            conn.execute(
+                "DELETE FROM jobs WHERE source = ? AND study_uid = ? AND model_id = ? "
+                "AND model_version = ? AND fhir_server IS NOT NULL "
+                "AND status IN ('queued', 'running')",
+                key,
+            )
 
 
 class QueueFull(Exception):

@@ -128,7 +128,7 @@ def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResu
         log.warning("job %s: report not filed: %s", job.id, type(exc).__name__)
         return
     if written is not None:
-        store.mark_filed(job.ref.tenant, job.ref.study_uid, job.model, written.report_location)
+        store.mark_filed(job.ref.source, job.ref.study_uid, job.model, written.report_location)
 
 
 def _wait_for_access(store: SqliteStore, job: Job, exc: NoAccess) -> None:

@@ -132,7 +132,7 @@ def run_demo(
         uid = imaging_study.study_uid(study)
         if uid is None:
             continue
-        ref = StudyRef(issuer.iss, uid, imaging_study.subject_patient_id(study))
+        ref = StudyRef(f"{sandbox_base}/fhir", uid, imaging_study.subject_patient_id(study))
         if store.get_result(ref, backend.model) is None:
             store.enqueue(ref, backend.model, study, f"{sandbox_base}/fhir")
         pending.append(ref)

@@ -57,7 +57,7 @@ def test_tiny_model_analyses_and_files_a_sandbox_study(
     uid = imaging_study.study_uid(study)
     patient = imaging_study.subject_patient_id(study)
     assert uid and patient
-    ref = StudyRef(sandbox.base, uid, patient)
+    ref = StudyRef(sandbox.fhir, uid, patient)
     store.enqueue(ref, backend.model, study, sandbox.fhir)
     filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     assert drain(store, backend, filer) == 1

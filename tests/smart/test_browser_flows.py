@@ -184,7 +184,7 @@ def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
     page.get_by_role("button", name="Request analysis").click()
     page.wait_for_url("**notice=queued")
     assert page.locator("#ai-status").inner_text() == "in progress"
-    ref = StudyRef(sandbox.base, "1.2.826.0.1.3680043.8.498.1", "cxr-demo-3")
+    ref = StudyRef(sandbox.fhir, "1.2.826.0.1.3680043.8.498.1", "cxr-demo-3")
     assert store.job_state(ref, SimulatedBackend().model) == "queued"
 
 
