@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--dry-run", action="store_true", help="count, change nothing")
     requeue.set_defaults(func=cmd_requeue)
 
+    from cds_service.jobs.cli import add_parsers as add_trigger_parsers
+
+    add_trigger_parsers(sub)  # watch, analyze-study, subscribe
+
     findings = sub.add_parser(
         "findings",
         help="label a report from standard input, or a CSV / JSON Lines file of reports",

@@ -26,6 +26,19 @@ class Unauthorized(CdsServiceError):
     code = "unauthorized"
 
 
+class Forbidden(CdsServiceError):
+    """Authenticated, but this caller may not do that (e.g. name a FHIR server it is not
+    configured for)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class Conflict(CdsServiceError):
+    status = 409
+    code = "conflict"
+
+
 class NotFound(CdsServiceError):
     status = 404
     code = "not-found"

@@ -196,6 +196,7 @@ def two_issuer_service(
     sandbox: SandboxHandle,
     other_iss: str = "https://other-ehr.example",
     other_fhir_servers: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> tuple[ServiceHandle, ServerThread, ECKey, TrustedIssuer]:
     """A service trusting the sandbox and a second CDS client (another EHR, or with
     ``other_fhir_servers`` another client of the same EHR); returns the second one's key."""
@@ -208,5 +209,5 @@ def two_issuer_service(
     mine = TrustedIssuer(
         iss=sandbox.base, jwks=sandbox.sandbox.key.public_jwks(), fhir_servers=(sandbox.fhir,)
     )
-    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other))
+    handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other), **overrides)
     return handle, server, other_key, other

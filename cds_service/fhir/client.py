@@ -31,6 +31,10 @@ class FhirAccessDenied(FhirError):
     """401 or 403 from the FHIR server, or a URL outside the FHIR base."""
 
 
+class FhirNotFound(FhirUnavailable):
+    """404 or 410: no such resource (kept a FhirUnavailable for callers that retry)."""
+
+
 class FhirRejected(FhirUnavailable):
     """400 from the FHIR server: it does not support something we asked (e.g. `_sort`)."""
 
@@ -118,6 +122,8 @@ class FhirClient:
             raise FhirAccessDenied(f"FHIR server answered {response.status_code}")
         if response.status_code == 400:
             raise FhirRejected("FHIR server answered 400")
+        if response.status_code in (404, 410):
+            raise FhirNotFound(f"FHIR server answered {response.status_code}")
         if response.status_code not in (200, 201):
             raise FhirUnavailable(f"FHIR server answered {response.status_code}")
         if len(raw) > MAX_RESPONSE_BYTES:

@@ -98,6 +98,21 @@ class Job:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """A job and, once there is one, its result (what the REST API reports)."""
+
+    id: int
+    ref: StudyRef
+    model_id: str
+    model_version: str
+    job_status: str  # queued, waiting, running, done, failed
+    reason: str | None
+    created_at: float
+    result: AnalysisResult | None
+    filed_location: str | None
+
+
 class SqliteStore:
     """All durable state of the embedded deployment. Safe across threads and processes."""
 
@@ -452,6 +467,48 @@ class SqliteStore:
             .fetchall()
         )
         return [(str(r[0]), r[1]) for r in rows]
+
+    def analysis(self, job_id: int) -> Analysis | None:
+        """One job as the REST API shows it, with its study's result for that model."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT j.id, j.source, j.study_uid, j.patient_id, j.model_id, j.model_version, "
+                "j.status, j.error, j.not_before, j.created_at, r.body, r.filed_location "
+                "FROM jobs j LEFT JOIN results r ON r.source = j.source "
+                "AND r.study_uid = j.study_uid AND r.model_id = j.model_id "
+                "AND r.model_version = j.model_version WHERE j.id = ?",
+                (job_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        waiting = row[6] == "queued" and row[8] > time.time()
+        return Analysis(
+            id=row[0],
+            ref=StudyRef(row[1], row[2], row[3]),
+            model_id=row[4],
+            model_version=row[5],
+            job_status="waiting" if waiting else str(row[6]),
+            reason=row[7] if waiting or row[6] == "failed" else None,
+            created_at=row[9],
+            result=AnalysisResult.from_json(row[10]) if row[10] else None,
+            filed_location=row[11],
+        )
+
+    def latest_job_id(self, ref: StudyRef, model: ModelInfo) -> int | None:
+        """The id of the study's latest job for this model (live or not)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT max(id) FROM jobs WHERE source = ? AND study_uid = ? AND model_id = ? "
+                "AND model_version = ?",
+                (ref.source, ref.study_uid, model.model_id, model.version),
+            )
+            .fetchone()
+        )
+        return int(row[0]) if row and row[0] is not None else None
 
     def waiting_reason(self, ref: StudyRef, model: ModelInfo) -> str | None:
         """Why the study's queued job waits (None when it is not waiting)."""

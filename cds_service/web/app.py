@@ -14,9 +14,11 @@ from cds_service.config import Settings
 from cds_service.errors import CdsServiceError, Unauthorized
 from cds_service.hooks import HookHandler
 from cds_service.inference.registry import device_info, model_info
+from cds_service.jobs.arrivals import Arrivals
 from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.security.client_jwt import ClientJwtVerifier
-from cds_service.web.cds_hooks import create_cds_blueprint
+from cds_service.web.arrivals import create_arrivals_blueprint
+from cds_service.web.cds_hooks import create_cds_blueprint, request_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["cxr_cds"] = {"settings": settings, "store": store, "handler": handler}
     app.register_blueprint(create_cds_blueprint(settings, handler, verifier))
+    arrivals = Arrivals(store, handler.model, settings.ehr_clients)
+    app.register_blueprint(
+        create_arrivals_blueprint(settings, arrivals, request_authenticator(settings, verifier))
+    )
 
     from smart_app.web import create_smart_blueprint
 

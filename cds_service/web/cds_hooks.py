@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -14,7 +15,7 @@ from cds_service.security.client_jwt import ClientJwtVerifier
 FEEDBACK_OUTCOMES = frozenset({"accepted", "overridden"})
 
 
-def _json_body() -> Any:
+def json_body() -> Any:
     if not request.is_json:
         raise BadRequest("Content-Type must be application/json")
     try:
@@ -42,12 +43,11 @@ def _validate_feedback(body: Any) -> list[dict[str, Any]]:
     return items
 
 
-def create_cds_blueprint(
-    settings: Settings,
-    handler: HookHandler,
-    verifier: ClientJwtVerifier | None,
-) -> Blueprint:
-    bp = Blueprint("cds_hooks", __name__)
+def request_authenticator(
+    settings: Settings, verifier: ClientJwtVerifier | None
+) -> Callable[[], TrustedIssuer | None]:
+    """The check of the bearer JWT of the request being served (CDS Hooks and the REST API):
+    the trusted issuer, or None when authentication is off (development only)."""
 
     def authenticate() -> TrustedIssuer | None:
         if verifier is None:
@@ -55,6 +55,17 @@ def create_cds_blueprint(
         # aud must be exactly the URL called (CDS Hooks 2.0 security).
         audience = settings.public_url + request.path
         return verifier.verify(request.headers.get("Authorization"), audience).issuer
+
+    return authenticate
+
+
+def create_cds_blueprint(
+    settings: Settings,
+    handler: HookHandler,
+    verifier: ClientJwtVerifier | None,
+) -> Blueprint:
+    bp = Blueprint("cds_hooks", __name__)
+    authenticate = request_authenticator(settings, verifier)
 
     @bp.route("/cds-services", methods=["GET", "OPTIONS"])
     def discovery() -> Response:
@@ -69,7 +80,7 @@ def create_cds_blueprint(
         if service_id not in SERVICES:
             raise NotFound(f"no CDS service with id {service_id!r}")
         issuer = authenticate()
-        return jsonify(handler.handle(service_id, _json_body(), issuer))
+        return jsonify(handler.handle(service_id, json_body(), issuer))
 
     @bp.route("/cds-services/<service_id>/feedback", methods=["POST", "OPTIONS"])
     def feedback(service_id: str) -> Response:
@@ -78,7 +89,7 @@ def create_cds_blueprint(
         if service_id not in SERVICES:
             raise NotFound(f"no CDS service with id {service_id!r}")
         issuer = authenticate()
-        items = _validate_feedback(_json_body())
+        items = _validate_feedback(json_body())
         stored = handler.feedback(service_id, items, issuer)
         return jsonify({"stored": stored, "duplicates": len(items) - stored})
 

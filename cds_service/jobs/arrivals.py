@@ -1,0 +1,259 @@
+"""Film arrival: every trigger (FHIR Subscription notification, the polling watcher, the REST
+API, the CLI, a hook's first miss, the viewer) ends in `enqueue_arrival`, one idempotent
+enqueue keyed by data source + Study UID + model. A study that already has a result or a
+live job is not queued again, so a notification that arrives twice, a watcher that overlaps
+a Subscription, or a retried API call never analyses a film twice.
+
+`SourceReader` reads studies from a data source with the service's own registered access
+(SMART Backend Services), never with a caller's token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cds_service.config import EhrClient
+from cds_service.fhir import imaging_study
+from cds_service.fhir.backend_services import BackendServicesClient
+from cds_service.fhir.client import FhirClient, bundle_resources, next_link
+from cds_service.fhir.shapes import as_dict, as_str
+from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
+from cds_service.results import ModelInfo
+from cds_service.sources import canonical_fhir_base
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["queued", "known", "not-a-chest-radiograph", "no-study-uid", "queue-full"]
+SEARCH_PAGE_SIZE = 50
+# Where EHRs post FHIR Subscription notifications (the web layer serves it).
+NOTIFICATIONS_PATH = "/fhir-notifications"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What became of one arriving study."""
+
+    outcome: Outcome
+    ref: StudyRef | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """Queued now or known already: either way the study is (being) analysed."""
+        return self.outcome in ("queued", "known")
+
+
+def enqueue_arrival(
+    store: SqliteStore,
+    model: ModelInfo,
+    study: dict[str, Any],
+    fhir_server: str | None,
+    *,
+    source: str | None = None,
+) -> Arrival:
+    """Queue the study for analysis unless it is known already. ``fhir_server`` is where the
+    worker reads it (None: nowhere, a caller that named no FHIR server); ``source`` is the
+    data source that owns the result (default: that FHIR server)."""
+    uid = imaging_study.study_uid(study)
+    if uid is None:
+        return Arrival("no-study-uid")
+    if not imaging_study.is_radiograph_candidate(study):
+        return Arrival("not-a-chest-radiograph")
+    owner = source if source is not None else fhir_server
+    if owner is None:
+        raise ValueError("an arrival needs a FHIR server or a data source")
+    ref = StudyRef(owner, uid, imaging_study.subject_patient_id(study))
+    if store.get_result(ref, model) is not None:
+        return Arrival("known", ref)
+    server = canonical_fhir_base(fhir_server) if fhir_server else None
+    try:
+        queued = store.enqueue(ref, model, study, server)
+    except QueueFull:
+        log.warning("analysis queue full; an arriving study was not queued")
+        return Arrival("queue-full", ref)
+    return Arrival("queued" if queued else "known", ref)
+
+
+class NoSourceAccess(Exception):
+    """The service has no registered access to this data source."""
+
+    def __init__(self, fhir_base: str) -> None:
+        self.fhir_base = fhir_base
+        super().__init__(
+            f"no access to {fhir_base}: register it in CXR_CDS_EHR_CLIENTS (SMART Backend "
+            "Services client) to analyse its studies"
+        )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Studies changed since a cursor, and the cursor to use next time."""
+
+    studies: list[dict[str, Any]]
+    cursor: str | None
+    complete: bool  # False when the page limit stopped the walk (more remain)
+
+
+class SourceReader:
+    """Reads ImagingStudy resources from the data sources this service is registered with."""
+
+    def __init__(self, ehr_clients: Sequence[EhrClient]) -> None:
+        self._ehrs = {canonical_fhir_base(e.fhir_base): e for e in ehr_clients}
+        self._tokens: dict[str, BackendServicesClient] = {}
+
+    def registered(self, fhir_base: str) -> bool:
+        return canonical_fhir_base(fhir_base) in self._ehrs
+
+    def client(self, fhir_base: str) -> FhirClient:
+        """A FHIR client with a system token (raises NoSourceAccess, FhirUnavailable)."""
+        base = canonical_fhir_base(fhir_base)
+        ehr = self._ehrs.get(base)
+        if ehr is None:
+            raise NoSourceAccess(base)
+        if base not in self._tokens:
+            self._tokens[base] = BackendServicesClient(ehr)
+        return FhirClient(ehr.fhir_base, self._tokens[base].access_token())
+
+    def read_study(self, fhir_base: str, reference: str) -> dict[str, Any]:
+        """``ImagingStudy/<id>`` or an absolute URL under the base (never another server)."""
+        study_id = study_id_in(fhir_base, reference)
+        if study_id is None:
+            raise ValueError("not an ImagingStudy of this FHIR server")
+        study = self.client(fhir_base).get_json(f"ImagingStudy/{study_id}")
+        if study.get("resourceType") != "ImagingStudy":
+            raise ValueError("the FHIR server did not answer with an ImagingStudy")
+        return study
+
+    def changed_since(self, fhir_base: str, cursor: str | None, max_pages: int) -> Changes:
+        """ImagingStudy resources updated at or after ``cursor`` (meta.lastUpdated), oldest
+        first, at most ``max_pages`` pages. 'At or after' re-reads the cursor's own instant
+        (several studies may share it); the idempotent enqueue makes that harmless."""
+        client = self.client(fhir_base)
+        params = [("_sort", "_lastUpdated"), ("_count", str(SEARCH_PAGE_SIZE))]
+        if cursor:
+            params.append(("_lastUpdated", f"ge{cursor}"))
+        page: dict[str, Any] | None = client.get_json("ImagingStudy", params)
+        studies: list[dict[str, Any]] = []
+        newest = cursor
+        pages = 0
+        while page is not None:
+            pages += 1
+            for study in bundle_resources(page, "ImagingStudy"):
+                studies.append(study)
+                updated = as_str(as_dict(study.get("meta")).get("lastUpdated"))
+                if updated and (newest is None or updated > newest):
+                    newest = updated
+            link = next_link(page)
+            if link is None:
+                return Changes(studies, newest, complete=True)
+            if pages >= max_pages or not client.owns(link):
+                break
+            page = client.get_json(link)
+        return Changes(studies, newest, complete=False)
+
+
+def study_id_in(fhir_base: str, reference: str) -> str | None:
+    """The id of an ImagingStudy reference, relative or absolute under ``fhir_base``."""
+    text = reference.strip()
+    if "://" in text:
+        base = canonical_fhir_base(fhir_base)
+        head, sep, rest = text.rpartition("/ImagingStudy/")
+        if not sep or canonical_fhir_base(head) != base:
+            return None
+        text = f"ImagingStudy/{rest}"
+    kind, sep, rest = text.partition("/")
+    study_id = rest.split("/_history/")[0]
+    if kind != "ImagingStudy" or not sep or not imaging_study_id_ok(study_id):
+        return None
+    return study_id
+
+
+def imaging_study_id_ok(value: str) -> bool:
+    """A FHIR logical id: 1-64 of A-Z a-z 0-9 - ."""
+    return re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None
+
+
+@dataclass(frozen=True)
+class Poll:
+    arrivals: list[Arrival]
+    complete: bool  # False: the page limit stopped it, more studies remain
+
+
+class Arrivals:
+    """The arrival triggers of one service: studies named by reference (REST API, CLI,
+    id-only notifications), and polls of a data source since its cursor (the watcher, empty
+    notifications). Every path ends in `enqueue_arrival`."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        model: ModelInfo,
+        ehr_clients: Sequence[EhrClient],
+        *,
+        max_pages: int = 5,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.ehr_clients = tuple(ehr_clients)
+        self.reader = SourceReader(ehr_clients)
+        self.max_pages = max_pages
+
+    def source_for_token(self, token: str) -> str | None:
+        """The data source whose Subscriptions send this bearer token (None: no such EHR)."""
+        found = None
+        for ehr in self.ehr_clients:
+            # Every registration is compared, in constant time, so timing reveals nothing.
+            if ehr.notification_token and same_secret(ehr.notification_token, token):
+                found = canonical_fhir_base(ehr.fhir_base)
+        return found
+
+    def study(self, fhir_base: str, reference: str) -> Arrival:
+        """Read one study with the service's access to its EHR and queue it."""
+        study = self.reader.read_study(fhir_base, reference)
+        return enqueue_arrival(self.store, self.model, study, canonical_fhir_base(fhir_base))
+
+    def poll(self, fhir_base: str) -> Poll:
+        """Queue the studies changed since this source's cursor, then move the cursor."""
+        base = canonical_fhir_base(fhir_base)
+        changes = self.reader.changed_since(base, self.store.watch_cursor(base), self.max_pages)
+        arrivals = [enqueue_arrival(self.store, self.model, s, base) for s in changes.studies]
+        if changes.cursor is not None:
+            self.store.set_watch_cursor(base, changes.cursor)
+        return Poll(arrivals, changes.complete)
+
+    def notification(self, fhir_base: str, body: dict[str, Any] | None) -> list[Arrival]:
+        """An R4 rest-hook notification: empty (query the source since its cursor), or a
+        Bundle naming the changed resources (id-only or full; each study is read again from
+        the EHR, so a notification body is never trusted as the study itself)."""
+        if not body:
+            return self.poll(fhir_base).arrivals
+        if body.get("resourceType") != "Bundle":
+            raise ValueError("a notification body must be a FHIR Bundle (or empty)")
+        arrivals = []
+        for entry in body.get("entry") or []:
+            reference = _changed_study(entry)
+            if reference is not None:
+                arrivals.append(self.study(fhir_base, reference))
+        return arrivals
+
+
+def _changed_study(entry: Any) -> str | None:
+    """The ImagingStudy an id-only or full-resource notification entry names, if any."""
+    entry = as_dict(entry)
+    if as_str(as_dict(entry.get("request")).get("method")) == "DELETE":
+        return None
+    resource = as_dict(entry.get("resource"))
+    if resource.get("resourceType") == "ImagingStudy" and as_str(resource.get("id")):
+        return f"ImagingStudy/{resource['id']}"
+    full_url = as_str(entry.get("fullUrl"))
+    if full_url and "/ImagingStudy/" in full_url:
+        return full_url
+    return None
+
+
+def same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
