@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
@@ -14,6 +14,7 @@ from ehr_sandbox.auth.web import SmartAuth, capability_security
 from ehr_sandbox.backend_auth import BackendServices
 from ehr_sandbox.cds_client import SigningKey
 from ehr_sandbox.fhir.store import FhirStore
+from ehr_sandbox.notifier import DeliverySettings, SubscriptionNotifier
 from ehr_sandbox.secret_files import form_secret
 from ehr_sandbox.web.fhir_api import MAX_BODY_BYTES, create_fhir_blueprint
 
@@ -29,10 +30,16 @@ class SandboxSettings:
     data_dir: Path = Path("var/sandbox")
     base_url: str | None = None  # e.g. http://127.0.0.1:8081 ; None: from the request
     open_access: bool = True  # requests without a token are served (like public sandboxes)
+    # Subscription notifications: attempts, retry delay and request timeout.
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     @property
     def database(self) -> Path:
         return self.data_dir / "ehr.sqlite3"
+
+    @property
+    def fhir_base(self) -> str | None:
+        return self.base_url.rstrip("/") + "/fhir" if self.base_url else None
 
     @property
     def signing_key_file(self) -> Path:
@@ -55,28 +62,37 @@ class Sandbox:
     backend: BackendServices
     smart: SmartStore
     secret: bytes
+    notifier: SubscriptionNotifier  # rest-hook notifications for writes through `store`
 
     @classmethod
     def open(cls, settings: SandboxSettings) -> Sandbox:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         tokens = TokenStore(settings.database)
+        store = FhirStore(settings.database)
         return cls(
             settings=settings,
-            store=FhirStore(settings.database),
+            store=store,
             tokens=tokens,
             key=SigningKey.load_or_create(settings.signing_key_file),
             backend=BackendServices(settings.database, tokens),
             smart=SmartStore(settings.database),
             secret=form_secret(settings.form_secret_file),
+            notifier=SubscriptionNotifier(
+                store, fhir_base=settings.fhir_base, delivery=settings.delivery
+            ),
         )
+
+    def close(self) -> None:
+        """Stop the subscription delivery threads (call when the server has stopped)."""
+        self.notifier.close()
 
 
 def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None = None) -> Flask:
     sandbox = sandbox or Sandbox.open(settings or SandboxSettings())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    if sandbox.settings.base_url:
-        app.config["FHIR_BASE_URL"] = sandbox.settings.base_url.rstrip("/") + "/fhir"
+    if sandbox.settings.fhir_base:
+        app.config["FHIR_BASE_URL"] = sandbox.settings.fhir_base
     app.extensions["ehr_sandbox"] = sandbox
     base = sandbox.settings.base_url.rstrip("/") if sandbox.settings.base_url else None
     # SMART authorization server, token endpoint and the FHIR API's scope/compartment policy.

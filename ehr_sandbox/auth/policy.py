@@ -17,6 +17,10 @@ PUBLIC_FHIR_PATHS = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-config
 # fullUrls that name no stored resource, so rewriting references to them reaches no chart.
 URN_FULL_URLS = ("urn:uuid:", "urn:oid:")
 WRITE_INTERACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
+# Types that are never anybody's chart: a Subscription watches every patient's records (and
+# its channel.header holds the subscriber's secret), so it takes a user/ or system/ scope
+# (Backend Services: e.g. system/Subscription.crus) and is never served without a token.
+SERVER_WIDE_TYPES = frozenset({"Subscription"})
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,15 @@ def operations(
             condition=(if_none_exist or None) if interaction == "create" else None,
         )
     ]
+
+
+def anonymous_read_allowed(method: str, path: str) -> bool:
+    """Whether a request without a token may be served when the sandbox is open (like public
+    sandboxes): reads and searches only, and none of a server-wide type."""
+    reading = method in ("GET", "HEAD") or path.endswith("/_search")
+    return reading and not any(
+        op.resource_type in SERVER_WIDE_TYPES for op in operations(method, path, b"")
+    )
 
 
 def _names_its_patient(search: ParsedSearch, patient: str) -> bool:
@@ -196,6 +209,13 @@ def check_operation(
             403, "forbidden", f"the token's scopes do not allow {verb} {op.resource_type}"
         )
     if contexts == {"patient"}:
+        if op.resource_type in SERVER_WIDE_TYPES:
+            return Denial(
+                403,
+                "forbidden",
+                f"{op.resource_type} is not in a patient's compartment: it needs a user/ or "
+                "system/ scope",
+            )
         if token.patient is None:
             return Denial(403, "forbidden", "patient scopes without a patient in context")
         return _compartment_denial(op, params, token.patient, store)

@@ -31,7 +31,13 @@ from ehr_sandbox.auth.grants import (
     SmartRefreshTokenGrant,
     save_token,
 )
-from ehr_sandbox.auth.policy import PUBLIC_FHIR_PATHS, Denial, check_request, restricted_patient
+from ehr_sandbox.auth.policy import (
+    PUBLIC_FHIR_PATHS,
+    Denial,
+    anonymous_read_allowed,
+    check_request,
+    restricted_patient,
+)
 from ehr_sandbox.auth.scopes import grantable
 from ehr_sandbox.auth.smart_store import LaunchContext, SmartStore
 from ehr_sandbox.backend_auth import BackendServices, TokenError
@@ -235,8 +241,7 @@ class SmartAuth:
         header = request.headers.get("Authorization")
         if header is None:
             # Reads may be open (like public sandboxes); writes always need a token.
-            reading = request.method in ("GET", "HEAD") or request.path.endswith("/_search")
-            if self.open_access and reading:
+            if self.open_access and anonymous_read_allowed(request.method, request.path):
                 return None
             return _operation_outcome(Denial(401, "login", "a bearer token is required"))
         token = self.tokens.lookup(header[7:].strip()) if header.startswith("Bearer ") else None

@@ -264,6 +264,16 @@ _TYPE_PARAMS: dict[str, tuple[SearchParamDef, ...]] = {
         _tok("type", "type", doc="Encounter type"),
         _date("date", "period", doc="Encounter period"),
     ),
+    "Subscription": (
+        _status(),
+        _str("criteria", "criteria", doc="Search the subscription watches (starts with)"),
+        _tok("type", "channel.type", doc="Channel type (rest-hook)"),
+        SearchParamDef(
+            "url", "uri", ("channel.endpoint",), documentation="Where notifications are sent"
+        ),
+        _tok("payload", "channel.payload", doc="Payload mime type"),
+        _tok("contact", "contact", doc="Contact for the subscription"),
+    ),
     "DocumentReference": (
         *_subject(),
         _identifier(),

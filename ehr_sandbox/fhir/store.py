@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,8 +29,10 @@ from .search import (
     shape_resource,
     sort_resources,
 )
+from .subscription import SubscriptionError, accept_subscription
 
 __all__ = [
+    "ChangeListener",
     "FhirStore",
     "FhirStoreError",
     "HistoryEntry",
@@ -38,6 +42,8 @@ __all__ = [
     "SearchResult",
     "VersionConflictError",
 ]
+
+log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -68,6 +74,11 @@ _BUMP_SEQ = (
 )
 # Types whose parsed resources are not kept in memory between searches (large payloads).
 _UNCACHED_TYPES = frozenset({"Binary"})
+
+# Told about every committed create or update: (the stored resource, whether it was created).
+# Listeners run in the writing thread after the commit, so they must be quick and must not
+# change the resource (subscription delivery hands the work to its own threads).
+ChangeListener = Callable[[JsonDict, bool], None]
 
 
 class FhirStoreError(Exception):
@@ -183,6 +194,7 @@ class FhirStore:
         self._local = threading.local()
         self._inherited: list[sqlite3.Connection] = []  # from a parent process; never touched
         self._snapshots: dict[str, _TypeSnapshot] = {}
+        self._listeners: list[ChangeListener] = []
         self._init_schema()
 
     @property
@@ -249,6 +261,49 @@ class FhirStore:
             raise
         conn.execute("COMMIT")
 
+    # ------------------------------------------------------------------ change listeners
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` after every create or update this store object commits (writes
+        made by other processes on the same file are not seen)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    @contextmanager
+    def held_changes(self) -> Iterator[None]:
+        """Tell the listeners about this thread's writes only when the block ends without an
+        exception: a transaction that is rolled back (its creations deleted again) announces
+        nothing. Nested blocks are part of the outermost one."""
+        if getattr(self._local, "held", None) is not None:
+            yield
+            return
+        held: list[tuple[JsonDict, bool]] = []
+        self._local.held = held
+        try:
+            yield
+        finally:
+            self._local.held = None
+        for resource, created in held:
+            self._announce(resource, created)
+
+    def _changed(self, resource: JsonDict, created: bool) -> JsonDict:
+        held: list[tuple[JsonDict, bool]] | None = getattr(self._local, "held", None)
+        if held is not None:
+            held.append((resource, created))
+        else:
+            self._announce(resource, created)
+        return resource
+
+    def _announce(self, resource: JsonDict, created: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(resource, created)
+            except Exception:  # a listener's bug must not fail a write that is committed
+                log.exception("change listener failed for %s", resource.get("resourceType"))
+
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
@@ -268,6 +323,12 @@ class FhirStore:
                 raise InvalidResourceError("Binary.contentType is required")
             if "data" in cleaned and not isinstance(cleaned["data"], str):
                 raise InvalidResourceError("Binary.data must be a base64 string")
+        if rtype == "Subscription":
+            # Checked here so that every way in (REST, transactions, seeding) is checked.
+            try:
+                cleaned = accept_subscription(cleaned)
+            except SubscriptionError as exc:
+                raise InvalidResourceError(str(exc)) from None
         return cleaned
 
     @staticmethod
@@ -340,7 +401,8 @@ class FhirStore:
         """Store a new resource under a server-assigned id (any ``id`` given is ignored)."""
         prepared = self._prepare(resource)
         with self._write() as conn:
-            return self._store_version(conn, prepared, uuid.uuid4().hex, 1, insert=True)
+            stored = self._store_version(conn, prepared, uuid.uuid4().hex, 1, insert=True)
+        return self._changed(stored, True)
 
     def update(
         self, resource: Mapping[str, Any], *, if_match: str | None = None
@@ -365,15 +427,16 @@ class FhirStore:
                     f"{rtype}/{resource_id}: expected version {if_match}, current is {current}"
                 )
             if row is not None:
-                return self._store_version(
-                    conn, prepared, resource_id, row[0] + 1, insert=False
-                ), False
-            previous = conn.execute(
-                "SELECT MAX(version_id) FROM resource_history WHERE type = ? AND id = ?",
-                (rtype, resource_id),
-            ).fetchone()[0]
-            version = (previous or 0) + 1
-            return self._store_version(conn, prepared, resource_id, version, insert=True), True
+                stored = self._store_version(conn, prepared, resource_id, row[0] + 1, insert=False)
+            else:
+                previous = conn.execute(
+                    "SELECT MAX(version_id) FROM resource_history WHERE type = ? AND id = ?",
+                    (rtype, resource_id),
+                ).fetchone()[0]
+                version = (previous or 0) + 1
+                stored = self._store_version(conn, prepared, resource_id, version, insert=True)
+        created = row is None
+        return self._changed(stored, created), created
 
     def conditional_create(
         self,
@@ -408,7 +471,8 @@ class FhirStore:
                 )
             if matches:
                 return json.loads(snapshot.texts[matches[0]["id"]]), False
-            return self._store_version(conn, prepared, uuid.uuid4().hex, 1, insert=True), True
+            stored = self._store_version(conn, prepared, uuid.uuid4().hex, 1, insert=True)
+        return self._changed(stored, True), True
 
     def read(self, resource_type: str, resource_id: str) -> JsonDict | None:
         """The current version of a resource, or None."""

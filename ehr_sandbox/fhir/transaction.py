@@ -117,28 +117,30 @@ def process_transaction(
     """Create the entries in reference order; conditional creates match existing resources
     (only those `keep` accepts), so sending the same transaction twice creates nothing the
     second time. All or nothing:
-    when an entry fails, the resources this transaction created are deleted again."""
+    when an entry fails, the resources this transaction created are deleted again, and
+    subscribers hear of the creations only once every entry has been stored."""
     entries = _parse(bundle)
     mapping: dict[str, str] = {}
     outcomes: dict[int, tuple[JsonDict, bool]] = {}
     created: list[JsonDict] = []
-    try:
-        for index in _order(entries):
-            entry = entries[index]
-            resource = _rewrite(entry.resource, mapping)
-            if entry.if_none_exist:
-                stored, is_new = store.conditional_create(resource, entry.if_none_exist, keep)
-            else:
-                stored, is_new = store.create(resource), True
-            if is_new:
-                created.append(stored)
-            outcomes[index] = (stored, is_new)
-            if entry.full_url:
-                mapping[entry.full_url] = f"{stored['resourceType']}/{stored['id']}"
-    except Exception:
-        for resource in reversed(created):
-            store.delete(resource["resourceType"], resource["id"])
-        raise
+    with store.held_changes():
+        try:
+            for index in _order(entries):
+                entry = entries[index]
+                resource = _rewrite(entry.resource, mapping)
+                if entry.if_none_exist:
+                    stored, is_new = store.conditional_create(resource, entry.if_none_exist, keep)
+                else:
+                    stored, is_new = store.create(resource), True
+                if is_new:
+                    created.append(stored)
+                outcomes[index] = (stored, is_new)
+                if entry.full_url:
+                    mapping[entry.full_url] = f"{stored['resourceType']}/{stored['id']}"
+        except Exception:
+            for resource in reversed(created):
+                store.delete(resource["resourceType"], resource["id"])
+            raise
     response_entries = []
     for index in range(len(entries)):
         stored, is_new = outcomes[index]

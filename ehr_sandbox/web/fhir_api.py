@@ -35,6 +35,7 @@ from ehr_sandbox.fhir.store import (
     VersionConflictError,
     now_instant,
 )
+from ehr_sandbox.fhir.subscription import CAPABILITY_DOCUMENTATION as SUBSCRIPTION_DOCUMENTATION
 from ehr_sandbox.fhir.transaction import TransactionError, process_transaction
 
 __all__ = [
@@ -64,6 +65,9 @@ _INTERACTIONS = (
     "create",
     "search-type",
 )
+# CapabilityStatement.rest.resource.documentation for types that need more than their list
+# of search parameters (R4 has no element naming a server's Subscription channel types).
+_TYPE_DOCUMENTATION = {"Subscription": SUBSCRIPTION_DOCUMENTATION}
 _ISSUE_CODES = {
     400: "invalid",
     401: "login",
@@ -360,9 +364,11 @@ def _search_bundle(rtype: str, result: SearchResult) -> JsonDict:
 def _capability_statement(security: JsonDict | None) -> JsonDict:
     resources = []
     for rtype in registered_resource_types():
-        resources.append(
+        resource: JsonDict = {"type": rtype}
+        if rtype in _TYPE_DOCUMENTATION:
+            resource["documentation"] = _TYPE_DOCUMENTATION[rtype]
+        resource.update(
             {
-                "type": rtype,
                 "interaction": [{"code": code} for code in _INTERACTIONS],
                 "versioning": "versioned",
                 "readHistory": True,
@@ -374,6 +380,7 @@ def _capability_statement(security: JsonDict | None) -> JsonDict:
                 "searchParam": capability_search_params(rtype),
             }
         )
+        resources.append(resource)
     rest: JsonDict = {
         "mode": "server",
         "documentation": (
