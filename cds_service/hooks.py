@@ -33,8 +33,9 @@ from cds_service.fhir_out.cards import (
 )
 from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
 from cds_service.inference.registry import device_info
+from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
-from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
+from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.orders import chest_orders
 from cds_service.results import AnalysisResult, ModelInfo
 from cds_service.sources import data_source, same_fhir_base
@@ -382,12 +383,11 @@ class HookHandler:
             waiting = self.store.waiting_reason(ref, self.model) or ""
             return StudyStatus(study=study, state="in-progress", reason=waiting)
         if enqueue and self.settings.enqueue_on_miss:
-            try:
-                self.store.enqueue(ref, self.model, study, server)
-            except QueueFull:
-                log.warning("analysis queue full; study not queued")
+            arrival = enqueue_arrival(self.store, self.model, study, server, source=ref.source)
+            if arrival.outcome == "queue-full":
                 return StudyStatus(
                     study=study, state="not-analysed", reason="analysis queue full, try later"
                 )
-            return StudyStatus(study=study, state="in-progress")
+            if arrival.accepted:
+                return StudyStatus(study=study, state="in-progress")
         return StudyStatus(study=study, state="not-analysed", reason="not yet analysed")
