@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 system-packages:
 	@scripts/ensure-system-packages.sh $(SYSTEM_PACKAGES)
 
+# `make run PORT=9080 SANDBOX_PORT=9081` when 8080/8081 are taken.
+PORT ?= 8080
+SANDBOX_PORT ?= 8081
+
 run: $(STAMP)
-	$(BIN)/cxr-cds demo
+	$(BIN)/cxr-cds demo --port $(PORT) --sandbox-port $(SANDBOX_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

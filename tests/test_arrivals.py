@@ -16,12 +16,19 @@ import requests
 
 from cds_service.config import SERVICE_SCOPE, EhrClient
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, Arrivals, study_id_in
+from cds_service.jobs.arrivals import (
+    NOTIFICATIONS_PATH,
+    SUBSCRIPTION_SCOPE,
+    Arrivals,
+    study_id_in,
+    subscribe,
+)
 from cds_service.jobs.cli import watch
 from cds_service.jobs.worker import drain
 from ehr_sandbox.app import Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
 from ehr_sandbox.cds_client import SigningKey
+from ehr_sandbox.notifier import DeliverySettings
 from ehr_sandbox.seed import seed
 from tests.conftest import (
     SandboxHandle,
@@ -45,7 +52,11 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHandle]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     box = Sandbox.open(
-        SandboxSettings(data_dir=tmp_path_factory.mktemp("arrivals-ehr"), base_url=base)
+        SandboxSettings(
+            data_dir=tmp_path_factory.mktemp("arrivals-ehr"),
+            base_url=base,
+            delivery=DeliverySettings(attempts=2, retry_delay_s=0.05, timeout_s=5.0),
+        )
     )
     studies = seed(box.store)
     server = ServerThread(create_sandbox_app(sandbox=box), port)
@@ -55,7 +66,9 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHandle]:
 
 def registration(ehr: SandboxHandle, tmp_path: Path, token: str | None = TOKEN) -> EhrClient:
     key = SigningKey.load_or_create(tmp_path / "backend.jwk.json")
-    ehr.sandbox.backend.register(CLIENT_ID, key.public_jwks(), SERVICE_SCOPE)
+    ehr.sandbox.backend.register(
+        CLIENT_ID, key.public_jwks(), f"{SERVICE_SCOPE} {SUBSCRIPTION_SCOPE}"
+    )
     return EhrClient(
         fhir_base=ehr.fhir,
         token_url=f"{ehr.base}/auth/token",
@@ -70,6 +83,7 @@ class Service:
     handle: ServiceHandle
     ehr: SandboxHandle
     arrivals: Arrivals
+    client: EhrClient
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = f"{self.handle.base}{path}"
@@ -91,7 +105,7 @@ class Service:
 def service(tmp_path: Path, ehr: SandboxHandle) -> Iterator[Service]:
     client = registration(ehr, tmp_path)
     handle, server = make_service(tmp_path, ehr, ehr_clients=(client,))
-    yield Service(handle, ehr, Arrivals(handle.store, MODEL, (client,)))
+    yield Service(handle, ehr, Arrivals(handle.store, MODEL, (client,)), client)
     server.stop()
 
 
@@ -280,3 +294,46 @@ def test_study_references_stay_on_their_fhir_server() -> None:
     assert study_id_in(base, "https://evil.example/fhir/ImagingStudy/abc-1") is None
     assert study_id_in(base, "ImagingStudy/a%2Fb") is None
     assert study_id_in(base, "ImagingStudy/") is None
+
+
+@pytest.mark.parametrize("payload", ["id-only", "empty", "full-resource"])
+def test_a_study_created_in_the_ehr_arrives_through_its_subscription(
+    service: Service, payload: str
+) -> None:
+    """`cxr-cds subscribe` creates the Subscription with the service's Backend Services
+    registration; the EHR's notification queues a new film once, and the worker files it."""
+    endpoint = service.handle.base + NOTIFICATIONS_PATH
+    created = subscribe(service.arrivals, service.client, endpoint, payload=payload)
+    notifier = service.ehr.sandbox.notifier
+    try:
+        assert created["status"] == "active"
+        study = new_study(service.ehr)
+        assert notifier.flush(10)
+        job = service.handle.store.claim(MODEL)
+        assert job is not None and job.study_resource["id"] == study["id"]
+        assert job.fhir_server == service.ehr.fhir
+        service.handle.store.put_back(job, "test")
+        # An update of the same study notifies again; it is not queued twice.
+        service.ehr.sandbox.store.update({**study, "description": "CHEST PA (re-sent)"})
+        assert notifier.flush(10)
+        assert service.handle.store.queue_depth(MODEL) == 1
+    finally:
+        service.ehr.sandbox.store.delete("Subscription", created["id"])
+
+
+def test_a_subscription_with_the_wrong_token_shows_the_error_in_the_ehr(
+    service: Service,
+) -> None:
+    endpoint = service.handle.base + NOTIFICATIONS_PATH
+    wrong = EhrClient(**{**service.client.__dict__, "notification_token": "w" * 40})
+    created = subscribe(service.arrivals, wrong, endpoint)
+    notifier = service.ehr.sandbox.notifier
+    try:
+        new_study(service.ehr)
+        assert notifier.flush(10)
+        stored = service.ehr.sandbox.store.read("Subscription", created["id"])
+        assert stored is not None and stored["status"] == "error"
+        assert "401" in stored["error"]
+        assert service.handle.store.queue_depth(MODEL) == 0
+    finally:
+        service.ehr.sandbox.store.delete("Subscription", created["id"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +33,17 @@ def test_demo_prints_simulated_cards_and_urls(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        # The demo reads the same CXR_CDS_* settings as `serve`.
+        env={**os.environ, "CXR_CDS_MODEL_BATCH_SIZE": "2"},
     )
     assert run.returncode == 0, run.stderr
     out = run.stdout
+    assert "batches of up to 2" in run.stderr
+    # The studies reached the queue through the sandbox's Subscription, not by hand.
+    assert "subscribed to new chest films" in out
+    queued = re.findall(r"subscription notification: \d+ studies, (\d+) queued", run.stderr)
+    assert sum(int(n) for n in queued) == 3
+    assert "AI reports filed to the sandbox EHR (preliminary, AI-labelled): 3" in out
     assert "NO MODEL CONFIGURED" in out and "SIMULATED backend" in out
     assert "-> HTTP 200" in out
     card_lines = [line for line in out.splitlines() if line.strip().startswith("[")]

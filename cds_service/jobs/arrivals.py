@@ -14,7 +14,7 @@ import hmac
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cds_service.config import EhrClient
@@ -257,3 +257,58 @@ def _changed_study(entry: Any) -> str | None:
 
 def same_secret(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+
+
+# What `subscribe` asks the EHR for (beside reading studies, the registration's own scope).
+SUBSCRIPTION_SCOPE = "system/Subscription.cru"
+PAYLOAD_CONTENT = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
+)
+
+
+def subscription_resource(
+    endpoint: str, token: str, criteria: str = "ImagingStudy", payload: str = "id-only"
+) -> dict[str, Any]:
+    """An R4 rest-hook Subscription whose notifications carry `token` (the receiver knows
+    the sender by it). ``payload``: empty, id-only (backport Bundle) or full-resource."""
+    channel: dict[str, Any] = {
+        "type": "rest-hook",
+        "endpoint": endpoint,
+        "header": [f"Authorization: Bearer {token}"],
+    }
+    if payload != "empty":
+        channel["payload"] = "application/fhir+json"
+        if payload == "id-only":
+            channel["_payload"] = {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": payload}]}
+    return {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "AI analysis of newly arrived chest radiographs (preliminary, AI-generated)",
+        "criteria": criteria,
+        "channel": channel,
+    }
+
+
+def subscribe(
+    arrivals: Arrivals,
+    ehr: EhrClient,
+    endpoint: str,
+    *,
+    criteria: str = "ImagingStudy",
+    payload: str = "id-only",
+) -> dict[str, Any]:
+    """Create the Subscription in the EHR with the service's Backend Services registration
+    (asking for Subscription rights besides its own scope), and start the source's cursor at
+    the Subscription's creation: an empty notification then means 'changed since then', not
+    the whole history. Raises FhirError when the EHR refuses."""
+    if not ehr.notification_token:
+        raise ValueError(f"{ehr.fhir_base} has no notification_token_file")
+    asking = replace(ehr, scope=f"{ehr.scope} {SUBSCRIPTION_SCOPE}")
+    client = FhirClient(ehr.fhir_base, BackendServicesClient(asking).access_token())
+    resource = subscription_resource(endpoint, ehr.notification_token, criteria, payload)
+    created = client.post_json("Subscription", resource)
+    since = as_str(as_dict(created.get("meta")).get("lastUpdated"))
+    base = canonical_fhir_base(ehr.fhir_base)
+    if since and arrivals.store.watch_cursor(base) is None:
+        arrivals.store.set_watch_cursor(base, since)
+    return created

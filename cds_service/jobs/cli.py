@@ -8,12 +8,17 @@ import argparse
 import logging
 import sys
 import threading
-import time
 from typing import Any
 
 from cds_service.config import Settings
 from cds_service.fhir.client import FhirError
-from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, Arrivals, NoSourceAccess, Poll
+from cds_service.jobs.arrivals import (
+    NOTIFICATIONS_PATH,
+    Arrivals,
+    NoSourceAccess,
+    Poll,
+    subscribe,
+)
 from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
@@ -111,35 +116,6 @@ def cmd_analyze_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def subscription_resource(
-    endpoint: str, token: str, criteria: str, payload: str = "id-only"
-) -> dict[str, Any]:
-    """An R4 rest-hook Subscription that sends `token` so the receiver knows the sender."""
-    channel: dict[str, Any] = {
-        "type": "rest-hook",
-        "endpoint": endpoint,
-        "header": [f"Authorization: Bearer {token}"],
-    }
-    if payload != "empty":
-        channel["payload"] = "application/fhir+json"
-        channel["_payload"] = {
-            "extension": [
-                {
-                    "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
-                    "backport-payload-content",
-                    "valueCode": payload,
-                }
-            ]
-        }
-    return {
-        "resourceType": "Subscription",
-        "status": "requested",
-        "reason": "AI analysis of newly arrived chest radiographs (preliminary, AI-generated)",
-        "criteria": criteria,
-        "channel": channel,
-    }
-
-
 def cmd_subscribe(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     base = canonical_fhir_base(args.fhir)
@@ -155,20 +131,12 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         print("configuration error: set CXR_CDS_PUBLIC_URL (the EHR posts to it)", file=sys.stderr)
         return 2
     endpoint = settings.public_url + NOTIFICATIONS_PATH
-    subscription = subscription_resource(
-        endpoint, ehr.notification_token, args.criteria, args.payload
-    )
     arrivals = _arrivals(settings)
     try:
-        created = arrivals.reader.client(base).post_json("Subscription", subscription)
+        created = subscribe(arrivals, ehr, endpoint, criteria=args.criteria, payload=args.payload)
     except FhirError as exc:
         print(f"error: the EHR did not accept the Subscription: {exc}", file=sys.stderr)
         return 2
-    # Empty notifications ask "what changed since?": from now on, not the whole history.
-    since = (created.get("meta") or {}).get("lastUpdated") or time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
-    )
-    arrivals.store.set_watch_cursor(base, str(since))
     print(
         f"Subscription/{created.get('id')} ({created.get('status')}): {args.criteria} -> {endpoint}"
     )
@@ -215,4 +183,4 @@ def add_parsers(sub: Any) -> None:
     subscribe.set_defaults(func=cmd_subscribe)
 
 
-__all__ = ["add_parsers", "subscription_resource", "watch"]
+__all__ = ["add_parsers", "watch"]

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cds_service.config import SERVICE_SCOPE, Settings, TrustedIssuer
+from cds_service.config import SERVICE_SCOPE, ConfigurationError, Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import EhrClient
 from cds_service.inference.registry import SIMULATED_WARNING, device_info, load_backend
+from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, SUBSCRIPTION_SCOPE, Arrivals, subscribe
 from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.jobs.worker import run_forever
@@ -71,41 +76,77 @@ def smart_launch_url(sandbox_base: str, studies: list[dict[str, Any]]) -> str:
     return f"{sandbox_base}/ehr/launch?{query}"
 
 
+def demo_settings(
+    env: Mapping[str, str], service_base: str, data_dir: Path, issuer: TrustedIssuer, ehr: EhrClient
+) -> Settings:
+    """The same CXR_CDS_* settings as `serve` (backend, model, batch size, ...), with demo
+    defaults, plus the sandbox as a trusted CDS client and as a registered EHR."""
+    defaults = {
+        "CXR_CDS_MODE": "demo",
+        "CXR_CDS_PUBLIC_URL": service_base,
+        "CXR_CDS_DB": str(data_dir / "cds.sqlite3"),
+    }
+    settings = Settings.from_env({**defaults, **env})
+    return settings.with_overrides(
+        trusted_issuers=(*settings.trusted_issuers, issuer),
+        ehr_clients=(*settings.ehr_clients, ehr),
+    )
+
+
+def notification_token(path: Path) -> str:
+    """The secret the sandbox's Subscription sends; made once, kept private."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32), encoding="utf-8")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def ensure_subscription(sandbox: Sandbox, arrivals: Arrivals, ehr: EhrClient, endpoint: str) -> str:
+    """Subscribe the service to the sandbox's ImagingStudy changes (once per endpoint)."""
+    for existing in sandbox.store.search("Subscription", [("url", endpoint)]).resources:
+        if existing.get("status") == "active":
+            return f"Subscription/{existing['id']}"
+    created = subscribe(arrivals, ehr, endpoint, criteria="ImagingStudy", payload="id-only")
+    return f"Subscription/{created['id']}"
+
+
 def run_demo(
     *, host: str, service_port: int, sandbox_port: int, data_dir: Path, keep_running: bool
 ) -> int:
     sandbox_base = f"http://{host}:{sandbox_port}"
     service_base = f"http://{host}:{service_port}"
     sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", base_url=sandbox_base))
-    studies = seed(sandbox.store)
     sandbox_server = make_server(
         host, sandbox_port, create_sandbox_app(sandbox=sandbox), threaded=True
     )
     _serve(sandbox_server, "ehr-sandbox")
 
-    # The demo trusts exactly one CDS client: the sandbox, with its JWKS inline.
+    # The demo trusts the sandbox as a CDS client, with its JWKS inline.
     issuer = TrustedIssuer(
         iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(f"{sandbox_base}/fhir",)
     )
-    # The service writes reports back as a SMART Backend Services client of the sandbox.
+    # The service reads studies, writes reports back and subscribes to new films as a SMART
+    # Backend Services client of the sandbox.
     service_key = SigningKey.load_or_create(data_dir / "cds-backend-key.jwk.json")
     register_viewer(sandbox, service_base)
-    sandbox.backend.register(BACKEND_CLIENT_ID, service_key.public_jwks(), SERVICE_SCOPE)
+    sandbox.backend.register(
+        BACKEND_CLIENT_ID, service_key.public_jwks(), f"{SERVICE_SCOPE} {SUBSCRIPTION_SCOPE}"
+    )
     ehr = EhrClient(
         fhir_base=f"{sandbox_base}/fhir",
         token_url=f"{sandbox_base}/auth/token",
         client_id=BACKEND_CLIENT_ID,
         key_file=data_dir / "cds-backend-key.jwk.json",
         scope=SERVICE_SCOPE,
+        notification_token=notification_token(data_dir / "notification-token.txt"),
     )
-    settings = Settings(
-        mode="demo",
-        public_url=service_base,
-        trusted_issuers=(issuer,),
-        database=data_dir / "cds.sqlite3",
-        backend="simulated",
-        ehr_clients=(ehr,),
-    ).validated()
+    try:
+        settings = demo_settings(os.environ, service_base, data_dir, issuer, ehr)
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        sandbox_server.shutdown()
+        return 2
     store = SqliteStore(settings.database)
     # The simulated model still gets real pixels: each study's DICOM is read from the
     # sandbox (its Media -> Binary), selected and decoded before the canned report.
@@ -126,21 +167,28 @@ def run_demo(
         daemon=True,
     ).start()
 
-    # Image arrival: each seeded study is queued for analysis, as a notification would do.
-    pending = []
-    for study in studies:
-        uid = imaging_study.study_uid(study)
-        if uid is None:
-            continue
-        ref = StudyRef(f"{sandbox_base}/fhir", uid, imaging_study.subject_patient_id(study))
-        if store.get_result(ref, backend.model) is None:
-            store.enqueue(ref, backend.model, study, f"{sandbox_base}/fhir")
-        pending.append(ref)
+    # Image arrival as in a hospital: the service subscribes to the EHR's ImagingStudy
+    # changes, then the films arrive (the seeding); each notification queues its study.
+    arrivals = Arrivals(store, backend.model, settings.ehr_clients)
+    subscription = ensure_subscription(sandbox, arrivals, ehr, service_base + NOTIFICATIONS_PATH)
+    print(f"The service subscribed to new chest films in the sandbox EHR ({subscription}).")
+    with sandbox.store.held_changes():  # announce each study once its Media exists too
+        studies = seed(sandbox.store)
+    pending = [
+        StudyRef(f"{sandbox_base}/fhir", uid, imaging_study.subject_patient_id(study))
+        for study in studies
+        if (uid := imaging_study.study_uid(study)) is not None
+    ]
     deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
     while pending and time.monotonic() < deadline:
-        # Wait for the analysis and its write-back to the sandbox EHR.
+        # Wait for the notification, the analysis and its write-back to the sandbox EHR.
         pending = [ref for ref in pending if not _filed(store.get_result(ref, backend.model))]
         time.sleep(0.05)
+    if pending:
+        print(
+            f"warning: {len(pending)} studies not analysed and filed "
+            f"within {ANALYSIS_TIMEOUT_S:.0f} s"
+        )
 
     token = sandbox.tokens.issue(SANDBOX_CLIENT_ID, "patient/ImagingStudy.rs", DEMO_PATIENT)
     authorization: dict[str, Any] = {
@@ -183,4 +231,5 @@ def run_demo(
     stop.set()
     service_server.shutdown()
     sandbox_server.shutdown()
+    sandbox.close()
     return 0 if ok else 1
