@@ -1,0 +1,1 @@
+"""Metrics (Prometheus) and log formatting for the service and its worker."""
