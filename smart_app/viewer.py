@@ -12,8 +12,9 @@ from cds_service.config import Settings
 from cds_service.fhir import imaging_study
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir.shapes import as_dict, as_str, dicts
-from cds_service.imaging.errors import ImageFetchError, ImagingError, NotAnalysable
+from cds_service.imaging.errors import ImageFetchError, ImagingError, NoAccess, NotAnalysable
 from cds_service.imaging.files import decode_image_bytes
+from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from cds_service.imaging.render import png_bytes
 from cds_service.imaging.retrieval import ImageFetcher, fetch_binary
 from cds_service.imaging.study import EhrAccess, StudyImages
@@ -23,6 +24,9 @@ from cds_service.results import ModelInfo
 FILING_TYPES = ("DiagnosticReport", "Observation", "Device", "Provenance")
 # What the user reads when an image server failed: never the remote server's answer.
 IMAGE_UNREADABLE = "the study's image could not be fetched from the image server; try again later"
+# A queued job the worker cannot run without access of its own to the EHR's images; a request
+# from the viewer hands it the film the clinician's token reads.
+WAITING_FOR_ACCESS = "waiting for access to the images"
 
 
 class ViewerError(Exception):
@@ -43,7 +47,7 @@ class StudyRow:
     description: str
     started: str
     modality: str
-    status: str  # analysed / in progress / not analysed: <reason> / not analysed yet
+    status: str  # analysed / in progress / waiting for access... / not analysed: <reason> / ...yet
 
 
 def patient_banner(patient: dict[str, Any]) -> PatientBanner:
@@ -67,7 +71,11 @@ def ai_status(store: SqliteStore, ref: StudyRef, model: ModelInfo) -> str:
         if stored.result.status == "completed":
             return "analysed"
         return f"not analysed: {stored.result.reason or stored.result.status}"
-    if store.job_state(ref, model):
+    state = store.job_state(ref, model)
+    waiting = store.waiting_reason(ref, model) if state == "queued" else None
+    if waiting and NoAccess.explains(waiting):
+        return WAITING_FOR_ACCESS
+    if state:
         return "in progress"
     return "not analysed yet"
 
@@ -184,11 +192,7 @@ def study_png(
     `image_servers` (CXR_CDS_IMAGE_SERVERS, which never get the user's token): an EHR anyone
     can write to cannot make us fetch internal addresses."""
     base = fhir.base_url
-    images = StudyImages(
-        ImageFetcher(),
-        lambda server: EhrAccess(base, access_token) if server.rstrip("/") == base else None,
-        image_servers=image_servers,
-    )
+    images = _user_images(base, access_token, image_servers, DEFAULT_LIMITS)
     try:
         return png_bytes(images.load(study, base).pixels)
     except NotAnalysable:
@@ -199,6 +203,41 @@ def study_png(
         raise ViewerError(IMAGE_UNREADABLE) from None
     except ImagingError as exc:
         raise ViewerError(f"the image cannot be shown: {exc}") from None
+
+
+def analysable_dicom(
+    fhir: FhirClient,
+    access_token: str,
+    study: dict[str, Any],
+    image_servers: Sequence[str] = (),
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> bytes:
+    """The DICOM bytes of the frontal chest image the model would analyse, found and fetched
+    as `study_png` finds it (same addresses followed, the user's token only under the EHR's
+    FHIR base), for a job to carry: then the worker needs no access of its own to the EHR.
+    NotAnalysable (with the reason) when the study has no such image."""
+    base = fhir.base_url
+    try:
+        return _user_images(base, access_token, image_servers, limits).best_dicom(study, base)
+    except NotAnalysable:
+        raise
+    except ImageFetchError as exc:
+        if "(401)" in str(exc):
+            raise FhirAccessDenied("FHIR server answered 401") from None
+        raise ViewerError(IMAGE_UNREADABLE) from None
+    except ImagingError as exc:
+        raise ViewerError(f"the image cannot be read: {exc}") from None
+
+
+def _user_images(
+    base: str, access_token: str, image_servers: Sequence[str], limits: ImageLimits
+) -> StudyImages:
+    """The service's image loader with the user's token, for the EHR at `base` alone."""
+    return StudyImages(
+        ImageFetcher(limits=limits),
+        lambda server: EhrAccess(base, access_token) if server.rstrip("/") == base else None,
+        image_servers=image_servers,
+    )
 
 
 def stored_result(

@@ -25,10 +25,13 @@ from cds_service.config import Settings
 from cds_service.fhir.client import FhirAccessDenied, FhirClient, FhirError
 from cds_service.fhir_out.bundle import transaction_bundle
 from cds_service.fhir_out.resources import build_ai_report
+from cds_service.imaging.errors import NotAnalysable
+from cds_service.imaging.limits import ImageLimits
 from cds_service.imaging.retrieval import url_under
 from cds_service.inference.registry import device_info
+from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
-from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
+from cds_service.jobs.sqlite_store import ImageTooLarge, SqliteStore
 from cds_service.results import ModelInfo
 from cds_service.sources import canonical_fhir_base
 from smart_app import smart_client, viewer
@@ -413,15 +416,49 @@ class SmartApp:
         return response
 
     def request_analysis(self, session: Session, study_id: str) -> Response:
-        study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
-        ref = viewer.study_ref(session.source, study)
-        if ref is None:
+        """Queue the study with the DICOM the clinician's token reads (as the viewer shows
+        it), so the worker needs no access of its own to this EHR."""
+        limits = ImageLimits(
+            max_bytes=self.settings.image_max_bytes, max_pixels=self.settings.image_max_pixels
+        )
+
+        def read(fhir: FhirClient, s: Session) -> tuple[dict[str, Any], bytes | None]:
+            study = viewer.read_study(fhir, study_id, s.patient)
+            if viewer.study_ref(s.source, study) is None:
+                return study, None
+            servers = viewer.image_servers_for(self.settings, s.iss)
+            dicom = viewer.analysable_dicom(fhir, s.access_token, study, servers, limits)
+            return study, dicom
+
+        try:
+            study, dicom = self.with_fhir(session, read)
+        except NotAnalysable as exc:
+            return _error(
+                "Cannot analyse",
+                f"This study has no image the model can analyse: {exc.reason}.",
+                422,
+            )
+        if dicom is None:
             return _error("Cannot analyse", "The study has no DICOM Study UID.")
         try:
-            queued = self.store.enqueue(ref, self.model, study, session.iss)
-        except QueueFull:
+            arrival = enqueue_arrival(
+                self.store,
+                self.model,
+                study,
+                session.iss,
+                source=session.source,
+                dicom=dicom,
+                max_dicom_bytes=self.settings.image_max_bytes,
+                again=True,
+            )
+        except ImageTooLarge as exc:
+            text = str(exc)
+            return _error("Cannot analyse", text[:1].upper() + text[1:] + ".", 413)
+        if arrival.outcome == "queue-full":
             return _error("Cannot analyse now", "The analysis queue is full; try later.", 503)
-        notice = "queued" if queued else "already-queued"
+        if arrival.outcome == "not-a-chest-radiograph":
+            return _error("Cannot analyse", "The study is not a chest radiograph.", 422)
+        notice = "queued" if arrival.outcome == "queued" else "already-queued"
         return redirect(  # type: ignore[return-value]
             url_for("smart_app.study", sid=session.sid, study_id=study_id, notice=notice), 303
         )

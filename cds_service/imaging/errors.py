@@ -57,3 +57,8 @@ class NoAccess(ImagingError):
             )
         super().__init__(message)
         self.fhir_server = fhir_server
+
+    @staticmethod
+    def explains(reason: str) -> bool:
+        """Whether a waiting job's reason is this (not, say, a pause before a retry)."""
+        return reason.startswith(("no access to ", "the study came with no FHIR server"))

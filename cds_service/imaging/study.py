@@ -138,6 +138,11 @@ class StudyImages:
     def load(self, study: dict[str, Any], fhir_server: str | None) -> DecodedImage:
         """The best frontal chest image. NotAnalysable / UnsupportedImage say why there is
         none; ImageFetchError means "try again later"."""
+        return decode_dicom_bytes(self.best_dicom(study, fhir_server), limits=self.fetcher.limits)
+
+    def best_dicom(self, study: dict[str, Any], fhir_server: str | None) -> bytes:
+        """The DICOM bytes of the best frontal chest instance, as `load` chooses it (same
+        errors), not decoded: what the viewer hands to a job it queues."""
         access = self._fhir_access(fhir_server) if fhir_server else None
         client = access.client() if access is not None else None
         vetted = self._vetted_study(study, client)
@@ -164,9 +169,7 @@ class StudyImages:
             raise NotAnalysable(
                 "; ".join(reasons) or "no image found (no DICOMweb endpoint or DICOM Media)"
             )
-        return decode_dicom_bytes(
-            self._best_bytes(sources[:MAX_INSTANCES], reasons), limits=self.fetcher.limits
-        )
+        return self._best_bytes(sources[:MAX_INSTANCES], reasons)
 
     def _best_bytes(self, sources: Sequence[Source], reasons: list[str]) -> bytes:
         """The bytes of the best analysable instance. Headers read alone (WADO-RS metadata)

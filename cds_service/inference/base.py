@@ -108,11 +108,16 @@ class SourceAwareBackend(Backend, Protocol):
 
 @dataclass(frozen=True)
 class StudyWork:
-    """One study for a batch: its UID, its ImagingStudy resource and the FHIR server it is in."""
+    """One study for a batch: its UID, its ImagingStudy resource and the FHIR server it is in.
+
+    `dicom`: the image's DICOM bytes when the job came with them (the viewer fetched them
+    with the clinician's token); they are analysed instead of fetching the study's images.
+    """
 
     study_uid: str
     study: dict[str, Any]
     fhir_server: str | None
+    dicom: bytes | None = None
 
 
 @runtime_checkable

@@ -4,13 +4,15 @@ have the ReportWriter (the model) write the report, code the findings from its t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cds_service.findings.to_findings import findings_from_report
 from cds_service.imaging.errors import NotAnalysable, UnsupportedImage
-from cds_service.imaging.files import DecodedImage
+from cds_service.imaging.files import DecodedImage, decode_dicom_bytes
+from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from cds_service.inference.base import (
     ModelUnavailable,
     ReportRequest,
@@ -34,12 +36,17 @@ class ImagePipelineBackend:
     """BatchBackend over a ReportWriter and a study image source.
 
     NotAnalysable and UnsupportedImage become a "not-analysed" result with the reason; network
-    and FHIR failures propagate so the worker retries the job.
+    and FHIR failures propagate so the worker retries the job. A study that comes with its
+    DICOM bytes (`StudyWork.dicom`) is decoded from them under `limits`, with the same
+    frontal-chest check, and its images are not fetched.
     """
 
-    def __init__(self, writer: ReportWriter, images: StudyImageSource) -> None:
+    def __init__(
+        self, writer: ReportWriter, images: StudyImageSource, limits: ImageLimits = DEFAULT_LIMITS
+    ) -> None:
         self.writer = writer
         self.images = images
+        self.limits = limits
         self.model = writer.model
 
     def analyse(self, study_uid: str, study: dict[str, Any]) -> AnalysisResult:
@@ -59,7 +66,7 @@ class ImagePipelineBackend:
         loaded: list[tuple[int, DecodedImage]] = []
         for index, item in enumerate(work):
             try:
-                loaded.append((index, self.images.load(item.study, item.fhir_server)))
+                loaded.append((index, self._image(item)))
             except NotAnalysable as exc:
                 outcomes[index] = self._not_analysed(item.study_uid, item.study, exc.reason)
             except UnsupportedImage as exc:
@@ -69,6 +76,7 @@ class ImagePipelineBackend:
                 outcomes[index] = exc
         if loaded:
             requests = [ReportRequest(image.pixels) for _, image in loaded]
+            started = time.monotonic()
             try:
                 reports = write_detailed(self.writer, requests)
             except ModelUnavailable:
@@ -78,6 +86,7 @@ class ImagePipelineBackend:
                 for index, _ in loaded:
                     outcomes[index] = exc
             if reports is not None:
+                _record_generation(time.monotonic() - started, reports)
                 if len(reports) != len(loaded):
                     raise RuntimeError(
                         f"the report writer returned {len(reports)} texts for {len(loaded)} images"
@@ -85,6 +94,12 @@ class ImagePipelineBackend:
                 for (index, image), report in zip(loaded, reports, strict=True):
                     outcomes[index] = self._result(work[index], image, report)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _image(self, item: StudyWork) -> DecodedImage:
+        """The study's frontal chest image: from the bytes the job came with, else fetched."""
+        if item.dicom is not None:
+            return decode_dicom_bytes(item.dicom, limits=self.limits)
+        return self.images.load(item.study, item.fhir_server)
 
     def _result(
         self, item: StudyWork, image: DecodedImage, report: WrittenReport
@@ -118,6 +133,15 @@ class ImagePipelineBackend:
             study_started=study.get("started"),
             analysed_at=_now(),
         )
+
+
+def _record_generation(seconds: float, reports: Sequence[WrittenReport]) -> None:
+    # Imported here: `cxr-cds serve` imports this module before it sets the metrics
+    # directory that prometheus_client must see first (cds_service.observability.multiproc).
+    from cds_service.observability import metrics
+
+    tokens = sum(report.new_tokens or 0 for report in reports)
+    metrics.record_generation(seconds, len(reports), tokens)
 
 
 def truncation_reason(new_tokens: int | None) -> str:

@@ -161,9 +161,6 @@ def load_backend(settings: Settings) -> Backend:
     """The worker's backend: fetch and select the study's frontal chest image (from the EHRs
     in settings.ehr_clients and the image servers), then the configured model writes the
     report. Even the simulated model only ever 'reports' on a real, selected image."""
-    images = study_images_for(
-        settings.ehr_clients,
-        settings.image_servers,
-        ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels),
-    )
-    return ImagePipelineBackend(load_report_writer(settings), images)
+    limits = ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels)
+    images = study_images_for(settings.ehr_clients, settings.image_servers, limits)
+    return ImagePipelineBackend(load_report_writer(settings), images, limits)

@@ -400,3 +400,39 @@ def test_header_and_file_disagreeing_falls_back_to_the_next_instance(stub: str) 
     image = loader(f"{stub}/fhir").load(study, f"{stub}/fhir")
     assert image.selection.analysable
     assert _downloads(stub) == [path, instance_path("/wado", honest)]
+
+
+def test_best_dicom_is_the_instance_load_decodes(stub: str) -> None:
+    """`best_dicom` hands over the bytes of the instance `load` would decode, as served."""
+    uids = [generate_uid() for _ in range(3)]
+    for uid, name in zip(uids, (LATERAL, FRONTAL, LATERAL), strict=True):
+        serve_instance("/wado", uid, 200, name)
+    study = study_with_endpoint(f"{stub}/wado", uids)
+    publish("/fhir", study)
+    images = loader(f"{stub}/fhir")
+    data = images.best_dicom(study, f"{stub}/fhir")
+    assert data == _dicom(FRONTAL, uids[1])
+    image = images.load(study, f"{stub}/fhir")
+    assert image.selection.analysable and image.pixels.shape == (1024, 1024)
+
+
+def test_the_viewer_hands_a_job_only_an_analysable_image_from_allowed_addresses(
+    origins: tuple[str, str, str],
+) -> None:
+    """What "Request analysis" queues: the frontal film read with the user's token under the
+    EHR's FHIR base; a lateral-only study, or one whose Endpoint lies off the EHR, gives
+    NotAnalysable with the reason and no request to the other host."""
+    ehr, _, internal = origins
+    fhir = FhirClient(f"{ehr}/fhir", "user-token")
+    own = _study_at("/fhir", f"{ehr}/fhir/wado")
+    data = viewer.analysable_dicom(fhir, "user-token", own)
+    assert data == _dicom(FRONTAL, own["series"][0]["instance"][0]["uid"])
+    assert set(_requests_to(ehr, "/fhir/wado")) == {"Bearer user-token"}
+    lateral = _study_at("/fhir", f"{ehr}/fhir/wado")
+    serve_instance("/fhir/wado", lateral["series"][0]["instance"][0]["uid"], 200, LATERAL)
+    with pytest.raises(NotAnalysable, match="lateral view"):
+        viewer.analysable_dicom(fhir, "user-token", lateral)
+    elsewhere = _study_at("/fhir", f"{internal}/admin")
+    with pytest.raises(NotAnalysable, match="neither on the EHR nor a configured image server"):
+        viewer.analysable_dicom(fhir, "user-token", elsewhere)
+    assert _requests_to(internal, "/") == []

@@ -169,7 +169,8 @@ def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
     page.get_by_role("button", name="Allow").click()
     page.wait_for_url("**/app/s/*/")
     assert "no radiographs" in page.locator("main").inner_text()
-    # A new study for patient 3 arrives in the EHR, not yet analysed.
+    # A new study for patient 3 arrives in the EHR, not yet analysed; its film is a DICOM
+    # Media of the study (the job carries what the viewer reads).
     study = dict(sandbox.studies[0])
     study.update(
         id="cxr-new-3",
@@ -177,6 +178,19 @@ def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
         identifier=[{"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.1"}],
     )
     sandbox.sandbox.store.update(study)
+    film = sandbox.sandbox.store.read("Binary", "dicom-nih-00000002")
+    assert film is not None
+    sandbox.sandbox.store.update({**film, "id": "dicom-new-3"})
+    sandbox.sandbox.store.update(
+        {
+            "resourceType": "Media",
+            "id": "media-new-3",
+            "status": "completed",
+            "partOf": [{"reference": "ImagingStudy/cxr-new-3"}],
+            "subject": {"reference": "Patient/cxr-demo-3"},
+            "content": {"contentType": "application/dicom", "url": "Binary/dicom-new-3"},
+        }
+    )
     page.reload()
     row = page.locator("table.studies tbody tr").first
     assert row.locator("td.status").inner_text() == "not analysed yet"
@@ -186,6 +200,9 @@ def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
     assert page.locator("#ai-status").inner_text() == "in progress"
     ref = StudyRef(sandbox.fhir, "1.2.826.0.1.3680043.8.498.1", "cxr-demo-3")
     assert store.job_state(ref, SimulatedBackend().model) == "queued"
+    job = store.claim(SimulatedBackend().model)
+    assert job is not None and job.ref == ref and job.dicom and job.dicom[128:132] == b"DICM"
+    store.put_back(job, "claimed by the test")
 
 
 def test_controls_are_labelled_and_keyboard_usable(smart_env: SmartEnv, page: Any) -> None:
