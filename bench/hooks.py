@@ -7,7 +7,10 @@ results for every seeded study, then drives, in the same run:
   - patient-view without prefetch (the service searches the sandbox via fhirAuthorization);
 at 1 and 8 concurrent clients. Prints p50/p95/p99 latency, requests/s and errors.
 
-    .venv/bin/python bench/hooks.py [--requests 400] [--workers 2]
+    .venv/bin/python bench/hooks.py [--requests 400] [--workers 2] [--busy-worker JOBS]
+
+With --busy-worker, an inference worker drains JOBS queued analyses (simulated backend, real
+DICOM fetched from the sandbox and decoded) on the same machine during the measurement.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from cds_service.fhir import imaging_study  # noqa: E402
 from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
 from cds_service.jobs.sqlite_store import SqliteStore, StudyRef  # noqa: E402
 from ehr_sandbox.access_tokens import TokenStore  # noqa: E402
+from ehr_sandbox.app import Sandbox, SandboxSettings  # noqa: E402
 from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, hook_context  # noqa: E402
 
 PATIENT = "cxr-demo-1"
 SERVICE_ID = "cxr-ai-patient-view"
+# The busy worker reads studies and images only (it files nothing).
+IMAGE_SCOPE = "system/ImagingStudy.rs system/Endpoint.rs system/Media.rs system/Binary.rs"
 
 
 def free_port() -> int:
@@ -128,10 +134,56 @@ def run_load(
     }
 
 
+def start_busy_worker(
+    work: Path, sandbox_base: str, env: dict[str, str], store: SqliteStore, jobs: int
+) -> subprocess.Popen[bytes]:
+    """A `cxr-cds worker` with ``jobs`` analyses queued: copies of the seeded studies under
+    new Study UIDs, each fetched from the sandbox and decoded as a real job would be."""
+    sandbox = Sandbox.open(SandboxSettings(data_dir=work / "sandbox", base_url=sandbox_base))
+    key = SigningKey.load_or_create(work / "worker.jwk.json")
+    sandbox.backend.register("bench-worker", key.public_jwks(), IMAGE_SCOPE)
+    sandbox.close()
+    clients = work / "ehr-clients.json"
+    clients.write_text(
+        json.dumps(
+            [
+                {
+                    "fhir_base": f"{sandbox_base}/fhir",
+                    "token_url": f"{sandbox_base}/auth/token",
+                    "client_id": "bench-worker",
+                    "jwk_file": str(work / "worker.jwk.json"),
+                    "scope": IMAGE_SCOPE,
+                }
+            ]
+        )
+    )
+    studies = requests.get(f"{sandbox_base}/fhir/ImagingStudy", timeout=10).json()["entry"]
+    model = SimulatedBackend.model
+    for number in range(jobs):
+        study = studies[number % len(studies)]["resource"]
+        ref = StudyRef(f"{sandbox_base}/fhir", f"2.25.{number + 1}", "busy")
+        store.enqueue(ref, model, study, f"{sandbox_base}/fhir")
+    worker_env = {**env, "CXR_CDS_EHR_CLIENTS": str(clients), "CXR_CDS_MODEL_BATCH_SIZE": "8"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cds_service.cli", "worker"],
+        env=worker_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument(
+        "--busy-worker",
+        type=int,
+        default=0,
+        metavar="JOBS",
+        help="run an inference worker draining JOBS queued analyses during the measurement",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
@@ -200,6 +252,9 @@ def main() -> int:
             )
         )
         wait_http(f"{service_base}/cds-services")
+        if args.busy_worker:
+            procs.append(start_busy_worker(work, sandbox_base, env, store, args.busy_worker))
+            busy_store = store
 
         token = (
             TokenStore(work / "sandbox" / "ehr.sqlite3")
@@ -279,6 +334,12 @@ def main() -> int:
                     f"{stats['p99']:.1f} | {stats['rps']:.0f} | {int(stats['errors'])} | "
                     f"{ratio:.1f}x |"
                 )
+        if args.busy_worker:
+            left = busy_store.queue_depth(backend.model)
+            print(
+                f"\nbusy worker: {args.busy_worker - left} of {args.busy_worker} analyses done "
+                "during the measurement (simulated backend: real DICOM fetched and decoded)"
+            )
     finally:
         for proc in procs:
             proc.terminate()

@@ -16,6 +16,7 @@ from cds_service.errors import ConfigurationError
 from cds_service.imaging.cli import register as register_dicom_commands
 from cds_service.inference.model_cli import register as register_model_commands
 from cds_service.inference.registry import SIMULATED_WARNING, check_model_settings
+from cds_service.observability.logs import configure_logging
 
 if TYPE_CHECKING:
     from cds_service.config import Settings
@@ -40,9 +41,15 @@ def _order_system(code: str) -> str:
 # -- serve / worker -------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from cds_service.config import Settings
-    from cds_service.web.gunicorn_app import run_gunicorn
+    from cds_service.observability.multiproc import default_multiprocess_dir, use_multiprocess_dir
 
     settings = Settings.from_env()
+    configure_logging(settings)
+    # Before anything imports prometheus_client: the gunicorn workers and the inference worker
+    # started below each write their metrics there, and /metrics adds them up.
+    use_multiprocess_dir(default_multiprocess_dir(settings.database))
+    from cds_service.web.gunicorn_app import run_gunicorn
+
     check_model_settings(settings)
     warn_missing_access(settings)
     if settings.simulated:
@@ -52,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from cds_service.jobs.supervisor import WorkerSupervisor
 
         # A separate process (not multiprocessing): gunicorn forks its workers after this.
-        supervisor = WorkerSupervisor()
+        supervisor = WorkerSupervisor(on_exit=lambda message: record_exit(settings, message))
         supervisor.start()
     try:
         run_gunicorn(settings, bind=f"{args.host}:{args.port}", workers=args.workers)
@@ -60,6 +67,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if supervisor is not None:
             supervisor.stop()
     return 0
+
+
+def record_exit(settings: Settings, message: str) -> None:
+    """What the supervisor saw, for /readyz (opened here, in the supervisor's thread: no
+    database connection is made before gunicorn forks)."""
+    from cds_service.inference.registry import model_info
+    from cds_service.jobs.sqlite_store import SqliteStore
+
+    SqliteStore(settings.database).record_worker_exit(model_info(settings).label, message)
 
 
 def warn_missing_access(settings: Settings) -> None:
@@ -80,6 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cds_service.jobs.worker import run_forever
 
     settings = Settings.from_env()
+    configure_logging(settings)
     check_model_settings(settings)
     store = SqliteStore(settings.database)
     backend = load_backend(settings)
@@ -88,7 +105,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     stop = threading.Event()
     try:
-        run_forever(store, backend, stop, filer=filer, batch_size=settings.model_batch_size)
+        run_forever(
+            store,
+            backend,
+            stop,
+            filer=filer,
+            batch_size=settings.model_batch_size,
+            lease_s=settings.job_lease_s,
+        )
     except KeyboardInterrupt:
         stop.set()
     return 0
@@ -136,7 +160,32 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     server = make_server(args.host, args.port, create_app(sandbox=sandbox), threaded=True)
     print(f"EHR sandbox FHIR R4 base: {base}/fhir")
     print(f"CDS client JWKS:          {base}/.well-known/jwks.json (kid {sandbox.key.kid})")
+    if not args.no_service_registration:
+        from ehr_sandbox.service_registration import register_service
+
+        files = register_service(sandbox, base)
+        print("The CDS service is registered as a Backend Services client. Start it with:")
+        print("    CXR_CDS_MODE=demo CXR_CDS_PUBLIC_URL=http://127.0.0.1:8080 \\")
+        print(f"    CXR_CDS_TRUSTED_ISSUERS={files.trusted_issuers} \\")
+        print(f"    CXR_CDS_EHR_CLIENTS={files.ehr_clients} \\")
+        print("    .venv/bin/cxr-cds serve --port 8080")
+        print("then, with the same settings, subscribe it to new films:")
+        print(f"    .venv/bin/cxr-cds subscribe --fhir {base}/fhir")
     server.serve_forever()
+    return 0
+
+
+def cmd_sandbox_film(args: argparse.Namespace) -> int:
+    from ehr_sandbox.films import DEFAULT_FILM, add_film
+
+    try:
+        reference = add_film(
+            args.sandbox, Path(args.sandbox_dir), args.patient, Path(args.file or DEFAULT_FILM)
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{reference} created for Patient/{args.patient} (its Subscriptions are notified)")
     return 0
 
 
@@ -346,7 +395,11 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 
 # -- demo -----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
     from cds_service.web.demo import run_demo
+
+    configure_logging(os.environ.get("CXR_CDS_LOG_FORMAT", "text").strip().lower())
 
     return run_demo(
         host=args.host,
@@ -377,7 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8081)
     sandbox.add_argument("--data-dir", default="var/sandbox")
     sandbox.add_argument("--no-seed", action="store_true")
+    sandbox.add_argument(
+        "--no-service-registration",
+        action="store_true",
+        help="do not register the CDS service as a Backend Services client (writes its "
+        "settings files under DATA_DIR/cds-service otherwise)",
+    )
     sandbox.set_defaults(func=cmd_sandbox)
+
+    film = sub.add_parser(
+        "sandbox-film",
+        help="a new chest film arrives in the running EHR sandbox (Binary + ImagingStudy + Media)",
+    )
+    film.add_argument("--sandbox", default="http://127.0.0.1:8081", help="the sandbox's base URL")
+    film.add_argument("--sandbox-dir", default="var/sandbox", help="its --data-dir")
+    film.add_argument("--patient", default="cxr-demo-1")
+    film.add_argument("--file", help="a DICOM file (default: a seeded frontal chest film)")
+    film.set_defaults(func=cmd_sandbox_film)
 
     hook = sub.add_parser("hook", help="fire a CDS hook at any CDS service, as an EHR would")
     hook.add_argument(
@@ -489,12 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    # werkzeug's access log prints query strings (patient ids): keep it off INFO.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # Text until a command reads CXR_CDS_LOG_FORMAT (serve, worker, demo).
+    configure_logging("text", logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except ConfigurationError as exc:

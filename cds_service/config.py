@@ -13,6 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cds_service.errors import ConfigurationError
+from cds_service.observability.logs import LOG_FORMATS
 from cds_service.sources import canonical_fhir_base, same_fhir_base
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,12 @@ BACKENDS = ("simulated", "cxr_llava", "hf_vlm", "tiny")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # CXR_CDS_MODEL_DEVICE
 # CDS Hooks 2.0 security: ES384/RS384 recommended; none and every HS* are forbidden.
 ALLOWED_JWT_ALGORITHMS = frozenset({"ES256", "ES384", "RS256", "RS384"})
+
+
+# How often an inference worker reports in and renews the leases of its running jobs, and
+# how long after its last renewal a running job is handed out again (CXR_CDS_JOB_LEASE_S).
+HEARTBEAT_S = 5.0
+JOB_LEASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,8 @@ class Settings:
     max_new_tokens: int = 512
     model_batch_size: int = 8
     model_timeout_s: float = 600.0
+    # A running job whose worker stopped renewing its lease this long ago is handed out again.
+    job_lease_s: float = JOB_LEASE_S
     smart_app_url: str = ""
     lookback_days: int = 365
     max_studies: int = 5
@@ -218,6 +227,9 @@ class Settings:
     app_fhir_servers: tuple[str, ...] = ()
     image_max_bytes: int = 64 * 1024 * 1024
     image_max_pixels: int = 40_000_000
+    # Operations: GET /metrics (Prometheus, no PHI) and the log line format (text or json).
+    metrics_enabled: bool = True
+    log_format: str = "text"
 
     @property
     def simulated(self) -> bool:
@@ -329,6 +341,12 @@ class Settings:
             raise ConfigurationError(
                 "CXR_CDS_MODEL_TIMEOUT must be > 0; CXR_CDS_MODEL_DEVICE auto, cpu or cuda[:N]"
             )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(f"CXR_CDS_LOG_FORMAT must be one of {LOG_FORMATS}")
+        if self.job_lease_s < 3 * HEARTBEAT_S:
+            raise ConfigurationError(
+                f"CXR_CDS_JOB_LEASE_S must be at least {3 * HEARTBEAT_S:.0f} s (three heartbeats)"
+            )
         if self.image_max_bytes < 1 or self.image_max_pixels < 1:
             raise ConfigurationError("CXR_CDS_IMAGE_MAX_BYTES and _MAX_PIXELS must be >= 1")
         if any(urlsplit(u).scheme not in {"http", "https"} for u in self.image_servers):
@@ -376,6 +394,7 @@ class Settings:
                 max_new_tokens=int(env.get("CXR_CDS_MAX_NEW_TOKENS", "512")),
                 model_batch_size=int(env.get("CXR_CDS_MODEL_BATCH_SIZE", "8")),
                 model_timeout_s=float(env.get("CXR_CDS_MODEL_TIMEOUT", "600")),
+                job_lease_s=float(env.get("CXR_CDS_JOB_LEASE_S", "60")),
                 smart_app_url=env.get("CXR_CDS_SMART_APP_URL", "").rstrip("/"),
                 lookback_days=int(env.get("CXR_CDS_LOOKBACK_DAYS", "365")),
                 max_studies=int(env.get("CXR_CDS_MAX_STUDIES", "5")),
@@ -394,6 +413,8 @@ class Settings:
                 app_fhir_servers=tuple(env.get("CXR_CDS_APP_FHIR_SERVERS", "").split()),
                 image_max_bytes=int(env.get("CXR_CDS_IMAGE_MAX_BYTES", str(64 * 1024 * 1024))),
                 image_max_pixels=int(env.get("CXR_CDS_IMAGE_MAX_PIXELS", "40000000")),
+                metrics_enabled=_bool(env.get("CXR_CDS_METRICS", "on")),
+                log_format=env.get("CXR_CDS_LOG_FORMAT", "text").strip().lower(),
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc

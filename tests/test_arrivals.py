@@ -15,7 +15,9 @@ import pytest
 import requests
 
 from cds_service.config import SERVICE_SCOPE, EhrClient
-from cds_service.inference.simulated import SimulatedBackend
+from cds_service.imaging.study import study_images_for
+from cds_service.inference.pipeline import ImagePipelineBackend
+from cds_service.inference.simulated import SimulatedBackend, SimulatedReportWriter
 from cds_service.jobs.arrivals import (
     NOTIFICATIONS_PATH,
     SUBSCRIPTION_SCOPE,
@@ -335,5 +337,33 @@ def test_a_subscription_with_the_wrong_token_shows_the_error_in_the_ehr(
         assert stored is not None and stored["status"] == "error"
         assert "401" in stored["error"]
         assert service.handle.store.queue_depth(MODEL) == 0
+    finally:
+        service.ehr.sandbox.store.delete("Subscription", created["id"])
+
+
+def test_a_film_added_to_the_running_sandbox_is_analysed_and_filed(service: Service) -> None:
+    """`cxr-cds sandbox-film`: Binary, then ImagingStudy + Media in one transaction, over
+    HTTP; the Subscription queues the study and a worker files its report."""
+    from cds_service.inference.registry import device_info
+    from cds_service.jobs.filing import ReportFiler
+    from ehr_sandbox.films import DEFAULT_FILM, add_film
+
+    endpoint = service.handle.base + NOTIFICATIONS_PATH
+    created = subscribe(service.arrivals, service.client, endpoint)
+    try:
+        data_dir = service.ehr.sandbox.settings.data_dir
+        reference = add_film(service.ehr.base, data_dir, "cxr-demo-2", DEFAULT_FILM)
+        assert service.ehr.sandbox.notifier.flush(10)
+        job = service.handle.store.claim(MODEL)
+        assert job is not None and f"ImagingStudy/{job.study_resource['id']}" == reference
+        service.handle.store.put_back(job, "test")
+        backend = ImagePipelineBackend(
+            SimulatedReportWriter(), study_images_for(service.handle.settings.ehr_clients)
+        )
+        filer = ReportFiler((service.client,), device_info(service.handle.settings, MODEL))
+        assert drain(service.handle.store, backend, filer) == 1
+        stored = service.handle.store.get_result(job.ref, MODEL)
+        assert stored is not None and stored.result.status == "completed"
+        assert stored.filed_location and "/DiagnosticReport/" in stored.filed_location
     finally:
         service.ehr.sandbox.store.delete("Subscription", created["id"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -208,12 +209,18 @@ def test_serve_runs_gunicorn_and_answers_discovery(tmp_path: Path) -> None:
         os.kill(first, signal.SIGKILL)
         second = wait_for_worker(proc.pid, exclude=first)
         assert second != first
+        # The exit is on record for /readyz (shown while no worker runs).
+        with sqlite3.connect(tmp_path / "cds.sqlite3") as conn:
+            [(recorded,)] = conn.execute(
+                "SELECT last_error FROM workers WHERE name LIKE 'exit:%'"
+            ).fetchall()
+        assert recorded.startswith("inference worker exited with -9")
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=20)
     assert "AUTHENTICATION IS OFF" in output
     assert "SIMULATED backend" in output
-    assert "inference worker exited with -9; restarting" in output
+    assert re.search(r"inference worker exited with -9 \(.*\); restarting in 2 s", output)
 
 
 def test_demo_on_a_busy_port_says_so(tmp_path: Path) -> None:
@@ -331,3 +338,31 @@ def test_supervisor_does_not_restart_a_worker_stopped_by_a_configuration_error(
     assert not watcher._thread.is_alive()
     assert starts.read_text() == "x"  # started once, never again
     watcher.stop()
+
+
+def test_supervisor_backs_off_and_reports_why_the_worker_died(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    from cds_service.jobs import supervisor as supervisor_module
+
+    starts = tmp_path / "starts"
+    script = (
+        f"import time; open({str(starts)!r}, 'a').write(f'{{time.monotonic()}}\\n'); "
+        "raise RuntimeError('the GPU fell off the bus')"
+    )
+    monkeypatch.setattr(supervisor_module, "WORKER_COMMAND", (sys.executable, "-c", script))
+    exits: list[str] = []
+    watcher = supervisor_module.WorkerSupervisor(restart_delay_s=0.2, on_exit=exits.append)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(exits) < 4:
+        time.sleep(0.05)
+    watcher.stop()
+    assert len(exits) >= 4
+    assert all("RuntimeError: the GPU fell off the bus" in e for e in exits)
+    assert "restarting in 0 s" in exits[0] and "restarting in 2 s" in exits[3]  # 0.2 .. 1.6
+    times = [float(t) for t in starts.read_text().split()]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[2] > gaps[0] * 2  # the delay doubles while it keeps dying young

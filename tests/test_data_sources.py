@@ -193,7 +193,7 @@ def test_a_file_keyed_by_issuer_is_rekeyed_by_fhir_base(tmp_path: Path) -> None:
         live = conn.execute(
             "SELECT source, study_uid FROM jobs WHERE status = 'queued' ORDER BY study_uid"
         ).fetchall()
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4  # every step ran
     assert live == [("https://ehr.example/fhir", "1.2"), ("https://iss-c", "1.3")]
     assert store.job_state(StudyRef("https://ehr.example/fhir", "1.2"), MODEL) == "queued"
     SqliteStore(path)  # opening it again changes nothing

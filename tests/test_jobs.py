@@ -76,8 +76,15 @@ class Exploding(SimulatedBackend):
 def test_failing_backend_retries_then_records_failure(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "q.sqlite3")
     store.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         assert process_one(store, Exploding())
+        if attempt < MAX_ATTEMPTS - 1:
+            # Retried after a pause, not at once: until then the job waits, with the reason.
+            assert not process_one(store, Exploding())
+            assert "GPU fell off the bus" in (
+                store.waiting_reason(ref("9.9"), SIMULATED_MODEL) or ""
+            )
+            store.release_waiting()  # the pause is over
     assert not process_one(store, Exploding())
     stored = store.get_result(ref("9.9"), SIMULATED_MODEL)
     assert stored is not None and stored.result.status == "failed"

@@ -139,6 +139,22 @@ def test_a_dead_workers_batch_comes_back_after_its_lease(tmp_path: Path) -> None
         store.claim_batch(model, 0)
 
 
+def test_a_live_worker_renews_its_leases(tmp_path: Path) -> None:
+    """A batch that runs longer than the lease is not handed out twice while its worker
+    still beats; another worker's unrenewed jobs are."""
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    model = SimulatedReportWriter().model
+    queue(store, model, ["s0", "s1"])
+    [alive] = store.claim_batch(model, 1, owner="worker-a")
+    [dead] = store.claim_batch(model, 1, owner="worker-b")
+    with sqlite3.connect(tmp_path / "q.sqlite3") as conn:  # both leases long expired
+        conn.execute("UPDATE jobs SET updated_at = updated_at - 3600")
+    store.heartbeat("worker-a", model.label)
+    again = store.claim_batch(model, 8, stale_after_s=60, owner="worker-c")
+    assert [job.id for job in again] == [dead.id]
+    assert alive.id != dead.id
+
+
 def test_two_claimers_never_share_a_job(tmp_path: Path) -> None:
     path = tmp_path / "q.sqlite3"
     model = SimulatedReportWriter().model

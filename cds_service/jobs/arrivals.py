@@ -22,6 +22,7 @@ from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import BackendServicesClient
 from cds_service.fhir.client import FhirClient, bundle_resources, next_link
 from cds_service.fhir.shapes import as_dict, as_str
+from cds_service.imaging.limits import DEFAULT_MAX_BYTES
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.results import ModelInfo
 from cds_service.sources import canonical_fhir_base
@@ -54,10 +55,18 @@ def enqueue_arrival(
     fhir_server: str | None,
     *,
     source: str | None = None,
+    dicom: bytes | None = None,
+    max_dicom_bytes: int = DEFAULT_MAX_BYTES,
+    again: bool = False,
 ) -> Arrival:
     """Queue the study for analysis unless it is known already. ``fhir_server`` is where the
     worker reads it (None: nowhere, a caller that named no FHIR server); ``source`` is the
-    data source that owns the result (default: that FHIR server)."""
+    data source that owns the result (default: that FHIR server). ``dicom``: the study's
+    image, which the job carries (the viewer read it with the clinician's token), so the
+    worker needs no access to the EHR; a live job without one gets it. ``again``: a
+    clinician's request, which analyses again a study whose result is not "completed" (a
+    completed one never is: its report may be filed). Raises ImageTooLarge when ``dicom``
+    exceeds ``max_dicom_bytes``."""
     uid = imaging_study.study_uid(study)
     if uid is None:
         return Arrival("no-study-uid")
@@ -67,11 +76,12 @@ def enqueue_arrival(
     if owner is None:
         raise ValueError("an arrival needs a FHIR server or a data source")
     ref = StudyRef(owner, uid, imaging_study.subject_patient_id(study))
-    if store.get_result(ref, model) is not None:
+    stored = store.get_result(ref, model)
+    if stored is not None and not (again and stored.result.status != "completed"):
         return Arrival("known", ref)
     server = canonical_fhir_base(fhir_server) if fhir_server else None
     try:
-        queued = store.enqueue(ref, model, study, server)
+        queued = store.enqueue(ref, model, study, server, dicom, max_dicom_bytes=max_dicom_bytes)
     except QueueFull:
         log.warning("analysis queue full; an arriving study was not queued")
         return Arrival("queue-full", ref)

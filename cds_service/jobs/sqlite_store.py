@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cds_service.config import JOB_LEASE_S
+from cds_service.imaging.limits import DEFAULT_MAX_BYTES
 from cds_service.results import AnalysisResult, CardRecord, ModelInfo
 from cds_service.sources import canonical_fhir_base, same_fhir_base
 
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    not_before REAL NOT NULL DEFAULT 0
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT
 );
 -- At most one live job per study and model version: enqueueing twice is a no-op.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live
@@ -64,7 +67,15 @@ CREATE TABLE IF NOT EXISTS results (
     filed_location TEXT,
     PRIMARY KEY (source, study_uid, model_id, model_version)
 );
+-- The DICOM a live job came with (the viewer fetched it with the clinician's token): the
+-- worker analyses it instead of fetching the study's images. Gone when the job is closed.
+CREATE TABLE IF NOT EXISTS job_dicom (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs (id), body BLOB NOT NULL
+);
 """
+
+
+JOB_STATES = ("queued", "waiting", "running", "done", "failed")  # job_counts() keys
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ class Job:
     fhir_server: str | None
     study_resource: dict[str, Any]
     attempts: int
+    created_at: float = 0.0  # when the job was queued (time.time()); 0: not known
+    dicom: bytes | None = None  # the image the job came with (analysed instead of fetched)
 
 
 @dataclass(frozen=True)
@@ -279,8 +292,22 @@ class SqliteStore:
         model: ModelInfo,
         study_resource: dict[str, Any],
         fhir_server: str | None,
+        dicom: bytes | None = None,
+        *,
+        max_dicom_bytes: int = DEFAULT_MAX_BYTES,
     ) -> bool:
-        """Queue an analysis; False when one is already queued/running for this study+model."""
+        """Queue an analysis; False when one is already queued/running for this study+model.
+
+        ``dicom``: the study's image, analysed instead of fetching it (the viewer read it
+        with the clinician's token), stored with the job in the same transaction. A live
+        job without an image gets this one, and waits no longer (it may have been waiting
+        for access to its EHR); one that has an image keeps it. ImageTooLarge when the
+        bytes exceed ``max_dicom_bytes`` (the image limit)."""
+        if dicom is not None and len(dicom) > max_dicom_bytes:
+            raise ImageTooLarge(
+                f"the image is {len(dicom)} bytes, over the {max_dicom_bytes} byte image limit "
+                "(CXR_CDS_IMAGE_MAX_BYTES)"
+            )
         now = time.time()
         with self._tx() as conn:
             depth = self._depth(conn, model)
@@ -302,7 +329,10 @@ class SqliteStore:
                     now,
                 ),
             )
-            return cursor.rowcount == 1
+            created = cursor.rowcount == 1
+            if dicom is not None:
+                _attach_dicom(conn, cursor.lastrowid if created else None, ref, model, dicom)
+            return created
 
     def job_state(self, ref: StudyRef, model: ModelInfo) -> str | None:
         """'queued' or 'running' when a live job exists, else None."""
@@ -317,31 +347,39 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
-    def claim(self, model: ModelInfo, stale_after_s: float = 600.0) -> Job | None:
+    def claim(self, model: ModelInfo, stale_after_s: float = JOB_LEASE_S) -> Job | None:
         """Take the oldest queued job (or one whose worker died mid-run) for this model."""
         jobs = self.claim_batch(model, 1, stale_after_s)
         return jobs[0] if jobs else None
 
-    def claim_batch(self, model: ModelInfo, limit: int, stale_after_s: float = 600.0) -> list[Job]:
+    def claim_batch(
+        self,
+        model: ModelInfo,
+        limit: int,
+        stale_after_s: float = JOB_LEASE_S,
+        owner: str | None = None,
+    ) -> list[Job]:
         """Take up to ``limit`` of the oldest queued jobs for this model in one transaction,
-        with those whose worker died mid-run: a claim is a lease that a job left 'running'
-        past ``stale_after_s`` gives up, so a dead worker's jobs come back."""
+        with those whose worker died mid-run: a claim is a lease, held by ``owner`` while it
+        renews it (`renew_leases`); a job left 'running' unrenewed past ``stale_after_s``
+        goes to the next claim, so a dead worker's jobs come back."""
         if limit < 1:
             raise ValueError("claim at least one job")
         now = time.time()
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT id, source, study_uid, patient_id, fhir_server, study_resource, attempts "
-                "FROM jobs WHERE model_id = ? AND model_version = ? AND "
+                "SELECT id, source, study_uid, patient_id, fhir_server, study_resource, attempts, "
+                "created_at, d.body FROM jobs LEFT JOIN job_dicom d ON d.job_id = jobs.id "
+                "WHERE model_id = ? AND model_version = ? AND "
                 "((status = 'queued' AND not_before <= ?) "
                 "OR (status = 'running' AND updated_at < ?)) "
                 "ORDER BY id LIMIT ?",
                 (model.model_id, model.version, now, now - stale_after_s, limit),
             ).fetchall()
             conn.executemany(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ? "
-                "WHERE id = ?",
-                [(now, row[0]) for row in rows],
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ?, "
+                "lease_owner = ? WHERE id = ?",
+                [(now, owner, row[0]) for row in rows],
             )
         return [
             Job(
@@ -351,17 +389,33 @@ class SqliteStore:
                 fhir_server=row[4],
                 study_resource=json.loads(row[5]),
                 attempts=row[6] + 1,
+                created_at=row[7],
+                dicom=bytes(row[8]) if row[8] is not None else None,
             )
             for row in rows
         ]
 
-    def finish(self, job: Job, result: AnalysisResult) -> None:
-        """Store the result and close the job in one transaction (no lost or double result)."""
-        self._close(job, "done", None, result)
+    def finish(self, job: Job, result: AnalysisResult, filed_location: str | None = None) -> None:
+        """Store the result (and where the EHR filed its report) and close the job in one
+        transaction (no lost or double result)."""
+        self._close(job, "done", None, result, filed_location)
 
-    def fail(self, job: Job, error: str, final: AnalysisResult | None = None) -> None:
-        """Requeue the job, or with `final` store that failure result and close it, atomically."""
+    def fail(
+        self,
+        job: Job,
+        error: str,
+        final: AnalysisResult | None = None,
+        retry_in_s: float = 0.0,
+    ) -> None:
+        """Requeue the job (not claimed again for ``retry_in_s``), or with `final` store that
+        failure result and close it, atomically."""
         self._close(job, "queued" if final is None else "failed", error[:500], final)
+        if final is None and retry_in_s > 0:
+            with self._tx() as conn:
+                conn.execute(
+                    "UPDATE jobs SET not_before = ? WHERE id = ? AND status = 'queued'",
+                    (time.time() + retry_in_s, job.id),
+                )
 
     def put_back(self, job: Job, reason: str) -> None:
         """Requeue a job that could not start through no fault of its own (the model was
@@ -449,19 +503,42 @@ class SqliteStore:
         return len(chosen)
 
     def heartbeat(self, name: str, model_label: str, error: str | None = None) -> None:
-        """A worker says it is alive with its model loaded (``error``: why it cannot work)."""
+        """A worker says it is alive with its model loaded (``error``: why it cannot work),
+        and renews the leases of the jobs it is running."""
+        now = time.time()
         with self._tx() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
-                (name, model_label, time.time(), error[:500] if error else None),
+                (name, model_label, now, error[:500] if error else None),
             )
+            conn.execute(
+                "UPDATE jobs SET updated_at = ? WHERE status = 'running' AND lease_owner = ?",
+                (now, name),
+            )
+
+    def record_worker_exit(self, model_label: str, message: str) -> None:
+        """The supervisor saw this model's worker die (shown by /readyz while none runs)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
+                (f"exit:{model_label}", model_label, time.time(), message[:500]),
+            )
+
+    def last_worker_exit(self, model_label: str) -> str | None:
+        row = (
+            self._conn()
+            .execute("SELECT last_error FROM workers WHERE name = ?", (f"exit:{model_label}",))
+            .fetchone()
+        )
+        return str(row[0]) if row and row[0] else None
 
     def workers(self, model_label: str, seen_within_s: float) -> list[tuple[str, str | None]]:
         """(name, last error) of the workers of this model seen within ``seen_within_s``."""
         rows = (
             self._conn()
             .execute(
-                "SELECT name, last_error FROM workers WHERE model_label = ? AND last_seen >= ?",
+                "SELECT name, last_error FROM workers WHERE model_label = ? AND last_seen >= ? "
+                "AND name NOT LIKE 'exit:%'",
                 (model_label, time.time() - seen_within_s),
             )
             .fetchall()
@@ -524,15 +601,22 @@ class SqliteStore:
         return str(row[0]) if row and row[0] else None
 
     def _close(
-        self, job: Job, status: str, error: str | None, result: AnalysisResult | None
+        self,
+        job: Job,
+        status: str,
+        error: str | None,
+        result: AnalysisResult | None,
+        filed_location: str | None = None,
     ) -> None:
         with self._tx() as conn:
             if result is not None:
-                _insert_result(conn, job.ref, result)
+                _insert_result(conn, job.ref, result, filed_location)
             conn.execute(
                 "UPDATE jobs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
                 (status, error, time.time(), job.id),
             )
+            if status in ("done", "failed"):  # a closed job keeps no image
+                conn.execute("DELETE FROM job_dicom WHERE job_id = ?", (job.id,))
 
     @staticmethod
     def _depth(conn: sqlite3.Connection, model: ModelInfo) -> int:
@@ -547,10 +631,55 @@ class SqliteStore:
     def queue_depth(self, model: ModelInfo) -> int:
         return self._depth(self._conn(), model)
 
+    def job_counts(self, model: ModelInfo) -> dict[str, int]:
+        """How many jobs of this model version are in each state (what /metrics reports):
+        queued (claimable now), waiting (queued, not before a later time), running, done,
+        failed. Every state is present, 0 when empty; each job is in exactly one."""
+        counts = dict.fromkeys(JOB_STATES, 0)
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT CASE WHEN status = 'queued' AND not_before > ? THEN 'waiting' "
+                "ELSE status END, count(*) FROM jobs WHERE model_id = ? AND model_version = ? "
+                "GROUP BY 1",
+                (time.time(), model.model_id, model.version),
+            )
+            .fetchall()
+        )
+        for state, count in rows:
+            counts[str(state)] = int(count)
+        return counts
 
-def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResult) -> None:
+
+def _attach_dicom(
+    conn: sqlite3.Connection, job_id: int | None, ref: StudyRef, model: ModelInfo, dicom: bytes
+) -> None:
+    """Store the image with the job just created (``job_id``), else with the study's live
+    job when that has none; a queued job so given its image is claimable at once."""
+    if job_id is None:
+        row = conn.execute(
+            "SELECT id FROM jobs WHERE source = ? AND study_uid = ? AND model_id = ? "
+            "AND model_version = ? AND status IN ('queued', 'running')",
+            (ref.source, ref.study_uid, model.model_id, model.version),
+        ).fetchone()
+        if row is None:
+            return
+        job_id = int(row[0])
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO job_dicom (job_id, body) VALUES (?, ?)", (job_id, dicom)
+    )
+    if cursor.rowcount == 1:
+        conn.execute("UPDATE jobs SET not_before = 0 WHERE id = ? AND status = 'queued'", (job_id,))
+
+
+def _insert_result(
+    conn: sqlite3.Connection,
+    ref: StudyRef,
+    result: AnalysisResult,
+    filed_location: str | None = None,
+) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             ref.source,
             result.study_uid,
@@ -560,6 +689,7 @@ def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResu
             result.status,
             result.to_json(),
             time.time(),
+            filed_location,
         ),
     )
 
@@ -567,7 +697,7 @@ def _insert_result(conn: sqlite3.Connection, ref: StudyRef, result: AnalysisResu
 # PRAGMA user_version of a file this code has brought up to date; each step below is one
 # version. Files from before versioning (user_version 0) get every step whose column is
 # missing, so no file is broken and none is migrated twice.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -586,6 +716,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
         if "tenant" in _columns(conn, "jobs"):  # 3: keyed by data source, not by caller
             _key_by_data_source(conn)
+        if "lease_owner" not in _columns(conn, "jobs"):  # 4: leases renewed by their worker
+            conn.execute("ALTER TABLE jobs ADD COLUMN lease_owner TEXT")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -631,3 +763,7 @@ def _key_by_data_source(conn: sqlite3.Connection) -> None:
 
 class QueueFull(Exception):
     """The analysis queue is at its limit; the caller gets 'in progress' later, not a crash."""
+
+
+class ImageTooLarge(ValueError):
+    """The image a job was to carry exceeds the image limit; nothing was queued."""

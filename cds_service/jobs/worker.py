@@ -11,10 +11,10 @@ import os
 import socket
 import sqlite3
 import threading
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from cds_service.config import HEARTBEAT_S, JOB_LEASE_S
 from cds_service.errors import CdsServiceError
 from cds_service.fhir.client import FhirError
 from cds_service.imaging.errors import NoAccess
@@ -27,14 +27,15 @@ from cds_service.inference.base import (
 )
 from cds_service.jobs.filing import ReportFiler
 from cds_service.jobs.sqlite_store import Job, SqliteStore
+from cds_service.observability import metrics
 from cds_service.results import AnalysisResult
 
 log = logging.getLogger(__name__)
+RETRY_BACKOFF_S = 5.0  # first pause before a failed job is tried again
 MAX_ATTEMPTS = 3
 FIRST_UNAVAILABLE_WAIT_S = 2.0
 MAX_UNAVAILABLE_WAIT_S = 30.0
 NO_ACCESS_RETRY_S = 300.0  # a job without access to its EHR is tried again this much later
-HEARTBEAT_S = 5.0  # how often a worker tells the store it is alive (/readyz reads it)
 _WARNED_NO_ACCESS: set[str | None] = set()  # FHIR bases (not PHI) already logged
 
 
@@ -52,6 +53,8 @@ def process_batch(
     backend: Backend,
     filer: ReportFiler | None = None,
     batch_size: int = 1,
+    owner: str | None = None,
+    lease_s: float = JOB_LEASE_S,
 ) -> int:
     """Claim up to ``batch_size`` queued jobs in one transaction and run them as one batch
     (a BatchBackend hands all their images to the model together); returns how many jobs
@@ -61,7 +64,7 @@ def process_batch(
     alone. Raises ModelUnavailable, after putting every claimed job back uncounted, when the
     model cannot take work now.
     """
-    jobs = store.claim_batch(backend.model, batch_size)
+    jobs = store.claim_batch(backend.model, batch_size, lease_s, owner=owner)
     if not jobs:
         return 0
     try:
@@ -69,7 +72,9 @@ def process_batch(
     except ModelUnavailable as exc:
         for job in jobs:
             store.put_back(job, f"{type(exc).__name__}: {exc}")
+            metrics.record_outcome(metrics.PUT_BACK)
         raise
+    metrics.record_batch(len(jobs))
     if len(jobs) > 1:
         log.info("analysed a batch of %d jobs", len(jobs))
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -85,7 +90,9 @@ def process_batch(
 def _analyse(backend: Backend, jobs: list[Job]) -> list[AnalysisResult | Exception]:
     """One outcome per job, in order. ModelUnavailable propagates (nothing was analysed)."""
     if isinstance(backend, BatchBackend):
-        work = [StudyWork(j.ref.study_uid, j.study_resource, j.fhir_server) for j in jobs]
+        # A job's own DICOM (queued by the viewer) is analysed as it is: no fetch, so no
+        # "no access" wait for an EHR that gave the service none.
+        work = [StudyWork(j.ref.study_uid, j.study_resource, j.fhir_server, j.dicom) for j in jobs]
         outcomes = backend.analyse_batch(work)
         if len(outcomes) != len(jobs):
             raise RuntimeError(f"the backend answered {len(outcomes)} of {len(jobs)} studies")
@@ -114,21 +121,26 @@ def _finish(
         result = replace(
             result, status="not-analysed", findings=(), reason="the model returned no text"
         )
-    store.finish(job, result)
-    log.info("analysed job %s (%s)", job.id, result.status)
+    # Filed before the job is closed: a worker killed in between runs the job again and files
+    # again, which the EHR's conditional create (a stable report identifier) makes a no-op.
+    # Closed first, a kill would leave a finished job whose report nobody ever files.
+    location = None
     if filer is not None and result.status == "completed":
-        _file(store, filer, job, result)
+        location = _file(filer, job, result)
+    store.finish(job, result, filed_location=location)
+    metrics.record_result(result.status, job.created_at)
+    log.info("analysed job %s (%s)", job.id, result.status)
 
 
-def _file(store: SqliteStore, filer: ReportFiler, job: Job, result: AnalysisResult) -> None:
-    """Write-back failures leave the result unfiled: the card then offers 'File AI report'."""
+def _file(filer: ReportFiler, job: Job, result: AnalysisResult) -> str | None:
+    """Where the EHR keeps the report. Write-back failures leave the result unfiled (None):
+    the card then offers 'File AI report'."""
     try:
         written = filer.file(job, result)
     except (FhirError, ValueError, CdsServiceError) as exc:
         log.warning("job %s: report not filed: %s", job.id, type(exc).__name__)
-        return
-    if written is not None:
-        store.mark_filed(job.ref.source, job.ref.study_uid, job.model, written.report_location)
+        return None
+    return written.report_location if written is not None else None
 
 
 def _wait_for_access(store: SqliteStore, job: Job, exc: NoAccess) -> None:
@@ -138,13 +150,16 @@ def _wait_for_access(store: SqliteStore, job: Job, exc: NoAccess) -> None:
         _WARNED_NO_ACCESS.add(exc.fhir_server)
         log.warning("jobs wait: %s", exc.description)
     store.defer(job, exc.description, NO_ACCESS_RETRY_S)
+    metrics.record_outcome(metrics.WAITING_FOR_ACCESS)
 
 
 def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
     log.warning("job %s attempt %s failed: %s", job.id, job.attempts, type(exc).__name__)
     error = f"{type(exc).__name__}: {exc}"
     if job.attempts < MAX_ATTEMPTS:
-        store.fail(job, error)
+        # A network or EHR hiccup: try again after a pause that doubles with each attempt.
+        store.fail(job, error, retry_in_s=RETRY_BACKOFF_S * 2 ** (job.attempts - 1))
+        metrics.record_outcome(metrics.RETRIED)
         return
     store.fail(
         job,
@@ -157,6 +172,7 @@ def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
             analysed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         ),
     )
+    metrics.record_result(metrics.FAILED, job.created_at)
 
 
 def drain(
@@ -211,6 +227,7 @@ def run_forever(
     filer: ReportFiler | None = None,
     availability: ModelAvailability | None = None,
     batch_size: int = 1,
+    lease_s: float = JOB_LEASE_S,
 ) -> None:
     """Claim and run batches of up to ``batch_size`` jobs (CXR_CDS_MODEL_BATCH_SIZE) until
     ``stop`` is set."""
@@ -222,9 +239,11 @@ def run_forever(
     if released:
         log.info("%d waiting jobs released: the settings may now give access", released)
     name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-    last_beat = 0.0
-    while not stop.is_set():
-        if time.monotonic() - last_beat >= HEARTBEAT_S:
+    beating = threading.Event()
+
+    def heartbeats() -> None:
+        # Its own thread, so that leases are renewed during a long batch too.
+        while not beating.is_set():
             problem = (
                 f"the model is unavailable (next try in {availability.wait_s:.0f} s)"
                 if availability.wait_s
@@ -232,11 +251,34 @@ def run_forever(
             )
             try:
                 store.heartbeat(name, backend.model.label, problem)
-                last_beat = time.monotonic()
             except sqlite3.Error as exc:
                 log.warning("job store error on heartbeat: %s", exc)
+            beating.wait(HEARTBEAT_S)
+
+    beat = threading.Thread(target=heartbeats, name="worker-heartbeat", daemon=True)
+    beat.start()
+    try:
+        _work(store, backend, stop, poll_s, filer, availability, batch_size, name, lease_s)
+    finally:
+        beating.set()
+        beat.join(timeout=HEARTBEAT_S)
+    log.info("inference worker stopped")
+
+
+def _work(
+    store: SqliteStore,
+    backend: Backend,
+    stop: threading.Event,
+    poll_s: float,
+    filer: ReportFiler | None,
+    availability: ModelAvailability,
+    batch_size: int,
+    name: str,
+    lease_s: float,
+) -> None:
+    while not stop.is_set():
         try:
-            busy = process_batch(store, backend, filer, batch_size) > 0
+            busy = process_batch(store, backend, filer, batch_size, name, lease_s) > 0
         except ModelUnavailable as exc:
             stop.wait(availability.unavailable(exc))
             continue
@@ -248,4 +290,3 @@ def run_forever(
             availability.available()  # a job got through to the model (or failed on its own)
         else:
             stop.wait(poll_s)
-    log.info("inference worker stopped")

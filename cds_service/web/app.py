@@ -19,6 +19,7 @@ from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.security.client_jwt import ClientJwtVerifier
 from cds_service.web.arrivals import create_arrivals_blueprint
 from cds_service.web.cds_hooks import create_cds_blueprint, request_authenticator
+from cds_service.web.metrics import install_metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def create_app(
     app.register_blueprint(
         create_smart_blueprint(settings, store, handler.model), url_prefix="/app"
     )
+    install_metrics(app, settings, store, handler.model)  # GET /metrics, hook latency, errors
 
     @app.get("/healthz")
     def health() -> Response:
@@ -118,6 +120,9 @@ def create_app(
                 f"no inference worker for {handler.model.label} reported in the last "
                 f"{READY_WORKER_S:.0f} s (not started, crashed, or still loading the model)"
             )
+            last_exit = store.last_worker_exit(handler.model.label)
+            if last_exit:
+                reasons.append(f"last exit: {last_exit}")
         elif all(error for _, error in workers):
             reasons.extend(sorted({str(error) for _, error in workers}))
         body: dict[str, Any] = {

@@ -162,7 +162,11 @@ def run_demo(
     threading.Thread(
         target=run_forever,
         args=(store, backend, stop),
-        kwargs={"filer": filer, "batch_size": settings.model_batch_size},
+        kwargs={
+            "filer": filer,
+            "batch_size": settings.model_batch_size,
+            "lease_s": settings.job_lease_s,
+        },
         name="worker",
         daemon=True,
     ).start()
