@@ -4,7 +4,8 @@ AI report from the service's result store. No Flask here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,15 +195,10 @@ def study_png(
     base = fhir.base_url
     images = _user_images(base, access_token, image_servers, DEFAULT_LIMITS)
     try:
-        return png_bytes(images.load(study, base).pixels)
+        with _viewer_errors("shown"):
+            return png_bytes(images.load(study, base).pixels)
     except NotAnalysable:
         return render_png(fetch_dicom(fhir, access_token, study))
-    except ImageFetchError as exc:
-        if "(401)" in str(exc):
-            raise FhirAccessDenied("FHIR server answered 401") from None
-        raise ViewerError(IMAGE_UNREADABLE) from None
-    except ImagingError as exc:
-        raise ViewerError(f"the image cannot be shown: {exc}") from None
 
 
 def analysable_dicom(
@@ -217,8 +213,16 @@ def analysable_dicom(
     FHIR base), for a job to carry: then the worker needs no access of its own to the EHR.
     NotAnalysable (with the reason) when the study has no such image."""
     base = fhir.base_url
-    try:
+    with _viewer_errors("read"):
         return _user_images(base, access_token, image_servers, limits).best_dicom(study, base)
+
+
+@contextmanager
+def _viewer_errors(verb: str) -> Iterator[None]:
+    """Imaging failures as the viewer reports them; NotAnalysable passes through (the
+    caller decides: show the first DICOM as it is, or say why nothing can be analysed)."""
+    try:
+        yield
     except NotAnalysable:
         raise
     except ImageFetchError as exc:
@@ -226,7 +230,7 @@ def analysable_dicom(
             raise FhirAccessDenied("FHIR server answered 401") from None
         raise ViewerError(IMAGE_UNREADABLE) from None
     except ImagingError as exc:
-        raise ViewerError(f"the image cannot be read: {exc}") from None
+        raise ViewerError(f"the image cannot be {verb}: {exc}") from None
 
 
 def _user_images(
