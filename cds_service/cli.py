@@ -164,7 +164,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         from ehr_sandbox.service_registration import register_service
 
         files = register_service(sandbox, base)
-        print("The CDS service is registered as a Backend Services client. Start it with:")
+        print("The CDS service is registered as a Backend Services client. Start it with")
+        print("(8080: the service's port; change both numbers if it runs elsewhere):")
         print("    CXR_CDS_MODE=demo CXR_CDS_PUBLIC_URL=http://127.0.0.1:8080 \\")
         print(f"    CXR_CDS_TRUSTED_ISSUERS={files.trusted_issuers} \\")
         print(f"    CXR_CDS_EHR_CLIENTS={files.ehr_clients} \\")
@@ -176,12 +177,28 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox_film(args: argparse.Namespace) -> int:
+    import requests
+
     from ehr_sandbox.films import DEFAULT_FILM, add_film
 
+    if not (Path(args.sandbox_dir) / "ehr.sqlite3").exists():
+        print(
+            f"error: no EHR sandbox data in {args.sandbox_dir} (give its --data-dir with "
+            "--sandbox-dir)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         reference = add_film(
             args.sandbox, Path(args.sandbox_dir), args.patient, Path(args.file or DEFAULT_FILM)
         )
+    except requests.RequestException:
+        print(
+            f"error: cannot reach the EHR sandbox at {args.sandbox} (is it running? "
+            "name it with --sandbox URL)",
+            file=sys.stderr,
+        )
+        return 2
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -442,8 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sandbox-film",
         help="a new chest film arrives in the running EHR sandbox (Binary + ImagingStudy + Media)",
     )
-    film.add_argument("--sandbox", default="http://127.0.0.1:8081", help="the sandbox's base URL")
-    film.add_argument("--sandbox-dir", default="var/sandbox", help="its --data-dir")
+    film.add_argument(
+        "--sandbox",
+        default="http://127.0.0.1:8081",
+        help="the sandbox's base URL (default: %(default)s)",
+    )
+    film.add_argument(
+        "--sandbox-dir", default="var/sandbox", help="its --data-dir (default: %(default)s)"
+    )
     film.add_argument("--patient", default="cxr-demo-1")
     film.add_argument("--file", help="a DICOM file (default: a seeded frontal chest film)")
     film.set_defaults(func=cmd_sandbox_film)

@@ -366,3 +366,23 @@ def test_supervisor_backs_off_and_reports_why_the_worker_died(
     times = [float(t) for t in starts.read_text().split()]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert gaps[2] > gaps[0] * 2  # the delay doubles while it keeps dying young
+
+
+def test_supervisor_does_not_restart_a_worker_asked_to_stop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A shutdown sends SIGTERM to the whole process group: the worker is not started again."""
+    from cds_service.jobs import supervisor as supervisor_module
+
+    starts = tmp_path / "starts"
+    script = (
+        f"import os, signal; open({str(starts)!r}, 'a').write('x'); "
+        "os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    monkeypatch.setattr(supervisor_module, "WORKER_COMMAND", (sys.executable, "-c", script))
+    watcher = supervisor_module.WorkerSupervisor(restart_delay_s=0.05)
+    watcher.start()
+    watcher._thread.join(10)
+    assert not watcher._thread.is_alive()
+    assert starts.read_text() == "x"
+    watcher.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -73,7 +74,8 @@ class WorkerSupervisor:
             relay.start()
             code = self._process.wait()
             relay.join(5)
-            if self._stop.is_set():
+            if self._stop.is_set() or code == -signal.SIGTERM:
+                # Asked to stop (a shutdown signals the whole process group): no restart.
                 return
             if time.monotonic() - started >= STABLE_RUN_S:
                 self._delay = self._first_delay  # it had been working: no backoff
