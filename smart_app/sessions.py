@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cds_service.security.secret_compare import same_secret
 from cds_service.sources import canonical_fhir_base
 
 SCHEMA = """
@@ -97,11 +98,6 @@ def expiry(token: dict[str, Any]) -> float:
     except (TypeError, ValueError):
         expires_in = 300.0
     return time.time() + max(0.0, expires_in)
-
-
-def same_secret(expected: str, given: str) -> bool:
-    """Constant-time comparison that also accepts non-ASCII input (from a form or URL)."""
-    return secrets.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
 
 
 def binding_hash(value: str) -> str:

@@ -33,6 +33,7 @@ from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
 from cds_service.jobs.sqlite_store import ImageTooLarge, SqliteStore
 from cds_service.results import ModelInfo
+from cds_service.security.secret_compare import same_secret
 from cds_service.sources import canonical_fhir_base
 from smart_app import smart_client, viewer
 from smart_app.sessions import (
@@ -41,7 +42,6 @@ from smart_app.sessions import (
     SessionStore,
     binding_hash,
     expiry,
-    same_secret,
 )
 
 log = logging.getLogger(__name__)

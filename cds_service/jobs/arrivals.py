@@ -10,7 +10,6 @@ a Subscription, or a retried API call never analyses a film twice.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from cds_service.fhir.shapes import as_dict, as_str
 from cds_service.imaging.limits import DEFAULT_MAX_BYTES
 from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.results import ModelInfo
+from cds_service.security.secret_compare import same_secret
 from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
@@ -263,10 +263,6 @@ def _changed_study(entry: Any) -> str | None:
     if full_url and "/ImagingStudy/" in full_url:
         return full_url
     return None
-
-
-def same_secret(expected: str, given: str) -> bool:
-    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
 
 
 # What `subscribe` asks the EHR for (beside reading studies, the registration's own scope).

@@ -409,13 +409,10 @@ class SqliteStore:
     ) -> None:
         """Requeue the job (not claimed again for ``retry_in_s``), or with `final` store that
         failure result and close it, atomically."""
-        self._close(job, "queued" if final is None else "failed", error[:500], final)
-        if final is None and retry_in_s > 0:
-            with self._tx() as conn:
-                conn.execute(
-                    "UPDATE jobs SET not_before = ? WHERE id = ? AND status = 'queued'",
-                    (time.time() + retry_in_s, job.id),
-                )
+        not_before = time.time() + retry_in_s if final is None and retry_in_s > 0 else 0.0
+        self._close(
+            job, "queued" if final is None else "failed", error[:500], final, not_before=not_before
+        )
 
     def put_back(self, job: Job, reason: str) -> None:
         """Requeue a job that could not start through no fault of its own (the model was
@@ -607,13 +604,15 @@ class SqliteStore:
         error: str | None,
         result: AnalysisResult | None,
         filed_location: str | None = None,
+        not_before: float = 0.0,
     ) -> None:
         with self._tx() as conn:
             if result is not None:
                 _insert_result(conn, job.ref, result, filed_location)
             conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                (status, error, time.time(), job.id),
+                "UPDATE jobs SET status = ?, error = ?, updated_at = ?, not_before = ? "
+                "WHERE id = ?",
+                (status, error, time.time(), not_before, job.id),
             )
             if status in ("done", "failed"):  # a closed job keeps no image
                 conn.execute("DELETE FROM job_dicom WHERE job_id = ?", (job.id,))
