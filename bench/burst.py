@@ -225,7 +225,9 @@ def run_burst(
             worker.wait()
             killed_at = filed
             worker = _worker(env, log)
-        if all(per_study[f"ImagingStudy/{i}"] for i in ids):
+        # Done when every study has its report and no job is left open: a job killed after
+        # filing, before closing, runs again once its lease lapses (and files nothing new).
+        if all(per_study[f"ImagingStudy/{i}"] for i in ids) and store.queue_depth(model) == 0:
             break
         time.sleep(0.2)
     seconds = time.monotonic() - started
