@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from werkzeug.serving import make_server  # noqa: E402
 
+from cds_service.composition import Composition  # noqa: E402
 from cds_service.config import SERVICE_SCOPE, EhrClient, Settings, TrustedIssuer  # noqa: E402
 from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
 from cds_service.jobs.arrivals import (  # noqa: E402
@@ -48,7 +49,6 @@ from cds_service.jobs.arrivals import (  # noqa: E402
     Arrivals,
     subscribe,
 )
-from cds_service.jobs.sqlite_store import SqliteStore  # noqa: E402
 from cds_service.web.app import create_app  # noqa: E402
 from ehr_sandbox.app import Sandbox, SandboxSettings  # noqa: E402
 from ehr_sandbox.app import create_app as create_sandbox_app  # noqa: E402
@@ -169,14 +169,13 @@ def run_burst(
         database=database,
         ehr_clients=(ehr,),
     ).validated()
-    store = SqliteStore(database)
-    service_server = make_server(
-        "127.0.0.1", service_port, create_app(settings, store=store), threaded=True
-    )
+    parts = Composition(settings)
+    store = parts.storage
+    service_server = make_server("127.0.0.1", service_port, create_app(parts), threaded=True)
     threading.Thread(target=service_server.serve_forever, daemon=True).start()
 
     model = SimulatedBackend.model
-    arrivals = Arrivals(store, model, settings.ehr_clients)
+    arrivals = Arrivals(store, model, parts.access)
     subscribe(arrivals, ehr, service_base + NOTIFICATIONS_PATH, payload="id-only")
 
     env = {
@@ -227,7 +226,7 @@ def run_burst(
             worker = _worker(env, log)
         # Done when every study has its report and no job is left open: a job killed after
         # filing, before closing, runs again once its lease lapses (and files nothing new).
-        if all(per_study[f"ImagingStudy/{i}"] for i in ids) and store.queue_depth(model) == 0:
+        if all(per_study[f"ImagingStudy/{i}"] for i in ids) and store.jobs.queue_depth(model) == 0:
             break
         time.sleep(0.2)
     seconds = time.monotonic() - started

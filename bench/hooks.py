@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from cds_service.fhir import imaging_study  # noqa: E402
 from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef  # noqa: E402
+from cds_service.storage.ports import Storage, StudyRef  # noqa: E402
+from cds_service.storage.sqlite import open_sqlite_storage  # noqa: E402
 from ehr_sandbox.access_tokens import TokenStore  # noqa: E402
 from ehr_sandbox.app import Sandbox, SandboxSettings  # noqa: E402
 from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, hook_context  # noqa: E402
@@ -135,7 +136,7 @@ def run_load(
 
 
 def start_busy_worker(
-    work: Path, sandbox_base: str, env: dict[str, str], store: SqliteStore, jobs: int
+    work: Path, sandbox_base: str, env: dict[str, str], store: Storage, jobs: int
 ) -> subprocess.Popen[bytes]:
     """A `cxr-cds worker` with ``jobs`` analyses queued: copies of the seeded studies under
     new Study UIDs, each fetched from the sandbox and decoded as a real job would be."""
@@ -162,7 +163,7 @@ def start_busy_worker(
     for number in range(jobs):
         study = studies[number % len(studies)]["resource"]
         ref = StudyRef(f"{sandbox_base}/fhir", f"2.25.{number + 1}", "busy")
-        store.enqueue(ref, model, study, f"{sandbox_base}/fhir")
+        store.jobs.enqueue(ref, model, study, f"{sandbox_base}/fhir")
     worker_env = {**env, "CXR_CDS_EHR_CLIENTS": str(clients), "CXR_CDS_MODEL_BATCH_SIZE": "8"}
     return subprocess.Popen(
         [sys.executable, "-m", "cds_service.cli", "worker"],
@@ -223,7 +224,7 @@ def main() -> int:
             "CXR_CDS_DB": str(work / "cds.sqlite3"),
         }
         # Precompute results for every seeded study (what the worker would have done).
-        store = SqliteStore(work / "cds.sqlite3")
+        store = open_sqlite_storage(work / "cds.sqlite3")
         backend = SimulatedBackend()
         bundle = requests.get(
             f"{sandbox_base}/fhir/ImagingStudy", params={"_count": "100"}, timeout=10
@@ -233,7 +234,7 @@ def main() -> int:
             uid = imaging_study.study_uid(study)
             if uid:
                 ref = StudyRef(f"{sandbox_base}/fhir", uid, imaging_study.subject_patient_id(study))
-                store.put_result(ref, backend.analyse(uid, study))
+                store.results.put_result(ref, backend.analyse(uid, study))
         procs.append(
             subprocess.Popen(
                 [

@@ -33,8 +33,9 @@ from cds_service.imaging.errors import NotAnalysable  # noqa: E402
 from cds_service.imaging.files import DecodedImage, read_image_file  # noqa: E402
 from cds_service.inference.base import ReportRequest, ReportWriter  # noqa: E402
 from cds_service.inference.pipeline import ImagePipelineBackend  # noqa: E402
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef  # noqa: E402
 from cds_service.jobs.worker import drain  # noqa: E402
+from cds_service.storage.ports import StudyRef  # noqa: E402
+from cds_service.storage.sqlite import open_sqlite_storage  # noqa: E402
 
 SEED = ROOT / "ehr_sandbox" / "seed"
 
@@ -93,16 +94,16 @@ def run(
 ) -> dict[str, float]:
     counting = CountingWriter(writer)
     backend = ImagePipelineBackend(counting, OneFilm(film))
-    store = SqliteStore(db)
+    store = open_sqlite_storage(db)
     for number in range(studies):
         ref = StudyRef("http://bench/fhir", f"1.2.826.0.1.{number}", "p1")
-        store.enqueue(
+        store.jobs.enqueue(
             ref, backend.model, {"resourceType": "ImagingStudy", "id": f"s{number}"}, None
         )
     start = time.perf_counter()
     done = drain(store, backend, batch_size=batch)
     seconds = time.perf_counter() - start
-    if done != studies or store.queue_depth(backend.model):
+    if done != studies or store.jobs.queue_depth(backend.model):
         raise SystemExit(f"drained {done} of {studies} jobs")
     return {
         "seconds": seconds,

@@ -72,10 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def record_exit(settings: Settings, message: str) -> None:
     """What the supervisor saw, for /readyz (opened here, in the supervisor's thread: no
     database connection is made before gunicorn forks)."""
-    from cds_service.inference.registry import model_info
-    from cds_service.jobs.sqlite_store import SqliteStore
+    from cds_service.composition import Composition
 
-    SqliteStore(settings.database).record_worker_exit(model_info(settings).label, message)
+    parts = Composition(settings)
+    parts.storage.workers.record_exit(parts.model.label, message)
 
 
 def warn_missing_access(settings: Settings) -> None:
@@ -89,27 +89,22 @@ def warn_missing_access(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from cds_service.composition import Composition
     from cds_service.config import Settings
-    from cds_service.inference.registry import device_info, load_backend
-    from cds_service.jobs.filing import ReportFiler
-    from cds_service.jobs.sqlite_store import SqliteStore
     from cds_service.jobs.worker import run_forever
 
     settings = Settings.from_env()
     configure_logging(settings)
     check_model_settings(settings)
-    store = SqliteStore(settings.database)
-    backend = load_backend(settings)
-    filer = None
-    if settings.ehr_clients:
-        filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
+    parts = Composition(settings)
+    backend = parts.backend()
     stop = threading.Event()
     try:
         run_forever(
-            store,
+            parts.storage,
             backend,
             stop,
-            filer=filer,
+            filer=parts.report_filer(backend.model),
             batch_size=settings.model_batch_size,
             lease_s=settings.job_lease_s,
         )
@@ -119,18 +114,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from cds_service.composition import Composition
     from cds_service.config import Settings
-    from cds_service.inference.registry import model_info
-    from cds_service.jobs.sqlite_store import SqliteStore
 
     settings = Settings.from_env()
     if not settings.database.exists():
         print(f"error: no database at {settings.database} (set CXR_CDS_DB)", file=sys.stderr)
         return 2
-    store = SqliteStore(settings.database)
-    model = model_info(settings)
+    parts = Composition(settings)
+    store, model = parts.storage, parts.model
     statuses = ("not-analysed", "failed") if args.state == "any" else (args.state,)
-    count = store.requeue(
+    count = store.jobs.requeue(
         model,
         study_uid=args.study,
         statuses=statuses,
@@ -138,7 +132,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         fhir_server=args.fhir,
         dry_run=args.dry_run,
     )
-    released = 0 if args.dry_run or not args.waiting else store.release_waiting()
+    released = 0 if args.dry_run or not args.waiting else store.jobs.release_waiting()
     verb = "would be queued again" if args.dry_run else "queued again"
     print(f"{count} stud{'y' if count == 1 else 'ies'} {verb} for {model.label}")
     if args.waiting and not args.dry_run:
@@ -393,20 +387,21 @@ def _findings_batch(args: argparse.Namespace) -> int:
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     import os
 
+    from cds_service.composition import open_storage
+    from cds_service.config import Settings
     from cds_service.jobs.feedback_export import export_csv
-    from cds_service.jobs.sqlite_store import SqliteStore
 
     path = Path(args.db or os.environ.get("CXR_CDS_DB", "var/cxr-cds.sqlite3"))
     if not path.exists():
         print(f"error: no database at {path} (set --db or CXR_CDS_DB)", file=sys.stderr)
         return 2
-    store = SqliteStore(path)
+    feedback = open_storage(Settings(database=path)).feedback
     if args.output:
         with open(args.output, "w", newline="", encoding="utf-8") as handle:
-            count = export_csv(store, handle)
+            count = export_csv(feedback, handle)
         print(f"{count} feedback rows written to {args.output}", file=sys.stderr)
     else:
-        export_csv(store, sys.stdout)
+        export_csv(feedback, sys.stdout)
     return 0
 
 

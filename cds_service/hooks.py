@@ -35,10 +35,10 @@ from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
 from cds_service.inference.registry import device_info
 from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.orders import chest_orders
 from cds_service.results import AnalysisResult, ModelInfo
 from cds_service.sources import data_source, same_fhir_base
+from cds_service.storage.ports import Storage, StudyRef
 
 log = logging.getLogger(__name__)
 REPORT_CACHE_SIZE = 1024
@@ -123,13 +123,13 @@ class HookHandler:
     def __init__(
         self,
         settings: Settings,
-        store: SqliteStore,
+        storage: Storage,
         model: ModelInfo,
         client_factory: Callable[[FhirAccess], FhirClient] | None = None,
         device: DeviceInfo | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.storage = storage
         self.model = model
         self.device = device or device_info(settings, model)
         self._reports: OrderedDict[tuple[str, str, str], dict[str, Any] | None] = OrderedDict()
@@ -211,7 +211,7 @@ class HookHandler:
         )
         cards, records = build_cards(statuses, ctx)
         if records:
-            self.store.record_cards(records)
+            self.storage.cards.record_cards(records)
         if not found.complete:
             cards.append(incomplete_list_card(ctx))
         return {"cards": cards}
@@ -223,7 +223,7 @@ class HookHandler:
         report to chart' suggestion means the EHR filed the report: offer it no more."""
         stored = 0
         for item in items:
-            stored += self.store.store_feedback(service_id, item)
+            stored += self.storage.feedback.store_feedback(service_id, item)
             card = str(item["card"])
             accepted = {
                 str(s.get("id"))
@@ -232,7 +232,7 @@ class HookHandler:
             }
             if item.get("outcome") != "accepted" or filing_suggestion_uuid(card) not in accepted:
                 continue
-            record = self.store.card_record(card)
+            record = self.storage.cards.card_record(card)
             # Only a caller that may read the card's data source can say its report was filed.
             if (
                 record is not None
@@ -240,7 +240,7 @@ class HookHandler:
                 and (record.model_id, record.model_version)
                 == (self.model.model_id, self.model.version)
             ):
-                self.store.mark_filed(
+                self.storage.results.mark_filed(
                     record.source, record.study_uid, self.model, "filed by the EHR user"
                 )
         return stored
@@ -361,7 +361,7 @@ class HookHandler:
             return StudyStatus(
                 study=study, state="not-analysed", reason="no DICOM Study Instance UID in the study"
             )
-        stored = self.store.get_result(ref, self.model)
+        stored = self.storage.results.get_result(ref, self.model)
         if stored is not None:
             if stored.patient_id != ref.patient_id:
                 # Never show a result computed for another patient record.
@@ -379,11 +379,11 @@ class HookHandler:
                     study=study, state="completed", result=stored.result, unfiled_report=unfiled
                 )
             return StudyStatus(study=study, state="not-analysed", result=stored.result)
-        if self.store.job_state(ref, self.model) is not None:
-            waiting = self.store.waiting_reason(ref, self.model) or ""
+        if self.storage.jobs.job_state(ref, self.model) is not None:
+            waiting = self.storage.jobs.waiting_reason(ref, self.model) or ""
             return StudyStatus(study=study, state="in-progress", reason=waiting)
         if enqueue and self.settings.enqueue_on_miss:
-            arrival = enqueue_arrival(self.store, self.model, study, server, source=ref.source)
+            arrival = enqueue_arrival(self.storage, self.model, study, server, source=ref.source)
             if arrival.outcome == "queue-full":
                 return StudyStatus(
                     study=study, state="not-analysed", reason="analysis queue full, try later"

@@ -19,8 +19,8 @@ from cds_service.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from cds_service.imaging.render import png_bytes
 from cds_service.imaging.retrieval import ImageFetcher, fetch_binary
 from cds_service.imaging.study import EhrAccess, StudyImages
-from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.results import ModelInfo
+from cds_service.storage.ports import Storage, StoredResult, StudyRef
 
 FILING_TYPES = ("DiagnosticReport", "Observation", "Device", "Provenance")
 # What the user reads when an image server failed: never the remote server's answer.
@@ -64,16 +64,16 @@ def patient_banner(patient: dict[str, Any]) -> PatientBanner:
     )
 
 
-def ai_status(store: SqliteStore, ref: StudyRef, model: ModelInfo) -> str:
-    stored = store.get_result(ref, model)
+def ai_status(storage: Storage, ref: StudyRef, model: ModelInfo) -> str:
+    stored = storage.results.get_result(ref, model)
     if stored is not None and stored.patient_id not in (None, ref.patient_id):
         stored = None  # analysed for another patient under the same Study UID: never shown
     if stored is not None:
         if stored.result.status == "completed":
             return "analysed"
         return f"not analysed: {stored.result.reason or stored.result.status}"
-    state = store.job_state(ref, model)
-    waiting = store.waiting_reason(ref, model) if state == "queued" else None
+    state = storage.jobs.job_state(ref, model)
+    waiting = storage.jobs.waiting_reason(ref, model) if state == "queued" else None
     if waiting and NoAccess.explains(waiting):
         return WAITING_FOR_ACCESS
     if state:
@@ -89,7 +89,7 @@ def study_ref(source: str, study: dict[str, Any]) -> StudyRef | None:
 
 
 def study_rows(
-    fhir: FhirClient, patient: str, source: str, store: SqliteStore, model: ModelInfo
+    fhir: FhirClient, patient: str, source: str, storage: Storage, model: ModelInfo
 ) -> list[StudyRow]:
     bundle = fhir.get_json("ImagingStudy", [("patient", patient), ("_count", "50")])
     rows = []
@@ -105,7 +105,7 @@ def study_rows(
                 description=as_str(study.get("description")) or "Imaging study",
                 started=as_str(study.get("started")) or "date unknown",
                 modality="/".join(sorted(imaging_study.modalities(study))),
-                status=ai_status(store, ref, model) if ref else "not analysed: no Study UID",
+                status=ai_status(storage, ref, model) if ref else "not analysed: no Study UID",
             )
         )
     return sorted(rows, key=lambda r: r.started, reverse=True)
@@ -245,10 +245,10 @@ def _user_images(
 
 
 def stored_result(
-    store: SqliteStore, source: str, study: dict[str, Any], model: ModelInfo
+    storage: Storage, source: str, study: dict[str, Any], model: ModelInfo
 ) -> StoredResult | None:
     ref = study_ref(source, study)
-    stored = store.get_result(ref, model) if ref else None
+    stored = storage.results.get_result(ref, model) if ref else None
     if stored is not None and stored.patient_id not in (None, ref.patient_id if ref else None):
         return None  # analysed for another patient under the same Study UID: never shown
     return stored

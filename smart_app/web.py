@@ -31,10 +31,10 @@ from cds_service.imaging.retrieval import url_under
 from cds_service.inference.registry import device_info
 from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
-from cds_service.jobs.sqlite_store import ImageTooLarge, SqliteStore
 from cds_service.results import ModelInfo
 from cds_service.security.secret_compare import same_secret
 from cds_service.sources import canonical_fhir_base
+from cds_service.storage.ports import ImageTooLarge, Storage
 from smart_app import smart_client, viewer
 from smart_app.sessions import (
     PendingLaunch,
@@ -78,9 +78,9 @@ def _error(title: str, detail: str, status: int = 400) -> Response:
 
 
 class SmartApp:
-    def __init__(self, settings: Settings, store: SqliteStore, model: ModelInfo) -> None:
+    def __init__(self, settings: Settings, storage: Storage, model: ModelInfo) -> None:
         self.settings = settings
-        self.store = store
+        self.storage = storage
         self.model = model
         self.client_id = os.environ.get("CXR_CDS_SMART_CLIENT_ID", DEFAULT_CLIENT_ID)
         database = Path(settings.database)
@@ -364,7 +364,7 @@ class SmartApp:
             return _error("No patient", "The EHR launched the app without a patient.")
         rows = self.with_fhir(
             session,
-            lambda f, s: viewer.study_rows(f, str(s.patient), s.source, self.store, self.model),
+            lambda f, s: viewer.study_rows(f, str(s.patient), s.source, self.storage, self.model),
         )
         return _page(
             "smart_app/studies.html",
@@ -376,9 +376,9 @@ class SmartApp:
 
     def study(self, session: Session, study_id: str) -> Response:
         study = self.with_fhir(session, lambda f, s: viewer.read_study(f, study_id, s.patient))
-        stored = viewer.stored_result(self.store, session.source, study, self.model)
+        stored = viewer.stored_result(self.storage, session.source, study, self.model)
         ref = viewer.study_ref(session.source, study)
-        status = viewer.ai_status(self.store, ref, self.model) if ref else "not analysed"
+        status = viewer.ai_status(self.storage, ref, self.model) if ref else "not analysed"
         device = device_info(self.settings, self.model)
         notice = NOTICES.get(request.args.get("notice", ""))
         return _page(
@@ -442,7 +442,7 @@ class SmartApp:
             return _error("Cannot analyse", "The study has no DICOM Study UID.")
         try:
             arrival = enqueue_arrival(
-                self.store,
+                self.storage,
                 self.model,
                 study,
                 session.iss,
@@ -470,7 +470,7 @@ class SmartApp:
 
         def file(fhir: FhirClient, s: Session) -> Response:
             study = viewer.read_study(fhir, study_id, s.patient)
-            stored = viewer.stored_result(self.store, s.source, study, self.model)
+            stored = viewer.stored_result(self.storage, s.source, study, self.model)
             if stored is None or stored.result.status != "completed":
                 return _error("Cannot file to chart", "There is no completed AI analysis.")
             resources = build_ai_report(
@@ -483,7 +483,9 @@ class SmartApp:
             answer = fhir.post_json("", transaction_bundle(resources))
             location = _report_location(answer)
             if location:
-                self.store.mark_filed(s.source, stored.result.study_uid, self.model, location)
+                self.storage.results.mark_filed(
+                    s.source, stored.result.study_uid, self.model, location
+                )
             return redirect(  # type: ignore[return-value]
                 url_for("smart_app.study", sid=s.sid, study_id=study_id, notice="filed"), 303
             )
@@ -537,7 +539,7 @@ def _content_security_policy(frame_ancestors: list[str]) -> str:
 
 def create_smart_blueprint(
     settings: Settings | None = None,
-    store: SqliteStore | None = None,
+    storage: Storage | None = None,
     model: ModelInfo | None = None,
 ) -> Blueprint:
     bp = Blueprint(
@@ -547,9 +549,9 @@ def create_smart_blueprint(
         static_folder="static",
         static_url_path="/static",
     )
-    if settings is None or store is None or model is None:
+    if settings is None or storage is None or model is None:
         raise ValueError("the SMART app needs the service's settings, result store and model")
-    app = SmartApp(settings, store, model)
+    app = SmartApp(settings, storage, model)
     csp = _content_security_policy(app.ehr_origins())
 
     @bp.after_request

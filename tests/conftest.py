@@ -18,11 +18,13 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from cds_service.composition import Composition
 from cds_service.config import Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import Storage, StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from cds_service.web.app import create_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
@@ -89,7 +91,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHandle]
 class ServiceHandle:
     base: str
     settings: Settings
-    store: SqliteStore
+    store: Storage
     client: CdsHooksClient
 
     def url(self, service_id: str) -> str:
@@ -117,8 +119,8 @@ def make_service(
     }
     fields.update(overrides)
     settings = Settings(**fields).validated()
-    store = SqliteStore(settings.database)
-    server = ServerThread(create_app(settings, store=store), port)
+    store = open_sqlite_storage(settings.database)
+    server = ServerThread(create_app(Composition(settings, storage=store)), port)
     client = CdsHooksClient(sandbox.base, sandbox.sandbox.key)
     return ServiceHandle(base=base, settings=settings, store=store, client=client), server
 
@@ -171,7 +173,7 @@ def analyse_seeded(service: ServiceHandle, sandbox: SandboxHandle) -> None:
         uid = imaging_study.study_uid(study)
         assert uid
         ref = StudyRef(sandbox.fhir, uid, imaging_study.subject_patient_id(study))
-        service.store.enqueue(ref, backend.model, study, sandbox.fhir)
+        service.store.jobs.enqueue(ref, backend.model, study, sandbox.fhir)
     drain(service.store, backend)
 
 

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from cds_service.config import SERVICE_SCOPE, EhrClient
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.imaging.study import study_images_for
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SimulatedBackend, SimulatedReportWriter
@@ -107,7 +108,9 @@ class Service:
 def service(tmp_path: Path, ehr: SandboxHandle) -> Iterator[Service]:
     client = registration(ehr, tmp_path)
     handle, server = make_service(tmp_path, ehr, ehr_clients=(client,))
-    yield Service(handle, ehr, Arrivals(handle.store, MODEL, (client,)), client)
+    yield Service(
+        handle, ehr, Arrivals(handle.store, MODEL, BackendServicesClients((client,))), client
+    )
     server.stop()
 
 
@@ -131,7 +134,7 @@ def test_rest_api_queues_once_and_reports_the_result(service: Service) -> None:
     assert analysis["status"] == "queued" and analysis["model"]["id"] == MODEL.model_id
     again = service.api("POST", "/api/analyses", json=body)
     assert again.status_code == 200 and again.json()["id"] == analysis["id"]
-    assert service.handle.store.queue_depth(MODEL) == 1  # one job, however often it is asked
+    assert service.handle.store.jobs.queue_depth(MODEL) == 1  # one job, however often it is asked
 
     drain(service.handle.store, SimulatedBackend())
     done = service.api("GET", f"/api/analyses/{analysis['id']}").json()
@@ -141,7 +144,7 @@ def test_rest_api_queues_once_and_reports_the_result(service: Service) -> None:
     assert "AI-generated, preliminary" in done["result"]["notice"]
     # Asked again after the analysis: the same analysis, not a second one.
     assert service.api("POST", "/api/analyses", json=body).json()["id"] == analysis["id"]
-    assert service.handle.store.queue_depth(MODEL) == 0
+    assert service.handle.store.jobs.queue_depth(MODEL) == 0
 
 
 @pytest.mark.parametrize(
@@ -160,7 +163,7 @@ def test_rest_api_refuses_bad_references_clearly(
     response = service.api("POST", "/api/analyses", json=body)
     assert response.status_code == status
     assert says in response.json()["error_description"]
-    assert service.handle.store.queue_depth(MODEL) == 0
+    assert service.handle.store.jobs.queue_depth(MODEL) == 0
 
 
 def test_rest_api_needs_a_jwt_and_a_listed_fhir_server(tmp_path: Path, ehr: SandboxHandle) -> None:
@@ -178,7 +181,7 @@ def test_rest_api_needs_a_jwt_and_a_listed_fhir_server(tmp_path: Path, ehr: Sand
             url, json=body, timeout=10, headers={"Authorization": f"Bearer {token}"}
         )
         assert denied.status_code == 403 and "may not name" in denied.json()["error_description"]
-        assert handle.store.queue_depth(MODEL) == 0
+        assert handle.store.jobs.queue_depth(MODEL) == 0
         # An analysis of the sandbox's data source is not found by another caller.
         mine = sign(ehr.sandbox.key.key, claims_for(ehr.base, url))
         created = requests.post(
@@ -230,7 +233,7 @@ def test_id_only_notification_queues_the_named_study(service: Service) -> None:
     response = service.notify(bundle)
     assert response.status_code == 200 and response.json() == {"studies": 1, "queued": 1}
     assert service.notify(bundle).json() == {"studies": 1, "queued": 0}  # idempotent
-    job = service.handle.store.claim(MODEL)
+    job = service.handle.store.jobs.claim(MODEL)
     assert job is not None and job.fhir_server == service.ehr.fhir
     assert job.study_resource["id"] == study["id"]  # read from the EHR, not from the body
 
@@ -245,7 +248,7 @@ def test_full_resource_notification_reads_the_study_again(service: Service) -> N
         timeout=10,
     )
     assert response.status_code == 200 and response.json()["queued"] == 1
-    job = service.handle.store.claim(MODEL)
+    job = service.handle.store.jobs.claim(MODEL)
     assert job is not None and job.ref.patient_id == "cxr-demo-1"
 
 
@@ -261,7 +264,7 @@ def test_notifications_need_the_subscription_token(service: Service) -> None:
         timeout=10,
     )
     assert bad.status_code == 400 and "error_description" in bad.json()
-    assert service.handle.store.queue_depth(MODEL) == 0
+    assert service.handle.store.jobs.queue_depth(MODEL) == 0
 
 
 def test_empty_notification_and_watcher_queue_what_changed_since_the_cursor(
@@ -271,20 +274,20 @@ def test_empty_notification_and_watcher_queue_what_changed_since_the_cursor(
     arrivals = service.arrivals
     stop = threading.Event()
     assert watch(arrivals, service.ehr.fhir, interval_s=0.01, stop=stop, once=True) == 0
-    first = store.queue_depth(MODEL)
+    first = store.jobs.queue_depth(MODEL)
     assert first >= 1  # the seeded chest films (and this module's earlier studies)
-    cursor = store.watch_cursor(service.ehr.fhir)
+    cursor = store.cursors.watch_cursor(service.ehr.fhir)
     assert cursor is not None
     assert watch(arrivals, service.ehr.fhir, interval_s=0.01, stop=stop, once=True) == 0
-    assert store.queue_depth(MODEL) == first  # nothing queued twice
+    assert store.jobs.queue_depth(MODEL) == first  # nothing queued twice
 
     new_study(service.ehr)
     new_study(service.ehr, status="cancelled")  # not a usable film: never queued
     response = service.notify(None)  # an empty notification: "something changed"
     assert response.status_code == 200
     assert response.json()["queued"] == 1  # the new chest film, not the cancelled study
-    assert store.queue_depth(MODEL) == first + 1
-    later = store.watch_cursor(service.ehr.fhir)
+    assert store.jobs.queue_depth(MODEL) == first + 1
+    later = store.cursors.watch_cursor(service.ehr.fhir)
     assert later is not None and later >= cursor
 
 
@@ -311,14 +314,14 @@ def test_a_study_created_in_the_ehr_arrives_through_its_subscription(
         assert created["status"] == "active"
         study = new_study(service.ehr)
         assert notifier.flush(10)
-        job = service.handle.store.claim(MODEL)
+        job = service.handle.store.jobs.claim(MODEL)
         assert job is not None and job.study_resource["id"] == study["id"]
         assert job.fhir_server == service.ehr.fhir
-        service.handle.store.put_back(job, "test")
+        service.handle.store.jobs.put_back(job, "test")
         # An update of the same study notifies again; it is not queued twice.
         service.ehr.sandbox.store.update({**study, "description": "CHEST PA (re-sent)"})
         assert notifier.flush(10)
-        assert service.handle.store.queue_depth(MODEL) == 1
+        assert service.handle.store.jobs.queue_depth(MODEL) == 1
     finally:
         service.ehr.sandbox.store.delete("Subscription", created["id"])
 
@@ -336,7 +339,7 @@ def test_a_subscription_with_the_wrong_token_shows_the_error_in_the_ehr(
         stored = service.ehr.sandbox.store.read("Subscription", created["id"])
         assert stored is not None and stored["status"] == "error"
         assert "401" in stored["error"]
-        assert service.handle.store.queue_depth(MODEL) == 0
+        assert service.handle.store.jobs.queue_depth(MODEL) == 0
     finally:
         service.ehr.sandbox.store.delete("Subscription", created["id"])
 
@@ -354,16 +357,49 @@ def test_a_film_added_to_the_running_sandbox_is_analysed_and_filed(service: Serv
         data_dir = service.ehr.sandbox.settings.data_dir
         reference = add_film(service.ehr.base, data_dir, "cxr-demo-2", DEFAULT_FILM)
         assert service.ehr.sandbox.notifier.flush(10)
-        job = service.handle.store.claim(MODEL)
+        job = service.handle.store.jobs.claim(MODEL)
         assert job is not None and f"ImagingStudy/{job.study_resource['id']}" == reference
-        service.handle.store.put_back(job, "test")
+        service.handle.store.jobs.put_back(job, "test")
         backend = ImagePipelineBackend(
-            SimulatedReportWriter(), study_images_for(service.handle.settings.ehr_clients)
+            SimulatedReportWriter(),
+            study_images_for(BackendServicesClients(service.handle.settings.ehr_clients)),
         )
-        filer = ReportFiler((service.client,), device_info(service.handle.settings, MODEL))
+        filer = ReportFiler(
+            BackendServicesClients((service.client,)), device_info(service.handle.settings, MODEL)
+        )
         assert drain(service.handle.store, backend, filer) == 1
-        stored = service.handle.store.get_result(job.ref, MODEL)
+        stored = service.handle.store.results.get_result(job.ref, MODEL)
         assert stored is not None and stored.result.status == "completed"
         assert stored.filed_location and "/DiagnosticReport/" in stored.filed_location
     finally:
         service.ehr.sandbox.store.delete("Subscription", created["id"])
+
+
+def test_one_process_reads_fetches_and_files_with_one_token_per_ehr(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The composition root gives reading an arrival, fetching its images and filing its
+    report one Backend Services client per EHR: one signed assertion, one token request."""
+    from cds_service.composition import Composition
+    from cds_service.fhir.backend_services import BackendServicesClient
+    from ehr_sandbox.films import DEFAULT_FILM, add_film
+
+    signed: list[str] = []
+    original = BackendServicesClient.assertion
+
+    def counting(self: BackendServicesClient) -> str:
+        signed.append(self.ehr.client_id)
+        return original(self)
+
+    monkeypatch.setattr(BackendServicesClient, "assertion", counting)
+    parts = Composition(service.handle.settings, storage=service.handle.store)
+    data_dir = service.ehr.sandbox.settings.data_dir
+    reference = add_film(service.ehr.base, data_dir, "cxr-demo-2", DEFAULT_FILM)
+    arrival = parts.arrivals.study(service.ehr.fhir, reference)  # read with a system token
+    assert arrival.outcome == "queued" and arrival.ref is not None
+    backend = parts.backend()
+    assert drain(parts.storage, backend, parts.report_filer(backend.model)) == 1
+    stored = parts.storage.results.get_result(arrival.ref, backend.model)
+    assert stored is not None and stored.result.status == "completed"
+    assert stored.filed_location and "/DiagnosticReport/" in stored.filed_location
+    assert signed == [CLIENT_ID]  # read, image fetch and filing shared one token

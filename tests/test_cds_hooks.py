@@ -19,9 +19,9 @@ from cds_service.fhir import imaging_study
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.findings.observations import Observation
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
 from cds_service.results import AnalysisResult, Finding
+from cds_service.storage.ports import StudyRef
 from ehr_sandbox.cds_client import draft_imaging_order, hook_context
 from tests.conftest import (
     SandboxHandle,
@@ -163,7 +163,7 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
     uid = imaging_study.study_uid(study)
     assert uid
     model = SimulatedBackend.model
-    service.store.put_result(
+    service.store.results.put_result(
         StudyRef(sandbox.base, uid, "cxr-demo-1"),
         AnalysisResult(
             study_uid=uid,
@@ -191,7 +191,7 @@ def test_cards_follow_the_stored_findings(service: ServiceHandle, sandbox: Sandb
     assert "pneumothorax" in cards[0]["summary"] and "effusion" in cards[1]["summary"]
     assert "> Right pneumothorax." in cards[0]["detail"]
 
-    service.store.put_result(
+    service.store.results.put_result(
         StudyRef(sandbox.base, uid, "cxr-demo-1"),
         AnalysisResult(
             study_uid=uid,
@@ -214,10 +214,10 @@ def test_missing_result_enqueues_and_says_in_progress(
     )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert len(cards) == 1 and "in progress" in cards[0]["summary"]
-    assert service.store.queue_depth(SimulatedBackend.model) == 1
+    assert service.store.jobs.queue_depth(SimulatedBackend.model) == 1
     # A second hook does not queue the same study twice.
     call(service, sandbox, PV, body)
-    assert service.store.queue_depth(SimulatedBackend.model) == 1
+    assert service.store.jobs.queue_depth(SimulatedBackend.model) == 1
     assert drain(service.store, SimulatedBackend()) == 1
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
     assert "in progress" not in cards[0]["summary"]
@@ -486,7 +486,7 @@ def test_feedback_is_stored_once(service: ServiceHandle, sandbox: SandboxHandle)
     second = call(service, sandbox, url_id, {"feedback": [copy.deepcopy(item)]})
     assert first.status_code == 200 and first.json() == {"stored": 1, "duplicates": 0}
     assert second.json() == {"stored": 0, "duplicates": 1}
-    assert service.store.feedback_count(PV) == 1
+    assert service.store.feedback.feedback_count(PV) == 1
     bad = call(service, sandbox, url_id, {"feedback": [{"card": "x", "outcome": "maybe"}]})
     assert bad.status_code == 400
 

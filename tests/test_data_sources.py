@@ -12,8 +12,9 @@ import requests
 from cds_service.config import Settings
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.sources import canonical_fhir_base, data_source
+from cds_service.storage.ports import StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from tests.conftest import (
     SandboxHandle,
     analyse_seeded,
@@ -83,13 +84,13 @@ def test_two_callers_configured_for_one_ehr_see_the_same_results(
         cards = response.json()["cards"]
         assert cards and all("in progress" not in c["summary"] for c in cards)
         assert any("> " in c["detail"] for c in cards)  # the findings, quoted from the report
-        assert handle.store.queue_depth(MODEL) == 0  # nothing analysed twice
+        assert handle.store.jobs.queue_depth(MODEL) == 0  # nothing analysed twice
 
         # The same caller naming no FHIR server is its own data source: nothing to show yet.
         response = post_as(handle.url(PV), key, other.iss, hook(sandbox, study))
         [card] = response.json()["cards"]
         assert "in progress" in card["summary"]
-        job = handle.store.claim(MODEL)
+        job = handle.store.jobs.claim(MODEL)
         assert job is not None
         assert job.ref.source == "https://second-cds-client.example"
         assert job.fhir_server is None
@@ -183,11 +184,11 @@ def test_a_file_keyed_by_issuer_is_rekeyed_by_fhir_base(tmp_path: Path) -> None:
             "'present', ?, ?, 0)",
             ids,
         )
-    store = SqliteStore(path)
-    stored = store.get_result(StudyRef("https://ehr.example/fhir", "1.1", "p"), MODEL)
+    store = open_sqlite_storage(path)
+    stored = store.results.get_result(StudyRef("https://ehr.example/fhir", "1.1", "p"), MODEL)
     assert stored is not None and stored.filed_location == "DiagnosticReport/9"
-    assert store.get_result(StudyRef("https://iss-a", "1.1", "p"), MODEL) is None
-    record = store.card_record("card-1")
+    assert store.results.get_result(StudyRef("https://iss-a", "1.1", "p"), MODEL) is None
+    record = store.cards.card_record("card-1")
     assert record is not None and record.source == "https://ehr.example/fhir"
     with sqlite3.connect(path) as conn:
         live = conn.execute(
@@ -195,8 +196,8 @@ def test_a_file_keyed_by_issuer_is_rekeyed_by_fhir_base(tmp_path: Path) -> None:
         ).fetchall()
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 4  # every step ran
     assert live == [("https://ehr.example/fhir", "1.2"), ("https://iss-c", "1.3")]
-    assert store.job_state(StudyRef("https://ehr.example/fhir", "1.2"), MODEL) == "queued"
-    SqliteStore(path)  # opening it again changes nothing
+    assert store.jobs.job_state(StudyRef("https://ehr.example/fhir", "1.2"), MODEL) == "queued"
+    open_sqlite_storage(path)  # opening it again changes nothing
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 3
         body = json.loads(conn.execute("SELECT body FROM results").fetchone()[0])

@@ -10,13 +10,13 @@ import requests
 
 from cds_service.config import WRITE_BACK_SCOPE
 from cds_service.fhir import imaging_study
-from cds_service.fhir.backend_services import EhrClient
+from cds_service.fhir.backend_services import BackendServicesClients, EhrClient
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.inference.registry import device_info
 from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.filing import ReportFiler
-from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import StudyRef
 from ehr_sandbox.cds_client import SigningKey
 from tests.conftest import (
     SandboxHandle,
@@ -89,7 +89,9 @@ def test_worker_files_each_analysis_once(
         scope=WRITE_BACK_SCOPE,
     )
     backend = SimulatedBackend()
-    filer = ReportFiler((ehr,), device_info(service.settings, backend.model))
+    filer = ReportFiler(
+        BackendServicesClients((ehr,)), device_info(service.settings, backend.model)
+    )
     study = sandbox.studies[2]  # cxr-demo-2's film
     uid = imaging_study.study_uid(study)
     assert uid
@@ -103,14 +105,14 @@ def test_worker_files_each_analysis_once(
 
     before = len(reports())
     for _ in range(2):  # the same analysis run twice (e.g. a re-queued job)
-        service.store.enqueue(ref, backend.model, study, sandbox.fhir)
+        service.store.jobs.enqueue(ref, backend.model, study, sandbox.fhir)
         assert drain(service.store, backend, filer) == 1
     filed = reports()
     assert len(filed) == before + 1
     report = filed[-1]
     assert report["status"] == "preliminary"
     assert all(r["reference"].startswith("Observation/") for r in report["result"])
-    stored = service.store.get_result(ref, backend.model)
+    stored = service.store.results.get_result(ref, backend.model)
     assert stored is not None and stored.filed_location
     assert stored.filed_location.startswith(f"{sandbox.fhir}/DiagnosticReport/")
     observation = requests.get(
@@ -142,11 +144,13 @@ def test_filing_failure_leaves_the_offer(
         scope=WRITE_BACK_SCOPE,
     )
     backend = SimulatedBackend()
-    filer = ReportFiler((ehr,), device_info(service.settings, backend.model))
+    filer = ReportFiler(
+        BackendServicesClients((ehr,)), device_info(service.settings, backend.model)
+    )
     study = sandbox.studies[0]
     uid = imaging_study.study_uid(study)
     assert uid
-    service.store.enqueue(
+    service.store.jobs.enqueue(
         StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
     )
     assert drain(service.store, backend, filer) == 1

@@ -16,7 +16,11 @@ from joserfc.jwk import ECKey
 
 from cds_service.config import WRITE_BACK_SCOPE
 from cds_service.fhir import imaging_study
-from cds_service.fhir.backend_services import BackendServicesClient, EhrClient
+from cds_service.fhir.backend_services import (
+    BackendServicesClient,
+    BackendServicesClients,
+    EhrClient,
+)
 from cds_service.fhir.client import FhirAccessDenied, FhirClient
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.fhir_out.cards import CardContext, StudyStatus, cards_for_study
@@ -24,9 +28,9 @@ from cds_service.findings.observations import Observation
 from cds_service.inference.registry import device_info
 from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.filing import ReportFiler
-from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain, process_one
 from cds_service.results import AnalysisResult, Finding, ModelInfo
+from cds_service.storage.ports import StudyRef
 from ehr_sandbox.cds_client import SigningKey
 from tests.conftest import (
     SandboxHandle,
@@ -63,7 +67,9 @@ def filer_for(
         key_file=tmp_path / f"{client_id}.jwk.json",
         scope=WRITE_BACK_SCOPE,
     )
-    return ReportFiler((ehr,), device_info(service.settings, SimulatedBackend.model))
+    return ReportFiler(
+        BackendServicesClients((ehr,)), device_info(service.settings, SimulatedBackend.model)
+    )
 
 
 def test_an_impossible_study_date_costs_only_the_filing_offer(
@@ -89,10 +95,10 @@ def test_worker_survives_a_report_that_fails_validation(
     study = {**sandbox.studies[0], "started": "2023-02-29"}
     uid = imaging_study.study_uid(study)
     assert uid
-    service.store.enqueue(
+    service.store.jobs.enqueue(
         StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, study, sandbox.fhir
     )
-    service.store.enqueue(
+    service.store.jobs.enqueue(
         StudyRef(sandbox.fhir, "2.25.77", "cxr-demo-1"),
         backend.model,
         {**study, "id": "nope"},
@@ -116,7 +122,7 @@ def test_a_relabelled_study_is_never_filed_to_the_wrong_patient(
         timeout=10,
         params={"subject": "Patient/cxr-demo-1", "_summary": "count"},
     ).json()
-    service.store.enqueue(
+    service.store.jobs.enqueue(
         StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model, forged, sandbox.fhir
     )
     assert drain(service.store, backend, filer) == 1
@@ -126,7 +132,9 @@ def test_a_relabelled_study_is_never_filed_to_the_wrong_patient(
         params={"subject": "Patient/cxr-demo-1", "_summary": "count"},
     ).json()
     assert after["total"] == before["total"]
-    stored = service.store.get_result(StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model)
+    stored = service.store.results.get_result(
+        StudyRef(sandbox.fhir, uid, "cxr-demo-1"), backend.model
+    )
     assert stored is not None and stored.filed_location is None
 
 
@@ -207,7 +215,7 @@ def test_an_empty_model_report_is_not_analysed_not_normal(
     uid = imaging_study.study_uid(study)
     assert uid
     ref = StudyRef(sandbox.fhir, uid, "cxr-demo-1")
-    service.store.enqueue(ref, Silent.model, study, sandbox.fhir)
+    service.store.jobs.enqueue(ref, Silent.model, study, sandbox.fhir)
     assert drain(service.store, Silent()) == 1
     [card] = signed_post(
         service, sandbox, PV, prefetch_of(study, patient="cxr-demo-1", fhir_server=sandbox.fhir)

@@ -12,8 +12,9 @@ import requests
 
 from cds_service.fhir.prefetch import PREFETCH_KEY
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from tests.conftest import (
     SandboxHandle,
     ServiceHandle,
@@ -147,7 +148,7 @@ def test_jobs_keep_only_a_vetted_fhir_server(
         prefetch={PREFETCH_KEY: bundle(study("2.25.9"))},
     )
     assert call(service, sandbox, body).status_code == 200
-    job = service.store.claim(SimulatedBackend.model)
+    job = service.store.jobs.claim(SimulatedBackend.model)
     assert job is not None
     assert job.fhir_server is None
     assert job.ref == StudyRef(sandbox.base, "2.25.9", "cxr-demo-3")
@@ -281,13 +282,13 @@ def test_servers_that_refuse_sort_are_asked_again_plainly(
 
 
 def test_queue_depth_counts_only_the_current_model_version(tmp_path: Path) -> None:
-    from cds_service.jobs.sqlite_store import QueueFull, SqliteStore
     from cds_service.results import ModelInfo
+    from cds_service.storage.ports import QueueFull
 
-    store = SqliteStore(tmp_path / "q.sqlite3", max_queue=1)
+    store = open_sqlite_storage(tmp_path / "q.sqlite3", max_queue=1)
     old, new = ModelInfo("m", "v1"), ModelInfo("m", "v2")
-    store.enqueue(StudyRef("t", "1", "p"), old, {}, None)
-    store.enqueue(StudyRef("t", "2", "p"), new, {}, None)  # not blocked by v1's leftovers
+    store.jobs.enqueue(StudyRef("t", "1", "p"), old, {}, None)
+    store.jobs.enqueue(StudyRef("t", "2", "p"), new, {}, None)  # not blocked by v1's leftovers
     with pytest.raises(QueueFull):
-        store.enqueue(StudyRef("t", "3", "p"), new, {}, None)
+        store.jobs.enqueue(StudyRef("t", "3", "p"), new, {}, None)
     assert drain(store, SimulatedBackend()) == 0  # simulated model claims neither

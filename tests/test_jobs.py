@@ -15,7 +15,6 @@ import pytest
 from cds_service.inference.base import ModelUnavailable
 from cds_service.inference.engine import BatchEngine, BatchResult
 from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedBackend
-from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.jobs.worker import (
     MAX_ATTEMPTS,
     ModelAvailability,
@@ -24,6 +23,8 @@ from cds_service.jobs.worker import (
     run_forever,
 )
 from cds_service.results import AnalysisResult, ModelInfo
+from cds_service.storage.ports import QueueFull, StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 
 
 def ref(uid: str) -> StudyRef:
@@ -34,37 +35,37 @@ STUDY = {"resourceType": "ImagingStudy", "id": "s1", "started": "2026-11-20T10:0
 
 
 def test_enqueue_is_idempotent_per_study_and_model(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    assert store.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
-    assert not store.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
-    assert store.queue_depth(SIMULATED_MODEL) == 1
+    store = open_sqlite_storage(tmp_path / "q.sqlite3")
+    assert store.jobs.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
+    assert not store.jobs.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
+    assert store.jobs.queue_depth(SIMULATED_MODEL) == 1
     assert drain(store, SimulatedBackend()) == 1
-    stored = store.get_result(ref("1.2.3"), SIMULATED_MODEL)
+    stored = store.results.get_result(ref("1.2.3"), SIMULATED_MODEL)
     assert stored is not None and stored.result.status == "completed"
     assert stored.result.report_text.startswith("SIMULATED")
     assert stored.patient_id == "p1"
     # Another data source with the same Study UID sees nothing.
     other = StudyRef("https://other-ehr.example", "1.2.3", "p1")
-    assert store.get_result(other, SIMULATED_MODEL) is None
-    assert store.queue_depth(SIMULATED_MODEL) == 0
+    assert store.results.get_result(other, SIMULATED_MODEL) is None
+    assert store.jobs.queue_depth(SIMULATED_MODEL) == 0
 
 
 def test_full_queue_refuses_cleanly(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3", max_queue=2)
-    store.enqueue(ref("1"), SIMULATED_MODEL, STUDY, None)
-    store.enqueue(ref("2"), SIMULATED_MODEL, STUDY, None)
+    store = open_sqlite_storage(tmp_path / "q.sqlite3", max_queue=2)
+    store.jobs.enqueue(ref("1"), SIMULATED_MODEL, STUDY, None)
+    store.jobs.enqueue(ref("2"), SIMULATED_MODEL, STUDY, None)
     with pytest.raises(QueueFull):
-        store.enqueue(ref("3"), SIMULATED_MODEL, STUDY, None)
+        store.jobs.enqueue(ref("3"), SIMULATED_MODEL, STUDY, None)
 
 
 def test_job_of_a_crashed_worker_is_taken_again(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    store.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
-    claimed = store.claim(SIMULATED_MODEL)
+    store = open_sqlite_storage(tmp_path / "q.sqlite3")
+    store.jobs.enqueue(ref("1.2.3"), SIMULATED_MODEL, STUDY, None)
+    claimed = store.jobs.claim(SIMULATED_MODEL)
     assert claimed is not None
-    assert store.claim(SIMULATED_MODEL) is None  # running, not stale yet
+    assert store.jobs.claim(SIMULATED_MODEL) is None  # running, not stale yet
     # The worker died without finishing: after the stale timeout the job is claimed again.
-    again = store.claim(SIMULATED_MODEL, stale_after_s=-1)
+    again = store.jobs.claim(SIMULATED_MODEL, stale_after_s=-1)
     assert again is not None and again.id == claimed.id and again.attempts == 2
 
 
@@ -74,22 +75,22 @@ class Exploding(SimulatedBackend):
 
 
 def test_failing_backend_retries_then_records_failure(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    store.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
+    store = open_sqlite_storage(tmp_path / "q.sqlite3")
+    store.jobs.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
     for attempt in range(MAX_ATTEMPTS):
         assert process_one(store, Exploding())
         if attempt < MAX_ATTEMPTS - 1:
             # Retried after a pause, not at once: until then the job waits, with the reason.
             assert not process_one(store, Exploding())
             assert "GPU fell off the bus" in (
-                store.waiting_reason(ref("9.9"), SIMULATED_MODEL) or ""
+                store.jobs.waiting_reason(ref("9.9"), SIMULATED_MODEL) or ""
             )
-            store.release_waiting()  # the pause is over
+            store.jobs.release_waiting()  # the pause is over
     assert not process_one(store, Exploding())
-    stored = store.get_result(ref("9.9"), SIMULATED_MODEL)
+    stored = store.results.get_result(ref("9.9"), SIMULATED_MODEL)
     assert stored is not None and stored.result.status == "failed"
     assert "failed" in stored.result.reason
-    assert store.queue_depth(SIMULATED_MODEL) == 0
+    assert store.jobs.queue_depth(SIMULATED_MODEL) == 0
 
 
 def job_rows(path: Path) -> list[tuple[str, int]]:
@@ -103,13 +104,13 @@ class Unavailable(SimulatedBackend):
 
 
 def test_an_unavailable_model_puts_the_job_back_without_using_an_attempt(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    store.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
+    store = open_sqlite_storage(tmp_path / "q.sqlite3")
+    store.jobs.enqueue(ref("9.9"), SIMULATED_MODEL, STUDY, None)
     for _ in range(MAX_ATTEMPTS + 2):
         with pytest.raises(ModelUnavailable):
             process_one(store, Unavailable())
     assert job_rows(tmp_path / "q.sqlite3") == [("queued", 0)]
-    assert store.get_result(ref("9.9"), SIMULATED_MODEL) is None
+    assert store.results.get_result(ref("9.9"), SIMULATED_MODEL) is None
     assert drain(store, SimulatedBackend()) == 1  # once the model is back, it is analysed
     assert job_rows(tmp_path / "q.sqlite3") == [("done", 1)]
 
@@ -155,7 +156,7 @@ def test_jobs_wait_out_an_unhealthy_engine_and_complete_once_it_answers(
 ) -> None:
     caplog.set_level(logging.INFO, logger="cds_service.jobs.worker")
     path = tmp_path / "q.sqlite3"
-    store = SqliteStore(path)
+    store = open_sqlite_storage(path)
     backend = EngineBackend()
     stop = threading.Event()
     worker = threading.Thread(
@@ -168,7 +169,9 @@ def test_jobs_wait_out_an_unhealthy_engine_and_complete_once_it_answers(
         assert wait_until(lambda: not backend.engine.healthy)
         uids = [f"1.2.{index}" for index in range(3)]
         for uid in uids:
-            store.enqueue(StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL, STUDY, None)
+            store.jobs.enqueue(
+                StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL, STUDY, None
+            )
         worker.start()
         time.sleep(1.0)  # some twenty claims, far more than MAX_ATTEMPTS
         assert job_rows(path) == [("queued", 0)] * 3  # nothing finalised as failed
@@ -181,7 +184,7 @@ def test_jobs_wait_out_an_unhealthy_engine_and_complete_once_it_answers(
             worker.join(5)
         backend.engine.stop()
     for uid in uids:
-        stored = store.get_result(StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL)
+        stored = store.results.get_result(StudyRef("https://ehr.example", uid, "p1"), ENGINE_MODEL)
         assert stored is not None and stored.result.status == "completed"
         assert stored.result.report_text == f"report on {uid}"
     messages = [r.getMessage() for r in caplog.records if r.name == "cds_service.jobs.worker"]
@@ -192,24 +195,24 @@ def test_jobs_wait_out_an_unhealthy_engine_and_complete_once_it_answers(
 
 def test_replay_cache_remembers_across_connections(tmp_path: Path) -> None:
     path = tmp_path / "q.sqlite3"
-    first, second = SqliteStore(path), SqliteStore(path)
+    first, second = open_sqlite_storage(path), open_sqlite_storage(path)
     exp = int(time.time()) + 300
-    assert first.remember_jti("iss", "abc", exp)
-    assert not second.remember_jti("iss", "abc", exp)
-    assert second.remember_jti("other-iss", "abc", exp)
+    assert first.replay.remember_jti("iss", "abc", exp)
+    assert not second.replay.remember_jti("iss", "abc", exp)
+    assert second.replay.remember_jti("other-iss", "abc", exp)
 
 
 def _claim_many(path: str, out: Any) -> None:
-    store = SqliteStore(path)
-    while (job := store.claim(SIMULATED_MODEL)) is not None:
+    store = open_sqlite_storage(path)
+    while (job := store.jobs.claim(SIMULATED_MODEL)) is not None:
         out.put(job.id)
 
 
 def test_two_worker_processes_never_take_the_same_job(tmp_path: Path) -> None:
     path = tmp_path / "q.sqlite3"
-    store = SqliteStore(path)
+    store = open_sqlite_storage(path)
     for index in range(60):
-        store.enqueue(ref(f"1.{index}"), SIMULATED_MODEL, STUDY, None)
+        store.jobs.enqueue(ref(f"1.{index}"), SIMULATED_MODEL, STUDY, None)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     workers = [ctx.Process(target=_claim_many, args=(str(path), queue)) for _ in range(2)]
@@ -243,7 +246,7 @@ CREATE TABLE results (
 def test_a_file_from_before_schema_versions_is_migrated_not_broken(tmp_path: Path) -> None:
     import json as json_module
 
-    from cds_service.jobs.sqlite_store import SCHEMA_VERSION
+    from cds_service.storage.sqlite.schema import SCHEMA_VERSION
 
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as conn:
@@ -254,12 +257,12 @@ def test_a_file_from_before_schema_versions_is_migrated_not_broken(tmp_path: Pat
             "VALUES ('t', '1.2.3', 'p', ?, ?, NULL, ?, 'queued', 0, 0)",
             (SIMULATED_MODEL.model_id, SIMULATED_MODEL.version, json_module.dumps(STUDY)),
         )
-    store = SqliteStore(path)
+    store = open_sqlite_storage(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         jobs = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         results = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
     assert "not_before" in jobs and "filed_location" in results
-    job = store.claim(SIMULATED_MODEL)
+    job = store.jobs.claim(SIMULATED_MODEL)
     assert job is not None and job.ref.study_uid == "1.2.3"
-    SqliteStore(path)  # opening it again changes nothing
+    open_sqlite_storage(path)  # opening it again changes nothing

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from cds_service.fhir import imaging_study
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedBackend
-from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.jobs.worker import drain
 from cds_service.observability.multiproc import MULTIPROC_ENV, use_multiprocess_dir
+from cds_service.storage.sqlite import open_sqlite_storage
 from tests.conftest import (
     SandboxHandle,
     claims_for,
@@ -62,9 +62,9 @@ def test_metrics_show_queue_batches_hooks_and_errors(
     try:
         store = handle.store
         queue(store, SIMULATED_MODEL, [f"s{i}" for i in range(7)])
-        waiting = store.claim_batch(SIMULATED_MODEL, 1)[0]
-        store.defer(waiting, "no access to http://ehr/fhir", 300)
-        running = store.claim_batch(SIMULATED_MODEL, 1)[0]
+        waiting = store.jobs.claim_batch(SIMULATED_MODEL, 1)[0]
+        store.jobs.defer(waiting, "no access to http://ehr/fhir", 300)
+        running = store.jobs.claim_batch(SIMULATED_MODEL, 1)[0]
         before = scrape(handle.base)
         assert job_states(before) == {
             "queued": 5,
@@ -77,7 +77,7 @@ def test_metrics_show_queue_batches_hooks_and_errors(
         assert value(before, "cxr_cds_model_info", model_id=SIMULATED_MODEL.model_id) == 1
 
         # The worker takes the six claimable jobs as one batch; the waiting one stays.
-        store.put_back(running, "test")
+        store.jobs.put_back(running, "test")
         writer = CountingWriter()
         assert drain(store, ImagePipelineBackend(writer, Images()), batch_size=8) == 6
         assert writer.calls == [6]
@@ -163,7 +163,7 @@ def test_metrics_can_be_switched_off(tmp_path: Path, sandbox: SandboxHandle) -> 
 
 def drain_in_child(database: str, batch_size: int) -> None:
     """A worker process (spawned: a fresh interpreter that sees PROMETHEUS_MULTIPROC_DIR)."""
-    drain(SqliteStore(database), SimulatedBackend(), batch_size=batch_size)
+    drain(open_sqlite_storage(database), SimulatedBackend(), batch_size=batch_size)
 
 
 def test_a_worker_in_another_process_shows_on_the_web_apps_metrics(

@@ -23,7 +23,6 @@ from cds_service.config import Settings, TrustedIssuer
 from cds_service.errors import ConfigurationError, Unauthorized
 from cds_service.fhir import imaging_study
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import drain
 from cds_service.security.client_jwt import ClientJwtVerifier, JwksFetcher
 from cds_service.security.public_sandbox import (
@@ -31,6 +30,7 @@ from cds_service.security.public_sandbox import (
     PUBLIC_SANDBOX_KID,
     public_sandbox_issuer,
 )
+from cds_service.storage.ports import Storage, StudyRef
 from tests.conftest import (
     SandboxHandle,
     ServiceHandle,
@@ -165,13 +165,13 @@ def peer(tmp_path: Path, sandbox: SandboxHandle) -> Iterator[SandboxPeer]:
     server.stop()
 
 
-def analyse_for_sandbox_issuer(store: SqliteStore, sandbox: SandboxHandle) -> None:
+def analyse_for_sandbox_issuer(store: Storage, sandbox: SandboxHandle) -> None:
     backend = SimulatedBackend()
     for study in sandbox.studies:
         uid = imaging_study.study_uid(study)
         assert uid
         ref = StudyRef(PUBLIC_SANDBOX_ISS, uid, imaging_study.subject_patient_id(study))
-        store.enqueue(ref, backend.model, study, None)
+        store.jobs.enqueue(ref, backend.model, study, None)
     drain(store, backend)
 
 

@@ -13,8 +13,9 @@ from cds_service.imaging.errors import NotAnalysable
 from cds_service.imaging.files import DecodedImage
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SIMULATED_MODEL, SimulatedReportWriter
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import MAX_ATTEMPTS, drain
+from cds_service.storage.ports import Storage, StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from tests.test_worker_batches import FILM
 
 
@@ -29,8 +30,8 @@ class Images:
         return FILM
 
 
-def analysed_store(path: Path) -> tuple[SqliteStore, dict[str, StudyRef]]:
-    store = SqliteStore(path)
+def analysed_store(path: Path) -> tuple[Storage, dict[str, StudyRef]]:
+    store = open_sqlite_storage(path)
     backend = ImagePipelineBackend(SimulatedReportWriter(), Images())
     refs = {}
     for number, (study_id, server) in enumerate(
@@ -42,16 +43,18 @@ def analysed_store(path: Path) -> tuple[SqliteStore, dict[str, StudyRef]]:
         ]
     ):
         ref = StudyRef("https://ehr.example/fhir", f"1.2.{number}", "p1")
-        store.enqueue(ref, backend.model, {"resourceType": "ImagingStudy", "id": study_id}, server)
+        store.jobs.enqueue(
+            ref, backend.model, {"resourceType": "ImagingStudy", "id": study_id}, server
+        )
         refs[study_id] = ref
     for _ in range(MAX_ATTEMPTS):
         drain(store, backend, batch_size=8)
-        store.release_waiting()  # skip the pause before a failed job's next attempt
+        store.jobs.release_waiting()  # skip the pause before a failed job's next attempt
     return store, refs
 
 
-def status(store: SqliteStore, ref: StudyRef) -> str | None:
-    stored = store.get_result(ref, SIMULATED_MODEL)
+def status(store: Storage, ref: StudyRef) -> str | None:
+    stored = store.results.get_result(ref, SIMULATED_MODEL)
     return stored.result.status if stored is not None else None
 
 
@@ -63,25 +66,25 @@ def test_requeue_filters_and_never_redoes_a_completed_result(tmp_path: Path) -> 
         "not-analysed",
         "failed",
     ]
-    assert store.requeue(SIMULATED_MODEL, reason="lateral", dry_run=True) == 2
+    assert store.jobs.requeue(SIMULATED_MODEL, reason="lateral", dry_run=True) == 2
     assert status(store, refs["lateral-a"]) == "not-analysed"  # a dry run changes nothing
-    assert store.requeue(SIMULATED_MODEL, reason="LATERAL", fhir_server="http://b/fhir/") == 1
+    assert store.jobs.requeue(SIMULATED_MODEL, reason="LATERAL", fhir_server="http://b/fhir/") == 1
     assert status(store, refs["lateral-b"]) is None
-    assert store.job_state(refs["lateral-b"], SIMULATED_MODEL) == "queued"
+    assert store.jobs.job_state(refs["lateral-b"], SIMULATED_MODEL) == "queued"
     assert status(store, refs["lateral-a"]) == "not-analysed"
-    assert store.requeue(SIMULATED_MODEL, statuses=("failed",)) == 1
-    assert store.job_state(refs["broken"], SIMULATED_MODEL) == "queued"
-    assert store.requeue(SIMULATED_MODEL, study_uid=refs["lateral-a"].study_uid) == 1
+    assert store.jobs.requeue(SIMULATED_MODEL, statuses=("failed",)) == 1
+    assert store.jobs.job_state(refs["broken"], SIMULATED_MODEL) == "queued"
+    assert store.jobs.requeue(SIMULATED_MODEL, study_uid=refs["lateral-a"].study_uid) == 1
     assert status(store, refs["film"]) == "completed"
     with pytest.raises(ValueError):
-        store.requeue(SIMULATED_MODEL, statuses=("completed",))
+        store.jobs.requeue(SIMULATED_MODEL, statuses=("completed",))
     # The requeued jobs run again from a fresh attempt count: the broken one gets all its
     # attempts again (3 claims), each lateral one is judged again (1 claim each).
     working = ImagePipelineBackend(SimulatedReportWriter(), Images())
     claims = 0
     for _ in range(MAX_ATTEMPTS):
         claims += drain(store, working, batch_size=8)
-        store.release_waiting()  # skip the pause before a failed job's next attempt
+        store.jobs.release_waiting()  # skip the pause before a failed job's next attempt
     assert claims == MAX_ATTEMPTS + 2
     assert status(store, refs["lateral-b"]) == "not-analysed"
     assert status(store, refs["broken"]) == "failed"

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import requests
@@ -17,6 +17,7 @@ from joserfc.jwk import ECKey, RSAKey
 from cds_service.config import EhrClient, load_ehr_clients
 from cds_service.errors import ConfigurationError
 from cds_service.fhir.client import FhirUnavailable, new_session
+from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
 
@@ -110,4 +111,38 @@ class BackendServicesClient:
             return token
 
 
-__all__ = ["BackendServicesClient", "EhrClient", "load_ehr_clients", "load_signing_key"]
+class BackendServicesClients:
+    """The service's registrations with EHRs, by canonical FHIR base, each with one client
+    (made when first needed) that everything in the process shares: reading studies and
+    images, reading arrivals and filing reports use the same token cache per EHR."""
+
+    def __init__(self, ehrs: Sequence[EhrClient]) -> None:
+        self.ehrs = tuple(ehrs)
+        self._registered = {canonical_fhir_base(ehr.fhir_base): ehr for ehr in self.ehrs}
+        self._clients: dict[str, BackendServicesClient] = {}
+        self._lock = threading.Lock()
+
+    def registration(self, fhir_server: str | None) -> EhrClient | None:
+        """The registration with the EHR at this FHIR base (None: the service has none)."""
+        return self._registered.get(canonical_fhir_base(fhir_server)) if fhir_server else None
+
+    def client(self, fhir_server: str | None) -> BackendServicesClient | None:
+        """The shared client for this FHIR base (None: no registration). Loads its signing key
+        on first use (ConfigurationError when the key file is unreadable)."""
+        ehr = self.registration(fhir_server)
+        if ehr is None:
+            return None
+        base = canonical_fhir_base(ehr.fhir_base)
+        with self._lock:
+            if base not in self._clients:
+                self._clients[base] = BackendServicesClient(ehr)
+            return self._clients[base]
+
+
+__all__ = [
+    "BackendServicesClient",
+    "BackendServicesClients",
+    "EhrClient",
+    "load_ehr_clients",
+    "load_signing_key",
+]

@@ -21,9 +21,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
-from cds_service.fhir.backend_services import BackendServicesClient
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.fhir.client import FhirClient, FhirError, bundle_resources
 from cds_service.fhir.shapes import as_dict, as_str, codings, dicts
 from cds_service.imaging import decode, selection
@@ -44,7 +43,6 @@ from cds_service.imaging.retrieval import (
     fetch_wado_metadata,
     url_under,
 )
-from cds_service.sources import canonical_fhir_base
 
 log = logging.getLogger(__name__)
 
@@ -348,36 +346,29 @@ def unreadable_reason(exc: UnsupportedImage) -> str:
     return f"image cannot be read: {exc.description}"
 
 
-def backend_services_access(ehrs: Sequence[EhrClient]) -> FhirAccess:
+def backend_services_access(clients: BackendServicesClients) -> FhirAccess:
     """FhirAccess through SMART Backend Services for the EHRs the service is registered with."""
-    clients: dict[str, BackendServicesClient] = {}
-    registered = {canonical_fhir_base(ehr.fhir_base): ehr for ehr in ehrs}
 
     def access(fhir_server: str) -> EhrAccess | None:
-        base = canonical_fhir_base(fhir_server)
-        if base not in registered:
+        client = clients.client(fhir_server)
+        if client is None:
             return None
-        if base not in clients:
-            clients[base] = BackendServicesClient(registered[base])
         try:
-            token = clients[base].access_token()
+            token = client.access_token()
         except FhirError as exc:
             raise ImageFetchError(f"no access token from the EHR ({type(exc).__name__})") from exc
-        ehr = registered[base]
-        return EhrAccess(ehr.fhir_base, token, image_servers=ehr.image_servers)
+        return EhrAccess(client.ehr.fhir_base, token, image_servers=client.ehr.image_servers)
 
     return access
 
 
 def study_images_for(
-    ehr_clients: Sequence[EhrClient],
+    access: BackendServicesClients,
     image_servers: Sequence[str] = (),
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> StudyImages:
-    """The loader the service uses: its EHR registrations (settings.ehr_clients, each with
-    the image servers that may receive its token), the image servers any study may point to
+    """The loader the service uses: its EHR registrations (from settings.ehr_clients, each
+    with the image servers that may receive its token), the image servers any study may point to
     without a token (CXR_CDS_IMAGE_SERVERS) and the image limits."""
     fetcher = ImageFetcher(limits=limits)
-    return StudyImages(
-        fetcher, backend_services_access(ehr_clients), image_servers=tuple(image_servers)
-    )
+    return StudyImages(fetcher, backend_services_access(access), image_servers=tuple(image_servers))

@@ -8,6 +8,7 @@ from typing import Any
 
 from cds_service.config import Settings
 from cds_service.errors import ConfigurationError
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.fhir_out.resources import DeviceInfo
 from cds_service.imaging.limits import ImageLimits
 from cds_service.imaging.study import study_images_for
@@ -157,10 +158,11 @@ def device_info(settings: Settings, model: ModelInfo) -> DeviceInfo:
     )
 
 
-def load_backend(settings: Settings) -> Backend:
+def load_backend(settings: Settings, access: BackendServicesClients) -> Backend:
     """The worker's backend: fetch and select the study's frontal chest image (from the EHRs
-    in settings.ehr_clients and the image servers), then the configured model writes the
-    report. Even the simulated model only ever 'reports' on a real, selected image."""
+    the service is registered with, through ``access``, and the image servers), then the
+    configured model writes the report. Even the simulated model only ever 'reports' on a
+    real, selected image."""
     limits = ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels)
-    images = study_images_for(settings.ehr_clients, settings.image_servers, limits)
+    images = study_images_for(access, settings.image_servers, limits)
     return ImagePipelineBackend(load_report_writer(settings), images, limits)

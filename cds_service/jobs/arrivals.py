@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
-from cds_service.fhir.backend_services import BackendServicesClient
+from cds_service.fhir.backend_services import BackendServicesClient, BackendServicesClients
 from cds_service.fhir.client import FhirClient, bundle_resources, next_link
 from cds_service.fhir.shapes import as_dict, as_str
 from cds_service.imaging.limits import DEFAULT_MAX_BYTES
-from cds_service.jobs.sqlite_store import QueueFull, SqliteStore, StudyRef
 from cds_service.results import ModelInfo
 from cds_service.security.secret_compare import same_secret
 from cds_service.sources import canonical_fhir_base
+from cds_service.storage.ports import QueueFull, Storage, StudyRef
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class Arrival:
 
 
 def enqueue_arrival(
-    store: SqliteStore,
+    storage: Storage,
     model: ModelInfo,
     study: dict[str, Any],
     fhir_server: str | None,
@@ -76,12 +75,14 @@ def enqueue_arrival(
     if owner is None:
         raise ValueError("an arrival needs a FHIR server or a data source")
     ref = StudyRef(owner, uid, imaging_study.subject_patient_id(study))
-    stored = store.get_result(ref, model)
+    stored = storage.results.get_result(ref, model)
     if stored is not None and not (again and stored.result.status != "completed"):
         return Arrival("known", ref)
     server = canonical_fhir_base(fhir_server) if fhir_server else None
     try:
-        queued = store.enqueue(ref, model, study, server, dicom, max_dicom_bytes=max_dicom_bytes)
+        queued = storage.jobs.enqueue(
+            ref, model, study, server, dicom, max_dicom_bytes=max_dicom_bytes
+        )
     except QueueFull:
         log.warning("analysis queue full; an arriving study was not queued")
         return Arrival("queue-full", ref)
@@ -111,22 +112,18 @@ class Changes:
 class SourceReader:
     """Reads ImagingStudy resources from the data sources this service is registered with."""
 
-    def __init__(self, ehr_clients: Sequence[EhrClient]) -> None:
-        self._ehrs = {canonical_fhir_base(e.fhir_base): e for e in ehr_clients}
-        self._tokens: dict[str, BackendServicesClient] = {}
+    def __init__(self, access: BackendServicesClients) -> None:
+        self.access = access
 
     def registered(self, fhir_base: str) -> bool:
-        return canonical_fhir_base(fhir_base) in self._ehrs
+        return self.access.registration(fhir_base) is not None
 
     def client(self, fhir_base: str) -> FhirClient:
         """A FHIR client with a system token (raises NoSourceAccess, FhirUnavailable)."""
-        base = canonical_fhir_base(fhir_base)
-        ehr = self._ehrs.get(base)
-        if ehr is None:
-            raise NoSourceAccess(base)
-        if base not in self._tokens:
-            self._tokens[base] = BackendServicesClient(ehr)
-        return FhirClient(ehr.fhir_base, self._tokens[base].access_token())
+        backend = self.access.client(fhir_base)
+        if backend is None:
+            raise NoSourceAccess(canonical_fhir_base(fhir_base))
+        return FhirClient(backend.ehr.fhir_base, backend.access_token())
 
     def read_study(self, fhir_base: str, reference: str) -> dict[str, Any]:
         """``ImagingStudy/<id>`` or an absolute URL under the base (never another server)."""
@@ -200,16 +197,16 @@ class Arrivals:
 
     def __init__(
         self,
-        store: SqliteStore,
+        storage: Storage,
         model: ModelInfo,
-        ehr_clients: Sequence[EhrClient],
+        access: BackendServicesClients,
         *,
         max_pages: int = 5,
     ) -> None:
-        self.store = store
+        self.storage = storage
         self.model = model
-        self.ehr_clients = tuple(ehr_clients)
-        self.reader = SourceReader(ehr_clients)
+        self.ehr_clients = access.ehrs
+        self.reader = SourceReader(access)
         self.max_pages = max_pages
 
     def source_for_token(self, token: str) -> str | None:
@@ -224,15 +221,17 @@ class Arrivals:
     def study(self, fhir_base: str, reference: str) -> Arrival:
         """Read one study with the service's access to its EHR and queue it."""
         study = self.reader.read_study(fhir_base, reference)
-        return enqueue_arrival(self.store, self.model, study, canonical_fhir_base(fhir_base))
+        return enqueue_arrival(self.storage, self.model, study, canonical_fhir_base(fhir_base))
 
     def poll(self, fhir_base: str) -> Poll:
         """Queue the studies changed since this source's cursor, then move the cursor."""
         base = canonical_fhir_base(fhir_base)
-        changes = self.reader.changed_since(base, self.store.watch_cursor(base), self.max_pages)
-        arrivals = [enqueue_arrival(self.store, self.model, s, base) for s in changes.studies]
+        changes = self.reader.changed_since(
+            base, self.storage.cursors.watch_cursor(base), self.max_pages
+        )
+        arrivals = [enqueue_arrival(self.storage, self.model, s, base) for s in changes.studies]
         if changes.cursor is not None:
-            self.store.set_watch_cursor(base, changes.cursor)
+            self.storage.cursors.set_watch_cursor(base, changes.cursor)
         return Poll(arrivals, changes.complete)
 
     def notification(self, fhir_base: str, body: dict[str, Any] | None) -> list[Arrival]:
@@ -315,6 +314,6 @@ def subscribe(
     created = client.post_json("Subscription", resource)
     since = as_str(as_dict(created.get("meta")).get("lastUpdated"))
     base = canonical_fhir_base(ehr.fhir_base)
-    if since and arrivals.store.watch_cursor(base) is None:
-        arrivals.store.set_watch_cursor(base, since)
+    if since and arrivals.storage.cursors.watch_cursor(base) is None:
+        arrivals.storage.cursors.set_watch_cursor(base, since)
     return created

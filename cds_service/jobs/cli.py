@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from cds_service.config import Settings
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.fhir.client import FhirError
 from cds_service.jobs.arrivals import (
     NOTIFICATIONS_PATH,
@@ -27,15 +28,10 @@ MAX_BACKOFF_S = 300.0
 
 
 def _arrivals(settings: Settings, max_pages: int = 5) -> Arrivals:
-    from cds_service.inference.registry import model_info
-    from cds_service.jobs.sqlite_store import SqliteStore
+    from cds_service.composition import Composition
 
-    return Arrivals(
-        SqliteStore(settings.database),
-        model_info(settings),
-        settings.ehr_clients,
-        max_pages=max_pages,
-    )
+    parts = Composition(settings)
+    return Arrivals(parts.storage, parts.model, parts.access, max_pages=max_pages)
 
 
 def _summary(poll: Poll) -> str:
@@ -85,8 +81,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     arrivals = _arrivals(settings, args.max_pages)
     base = canonical_fhir_base(args.fhir)
     if args.since:
-        arrivals.store.set_watch_cursor(base, args.since)
-    print(f"watching {base} for new chest films (cursor {arrivals.store.watch_cursor(base)})")
+        arrivals.storage.cursors.set_watch_cursor(base, args.since)
+    cursor = arrivals.storage.cursors.watch_cursor(base)
+    print(f"watching {base} for new chest films (cursor {cursor})")
     stop = threading.Event()
     try:
         return watch(arrivals, base, interval_s=args.interval, stop=stop, once=args.once)
@@ -110,7 +107,7 @@ def cmd_analyze_study(args: argparse.Namespace) -> int:
     if not arrival.accepted or arrival.ref is None:
         print(f"not queued: {arrival.outcome.replace('-', ' ')}")
         return 1
-    job_id = arrivals.store.latest_job_id(arrival.ref, arrivals.model)
+    job_id = arrivals.storage.jobs.latest_job_id(arrival.ref, arrivals.model)
     state = "queued" if arrival.outcome == "queued" else "already queued or analysed"
     print(f"{reference}: {state} for {arrivals.model.label} (analysis {job_id})")
     return 0
@@ -119,7 +116,7 @@ def cmd_analyze_study(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     base = canonical_fhir_base(args.fhir)
-    ehr = next((e for e in settings.ehr_clients if canonical_fhir_base(e.fhir_base) == base), None)
+    ehr = BackendServicesClients(settings.ehr_clients).registration(base)
     if ehr is None or not ehr.notification_token:
         print(
             f"configuration error: {base} needs a CXR_CDS_EHR_CLIENTS entry with a "

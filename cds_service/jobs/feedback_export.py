@@ -7,7 +7,7 @@ import json
 from typing import TextIO
 
 from cds_service.fhir.shapes import as_dict
-from cds_service.jobs.sqlite_store import SqliteStore
+from cds_service.storage.ports import FeedbackLog
 
 COLUMNS = (
     "received_at",
@@ -33,12 +33,12 @@ def _cell(value: object) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def export_csv(store: SqliteStore, out: TextIO) -> int:
+def export_csv(feedback: FeedbackLog, out: TextIO) -> int:
     """Write one row per feedback item; returns the number of rows. No patient identifiers."""
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     count = 0
-    for row in store.feedback_rows():
+    for row in feedback.feedback_rows():
         item = json.loads(row["body"])
         override = as_dict(item.get("overrideReason"))
         reason = as_dict(override.get("reason"))

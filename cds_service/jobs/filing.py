@@ -6,15 +6,14 @@ import logging
 from datetime import UTC, datetime
 
 from cds_service.fhir import imaging_study
-from cds_service.fhir.backend_services import BackendServicesClient, EhrClient
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.fhir.client import FhirClient
 from cds_service.fhir.shapes import as_str
 from cds_service.fhir.writeback import WriteResult, write_transaction
 from cds_service.fhir_out.bundle import transaction_bundle
 from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
-from cds_service.jobs.sqlite_store import Job
 from cds_service.results import AnalysisResult
-from cds_service.sources import canonical_fhir_base
+from cds_service.storage.ports import Job
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +30,14 @@ def analysis_time(result: AnalysisResult) -> datetime:
 class ReportFiler:
     """Writes reports to the EHRs that registered this service as a backend client."""
 
-    def __init__(
-        self,
-        ehrs: tuple[EhrClient, ...],
-        device: DeviceInfo,
-    ) -> None:
+    def __init__(self, access: BackendServicesClients, device: DeviceInfo) -> None:
         self.device = device
-        self._ehrs = {canonical_fhir_base(ehr.fhir_base): ehr for ehr in ehrs}
-        self._clients: dict[str, BackendServicesClient] = {}
-
-    def _client(self, fhir_server: str | None) -> BackendServicesClient | None:
-        if fhir_server is None:
-            return None
-        base = canonical_fhir_base(fhir_server)
-        if base not in self._clients and base in self._ehrs:
-            self._clients[base] = BackendServicesClient(self._ehrs[base])
-        return self._clients.get(base)
+        self.access = access
 
     def file(self, job: Job, result: AnalysisResult) -> WriteResult | None:
         """Write the report as one transaction of conditional creates; None when this job's
         EHR has no write-back registration. Raises FhirError / ValueError on failure."""
-        client = self._client(job.fhir_server)
+        client = self.access.client(job.fhir_server)
         study_id = as_str(job.study_resource.get("id"))
         if client is None or result.status != "completed" or study_id is None:
             return None

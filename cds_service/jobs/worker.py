@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -26,9 +25,9 @@ from cds_service.inference.base import (
     StudyWork,
 )
 from cds_service.jobs.filing import ReportFiler
-from cds_service.jobs.sqlite_store import Job, SqliteStore
 from cds_service.observability import metrics
 from cds_service.results import AnalysisResult
+from cds_service.storage.ports import Job, Storage
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 5.0  # first pause before a failed job is tried again
@@ -39,7 +38,7 @@ NO_ACCESS_RETRY_S = 300.0  # a job without access to its EHR is tried again this
 _WARNED_NO_ACCESS: set[str | None] = set()  # FHIR bases (not PHI) already logged
 
 
-def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None = None) -> bool:
+def process_one(store: Storage, backend: Backend, filer: ReportFiler | None = None) -> bool:
     """Run the oldest queued job; False when the queue was empty.
 
     Raises ModelUnavailable, after putting the job back uncounted, when the model cannot take
@@ -49,7 +48,7 @@ def process_one(store: SqliteStore, backend: Backend, filer: ReportFiler | None 
 
 
 def process_batch(
-    store: SqliteStore,
+    store: Storage,
     backend: Backend,
     filer: ReportFiler | None = None,
     batch_size: int = 1,
@@ -64,14 +63,14 @@ def process_batch(
     alone. Raises ModelUnavailable, after putting every claimed job back uncounted, when the
     model cannot take work now.
     """
-    jobs = store.claim_batch(backend.model, batch_size, lease_s, owner=owner)
+    jobs = store.jobs.claim_batch(backend.model, batch_size, lease_s, owner=owner)
     if not jobs:
         return 0
     try:
         outcomes = _analyse(backend, jobs)
     except ModelUnavailable as exc:
         for job in jobs:
-            store.put_back(job, f"{type(exc).__name__}: {exc}")
+            store.jobs.put_back(job, f"{type(exc).__name__}: {exc}")
             metrics.record_outcome(metrics.PUT_BACK)
         raise
     metrics.record_batch(len(jobs))
@@ -113,9 +112,7 @@ def _analyse(backend: Backend, jobs: list[Job]) -> list[AnalysisResult | Excepti
     return answers
 
 
-def _finish(
-    store: SqliteStore, filer: ReportFiler | None, job: Job, result: AnalysisResult
-) -> None:
+def _finish(store: Storage, filer: ReportFiler | None, job: Job, result: AnalysisResult) -> None:
     if result.status == "completed" and not result.report_text.strip():
         # An empty report is not "no finding": say that nothing was analysed.
         result = replace(
@@ -127,7 +124,7 @@ def _finish(
     location = None
     if filer is not None and result.status == "completed":
         location = _file(filer, job, result)
-    store.finish(job, result, filed_location=location)
+    store.jobs.finish(job, result, filed_location=location)
     metrics.record_result(result.status, job.created_at)
     log.info("analysed job %s (%s)", job.id, result.status)
 
@@ -143,25 +140,25 @@ def _file(filer: ReportFiler, job: Job, result: AnalysisResult) -> str | None:
     return written.report_location if written is not None else None
 
 
-def _wait_for_access(store: SqliteStore, job: Job, exc: NoAccess) -> None:
+def _wait_for_access(store: Storage, job: Job, exc: NoAccess) -> None:
     """No access to the study's EHR: the job waits, uncounted, with the reason, and is tried
     again later (at once when a worker restarts with new settings); never a final result."""
     if exc.fhir_server not in _WARNED_NO_ACCESS:
         _WARNED_NO_ACCESS.add(exc.fhir_server)
         log.warning("jobs wait: %s", exc.description)
-    store.defer(job, exc.description, NO_ACCESS_RETRY_S)
+    store.jobs.defer(job, exc.description, NO_ACCESS_RETRY_S)
     metrics.record_outcome(metrics.WAITING_FOR_ACCESS)
 
 
-def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
+def _record_failure(store: Storage, job: Job, exc: Exception) -> None:
     log.warning("job %s attempt %s failed: %s", job.id, job.attempts, type(exc).__name__)
     error = f"{type(exc).__name__}: {exc}"
     if job.attempts < MAX_ATTEMPTS:
         # A network or EHR hiccup: try again after a pause that doubles with each attempt.
-        store.fail(job, error, retry_in_s=RETRY_BACKOFF_S * 2 ** (job.attempts - 1))
+        store.jobs.fail(job, error, retry_in_s=RETRY_BACKOFF_S * 2 ** (job.attempts - 1))
         metrics.record_outcome(metrics.RETRIED)
         return
-    store.fail(
+    store.jobs.fail(
         job,
         error,
         final=AnalysisResult(
@@ -176,7 +173,7 @@ def _record_failure(store: SqliteStore, job: Job, exc: Exception) -> None:
 
 
 def drain(
-    store: SqliteStore, backend: Backend, filer: ReportFiler | None = None, batch_size: int = 1
+    store: Storage, backend: Backend, filer: ReportFiler | None = None, batch_size: int = 1
 ) -> int:
     """Process jobs until the queue is empty; returns how many were processed. Raises
     ModelUnavailable (the jobs put back) when the model cannot take work."""
@@ -220,7 +217,7 @@ class ModelAvailability:
 
 
 def run_forever(
-    store: SqliteStore,
+    store: Storage,
     backend: Backend,
     stop: threading.Event,
     poll_s: float = 0.2,
@@ -235,7 +232,7 @@ def run_forever(
         "inference worker started for %s (batches of up to %d)", backend.model.label, batch_size
     )
     availability = availability or ModelAvailability()
-    released = store.release_waiting()
+    released = store.jobs.release_waiting()
     if released:
         log.info("%d waiting jobs released: the settings may now give access", released)
     name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
@@ -250,8 +247,9 @@ def run_forever(
                 else None
             )
             try:
-                store.heartbeat(name, backend.model.label, problem)
-            except sqlite3.Error as exc:
+                store.workers.heartbeat(name, backend.model.label, problem)
+                store.jobs.renew_leases(name)
+            except store.errors as exc:
                 log.warning("job store error on heartbeat: %s", exc)
             beating.wait(HEARTBEAT_S)
 
@@ -266,7 +264,7 @@ def run_forever(
 
 
 def _work(
-    store: SqliteStore,
+    store: Storage,
     backend: Backend,
     stop: threading.Event,
     poll_s: float,
@@ -282,7 +280,7 @@ def _work(
         except ModelUnavailable as exc:
             stop.wait(availability.unavailable(exc))
             continue
-        except sqlite3.Error as exc:
+        except store.errors as exc:
             # A locked or briefly unavailable database must not end the worker.
             log.warning("job store error: %s; retrying", exc)
             busy = False

@@ -7,7 +7,7 @@ sets PROMETHEUS_MULTIPROC_DIR first (cds_service.observability.multiproc): each 
 keeps its values in files there and `render` adds them all up. Without it (tests, `cxr-cds
 demo`, whose worker is a thread) the values stay in this process's REGISTRY.
 
-The job counts by state are read from the SQLite store at scrape time (`QueueCollector`), so
+The job counts by state are read from the job queue at scrape time (`QueueCollector`), so
 they are right whichever process queued or ran the jobs.
 
 No label carries PHI: only service ids, outcome kinds, HTTP status codes and Flask endpoint
@@ -16,7 +16,6 @@ names; never a study UID, patient id or URL.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ from cds_service.observability.multiproc import multiprocess_dir
 from cds_service.results import ModelInfo
 
 if TYPE_CHECKING:
-    from cds_service.jobs.sqlite_store import SqliteStore
+    from cds_service.storage.ports import JobQueue
 
 # This process's metrics (when no multiprocess directory is set). Not prometheus_client's
 # global REGISTRY: nothing else registers here, and every name below is ours.
@@ -142,15 +141,18 @@ class QueueCollector:
     """Jobs of one model version by state (queued, waiting, running, done, failed), read from
     the store at each scrape, with whether the store answered."""
 
-    def __init__(self, store: SqliteStore, model: ModelInfo) -> None:
-        self._store = store
+    def __init__(
+        self, queue: JobQueue, model: ModelInfo, errors: tuple[type[Exception], ...]
+    ) -> None:
+        self._queue = queue
         self._model = model
+        self._errors = errors  # what the queue raises when its database does not answer
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("cxr_cds_job_store_up", "1 when the job store answered the scrape")
         try:
-            counts = self._store.job_counts(self._model)
-        except sqlite3.Error:
+            counts = self._queue.job_counts(self._model)
+        except self._errors:
             up.add_metric([], 0)
             yield up
             return

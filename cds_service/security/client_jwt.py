@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 from joserfc import jws, jwt
@@ -18,6 +18,7 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from cds_service.config import ALLOWED_JWT_ALGORITHMS, TrustedIssuer
 from cds_service.errors import Unauthorized
+from cds_service.storage.ports import ReplayCache
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,6 @@ MAX_TOKEN_CHARS = 16 * 1024
 # that a stolen token is short-lived and the replay cache stays small.
 MAX_TOKEN_LIFETIME_S = 3600
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-
-class JtiStore(Protocol):
-    """Remembers (iss, jti) until the token expires; `remember` is False for a replay."""
-
-    def remember_jti(self, iss: str, jti: str, expires_at: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -115,7 +110,7 @@ class ClientJwtVerifier:
     def __init__(
         self,
         issuers: tuple[TrustedIssuer, ...],
-        jti_store: JtiStore,
+        jti_store: ReplayCache,
         jwks_fetcher: JwksFetcher | None = None,
         leeway_s: int = 60,
         clock: Callable[[], float] = time.time,

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from html import escape
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from cds_service.composition import Composition
 from cds_service.config import Settings
 from cds_service.errors import CdsServiceError, Unauthorized
-from cds_service.hooks import HookHandler
-from cds_service.inference.registry import device_info, model_info
-from cds_service.jobs.arrivals import Arrivals
-from cds_service.jobs.sqlite_store import SqliteStore
-from cds_service.security.client_jwt import ClientJwtVerifier
+from cds_service.inference.registry import device_info
 from cds_service.web.arrivals import create_arrivals_blueprint
 from cds_service.web.cds_hooks import create_cds_blueprint, request_authenticator
 from cds_service.web.metrics import install_metrics
@@ -50,28 +46,22 @@ def _error_body(status: int, code: str, description: str) -> Response:
     return response
 
 
-def create_app(
-    settings: Settings | None = None,
-    *,
-    store: SqliteStore | None = None,
-    handler: HookHandler | None = None,
-    verifier: ClientJwtVerifier | None = None,
-) -> Flask:
-    """Build the WSGI app. Tests pass their own settings; production reads the environment."""
-    settings = settings or Settings.from_env()
-    store = store or SqliteStore(settings.database)
-    handler = handler or HookHandler(settings, store, model_info(settings))
-    if settings.auth_enabled:
-        verifier = verifier or ClientJwtVerifier(
-            settings.accepted_issuers(), store, leeway_s=settings.jwt_leeway_s
-        )
+def create_app(setup: Settings | Composition | None = None) -> Flask:
+    """Build the WSGI app from the parts of this process (a Composition: the demo and tests
+    share its storage and EHR access with a worker), or from settings (production: the
+    environment)."""
+    parts = setup if isinstance(setup, Composition) else Composition(setup or Settings.from_env())
+    settings = parts.settings
+    store = parts.storage
+    handler = parts.hook_handler
+    verifier = parts.jwt_verifier
+    if verifier is not None:
         if settings.trust_public_sandbox:
             log.warning(
                 "TRUSTING THE PUBLIC CDS HOOKS SANDBOX (CXR_CDS_TRUST_PUBLIC_SANDBOX=1): its "
                 "signing key is public, anyone can call as it. For trials without patient data."
             )
     else:
-        verifier = None
         log.warning(
             "AUTHENTICATION IS OFF (CXR_CDS_AUTH=off, development mode): any caller is "
             "trusted. Never run this way with real patient data."
@@ -81,16 +71,15 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["cxr_cds"] = {"settings": settings, "store": store, "handler": handler}
     app.register_blueprint(create_cds_blueprint(settings, handler, verifier))
-    arrivals = Arrivals(store, handler.model, settings.ehr_clients)
     app.register_blueprint(
-        create_arrivals_blueprint(settings, arrivals, request_authenticator(settings, verifier))
+        create_arrivals_blueprint(
+            settings, parts.arrivals, request_authenticator(settings, verifier)
+        )
     )
 
     from smart_app.web import create_smart_blueprint
 
-    app.register_blueprint(
-        create_smart_blueprint(settings, store, handler.model), url_prefix="/app"
-    )
+    app.register_blueprint(create_smart_blueprint(settings, store, parts.model), url_prefix="/app")
     install_metrics(app, settings, store, handler.model)  # GET /metrics, hook latency, errors
 
     @app.get("/healthz")
@@ -100,7 +89,7 @@ def create_app(
                 "status": "ok",
                 "model": handler.model.label,
                 "simulated": handler.model.simulated,
-                "queueDepth": store.queue_depth(handler.model),
+                "queueDepth": store.jobs.queue_depth(handler.model),
             }
         )
 
@@ -110,9 +99,9 @@ def create_app(
         recently without a problem; otherwise 503 with the reasons."""
         reasons: list[str] = []
         try:
-            depth = store.queue_depth(handler.model)
-            workers = store.workers(handler.model.label, READY_WORKER_S)
-        except sqlite3.Error as exc:
+            depth = store.jobs.queue_depth(handler.model)
+            workers = store.workers.alive(handler.model.label, READY_WORKER_S)
+        except store.errors as exc:
             unreachable = {"status": "not-ready", "reasons": [f"job queue unreachable ({exc})"]}
             return jsonify(unreachable), 503
         if not workers:
@@ -120,7 +109,7 @@ def create_app(
                 f"no inference worker for {handler.model.label} reported in the last "
                 f"{READY_WORKER_S:.0f} s (not started, crashed, or still loading the model)"
             )
-            last_exit = store.last_worker_exit(handler.model.label)
+            last_exit = store.workers.last_exit(handler.model.label)
             if last_exit:
                 reasons.append(f"last exit: {last_exit}")
         elif all(error for _, error in workers):

@@ -23,8 +23,8 @@ from cds_service.errors import (
 )
 from cds_service.fhir.client import FhirAccessDenied, FhirError, FhirNotFound
 from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, Arrival, Arrivals, NoSourceAccess
-from cds_service.jobs.sqlite_store import Analysis
 from cds_service.sources import canonical_fhir_base
+from cds_service.storage.ports import Analysis
 from cds_service.web.cds_hooks import json_body
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,17 @@ def create_arrivals_blueprint(
             raise ServiceUnavailable("the analysis queue is full; try again later")
         if arrival.ref is None or not arrival.accepted:
             raise UnprocessableEntity(f"not analysed: {arrival.outcome.replace('-', ' ')}")
-        job_id = arrivals.store.latest_job_id(arrival.ref, arrivals.model)
+        job_id = arrivals.storage.jobs.latest_job_id(arrival.ref, arrivals.model)
         if job_id is None:  # a result stored without a job (by hand): nothing to point at
             raise UnprocessableEntity("this study has a result but no analysis record")
-        analysis = arrivals.store.analysis(job_id)
+        analysis = arrivals.storage.jobs.analysis(job_id)
         assert analysis is not None
         return jsonify(analysis_body(analysis)), 201 if arrival.outcome == "queued" else 200
 
     @bp.get("/api/analyses/<int:analysis_id>")
     def get_analysis(analysis_id: int) -> Response:
         issuer = authenticate()
-        analysis = arrivals.store.analysis(analysis_id)
+        analysis = arrivals.storage.jobs.analysis(analysis_id)
         # Another data source's analysis is "not found": ids reveal nothing across sources.
         if analysis is None or not (
             may_name(issuer, analysis.ref.source)

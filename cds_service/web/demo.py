@@ -14,14 +14,14 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from cds_service.composition import Composition
 from cds_service.config import SERVICE_SCOPE, ConfigurationError, Settings, TrustedIssuer
 from cds_service.fhir import imaging_study
 from cds_service.fhir.backend_services import EhrClient
-from cds_service.inference.registry import SIMULATED_WARNING, device_info, load_backend
+from cds_service.inference.registry import SIMULATED_WARNING
 from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, SUBSCRIPTION_SCOPE, Arrivals, subscribe
-from cds_service.jobs.filing import ReportFiler
-from cds_service.jobs.sqlite_store import SqliteStore, StoredResult, StudyRef
 from cds_service.jobs.worker import run_forever
+from cds_service.storage.ports import StoredResult, StudyRef
 from cds_service.web.app import create_app as create_service_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
@@ -147,23 +147,21 @@ def run_demo(
         print(f"configuration error: {exc}", file=sys.stderr)
         sandbox_server.shutdown()
         return 2
-    store = SqliteStore(settings.database)
+    parts = Composition(settings)
+    store = parts.storage
     # The simulated model still gets real pixels: each study's DICOM is read from the
     # sandbox (its Media -> Binary), selected and decoded before the canned report.
-    backend = load_backend(settings)
+    backend = parts.backend()
     if backend.model.simulated:
         _banner([SIMULATED_WARNING[i : i + 90] for i in range(0, len(SIMULATED_WARNING), 90)])
-    service_server = make_server(
-        host, service_port, create_service_app(settings, store=store), threaded=True
-    )
+    service_server = make_server(host, service_port, create_service_app(parts), threaded=True)
     _serve(service_server, "cds-service")
     stop = threading.Event()
-    filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
     threading.Thread(
         target=run_forever,
         args=(store, backend, stop),
         kwargs={
-            "filer": filer,
+            "filer": parts.report_filer(backend.model),
             "batch_size": settings.model_batch_size,
             "lease_s": settings.job_lease_s,
         },
@@ -173,7 +171,7 @@ def run_demo(
 
     # Image arrival as in a hospital: the service subscribes to the EHR's ImagingStudy
     # changes, then the films arrive (the seeding); each notification queues its study.
-    arrivals = Arrivals(store, backend.model, settings.ehr_clients)
+    arrivals = parts.arrivals
     subscription = ensure_subscription(sandbox, arrivals, ehr, service_base + NOTIFICATIONS_PATH)
     print(f"The service subscribed to new chest films in the sandbox EHR ({subscription}).")
     with sandbox.store.held_changes():  # announce each study once its Media exists too
@@ -186,7 +184,9 @@ def run_demo(
     deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
     while pending and time.monotonic() < deadline:
         # Wait for the notification, the analysis and its write-back to the sandbox EHR.
-        pending = [ref for ref in pending if not _filed(store.get_result(ref, backend.model))]
+        pending = [
+            ref for ref in pending if not _filed(store.results.get_result(ref, backend.model))
+        ]
         time.sleep(0.05)
     if pending:
         print(

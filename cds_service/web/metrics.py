@@ -15,14 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cds_service.config import Settings
 from cds_service.hooks import SERVICES
-from cds_service.jobs.sqlite_store import SqliteStore
 from cds_service.observability import metrics
 from cds_service.results import ModelInfo
+from cds_service.storage.ports import Storage
 
 HOOK_ENDPOINT = "cds_hooks.call_service"
 
 
-def install_metrics(app: Flask, settings: Settings, store: SqliteStore, model: ModelInfo) -> None:
+def install_metrics(app: Flask, settings: Settings, store: Storage, model: ModelInfo) -> None:
     """Measure every request; serve /metrics unless CXR_CDS_METRICS=off."""
 
     @app.before_request
@@ -49,7 +49,7 @@ def install_metrics(app: Flask, settings: Settings, store: SqliteStore, model: M
 
     if not settings.metrics_enabled:
         return
-    queue = metrics.QueueCollector(store, model)
+    queue = metrics.QueueCollector(store.jobs, model, store.errors)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

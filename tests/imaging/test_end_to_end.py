@@ -14,6 +14,7 @@ import pytest
 
 from cds_service.config import EhrClient
 from cds_service.fhir import imaging_study
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.imaging.decode import read_dataset
 from cds_service.imaging.errors import ImageFetchError, NoAccess
 from cds_service.imaging.files import read_image_file
@@ -22,8 +23,9 @@ from cds_service.imaging.selection import select_dataset
 from cds_service.imaging.study import StudyImages, study_images_for
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SimulatedReportWriter
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from ehr_sandbox.app import Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
 from ehr_sandbox.cds_client import SigningKey
@@ -105,18 +107,18 @@ def _now() -> Any:
 
 def _images(ehr: Ehr, *extra_image_servers: str) -> StudyImages:
     client = replace(ehr.client, image_servers=(*ehr.client.image_servers, *extra_image_servers))
-    return study_images_for((client,))
+    return study_images_for(BackendServicesClients((client,)))
 
 
 def _analyse(ehr: Ehr, tmp_path: Path, study: dict[str, Any]) -> Any:
     backend = ImagePipelineBackend(SimulatedReportWriter(), _images(ehr))
-    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    store = open_sqlite_storage(tmp_path / "jobs.sqlite3")
     uid = imaging_study.study_uid(study)
     assert uid
     ref = StudyRef(ehr.fhir, uid, imaging_study.subject_patient_id(study))
-    store.enqueue(ref, backend.model, study, ehr.fhir)
+    store.jobs.enqueue(ref, backend.model, study, ehr.fhir)
     assert drain(store, backend) == 1
-    stored = store.get_result(ref, backend.model)
+    stored = store.results.get_result(ref, backend.model)
     assert stored is not None
     return stored.result
 
@@ -150,7 +152,7 @@ def test_endpoint_of_a_study_not_reread_from_a_registered_ehr_is_not_followed(
     # any address in it) is not trusted, so nothing is fetched. That is no fact about the
     # study: the analysis waits for access, named with the setting to add, and is never
     # stored as a false "no image found".
-    images = study_images_for(())
+    images = study_images_for(BackendServicesClients(()))
     backend = ImagePipelineBackend(SimulatedReportWriter(), images)
     with pytest.raises(NoAccess) as raised:
         backend.analyse_from("1.2.3", ehr.studies["cxr-nema-rg1"], "http://elsewhere/fhir")

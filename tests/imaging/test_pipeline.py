@@ -14,8 +14,9 @@ from cds_service.imaging.selection import Selection, best
 from cds_service.inference.base import ReportRequest, SourceAwareBackend
 from cds_service.inference.pipeline import ImagePipelineBackend
 from cds_service.inference.simulated import SimulatedBackend, SimulatedReportWriter
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import MAX_ATTEMPTS, process_one
+from cds_service.storage.ports import StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from tests.imaging.conftest import seed_file
 
 STUDY = {"resourceType": "ImagingStudy", "id": "s1", "started": "2026-01-02T03:04:05+00:00"}
@@ -69,13 +70,13 @@ def test_network_failures_are_retried_by_the_worker(tmp_path: Path) -> None:
     backend = ImagePipelineBackend(SimulatedReportWriter(), source)
     assert isinstance(backend, SourceAwareBackend)
     assert not isinstance(SimulatedBackend(), SourceAwareBackend)
-    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    store = open_sqlite_storage(tmp_path / "jobs.sqlite3")
     ref = StudyRef("http://ehr", "1.2.3", "p1")
-    store.enqueue(ref, backend.model, STUDY, "http://ehr/fhir")
+    store.jobs.enqueue(ref, backend.model, STUDY, "http://ehr/fhir")
     for _ in range(MAX_ATTEMPTS):
         assert process_one(store, backend)
-        store.release_waiting()  # skip the pause before the next attempt
-    stored = store.get_result(ref, backend.model)
+        store.jobs.release_waiting()  # skip the pause before the next attempt
+    stored = store.results.get_result(ref, backend.model)
     assert stored is not None and stored.result.status == "failed"
     assert source.calls == ["http://ehr/fhir"] * MAX_ATTEMPTS
 

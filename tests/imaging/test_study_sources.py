@@ -18,6 +18,7 @@ from joserfc.jwk import ECKey
 from pydicom.uid import generate_uid
 
 from cds_service.config import ConfigurationError, EhrClient
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.fhir.client import FhirClient
 from cds_service.imaging.errors import ImageFetchError, NotAnalysable
 from cds_service.imaging.retrieval import ImageFetcher
@@ -240,7 +241,7 @@ def test_worker_follows_no_endpoint_outside_the_ehr_and_its_image_servers(
     origins: tuple[str, str, str], tmp_path: Path
 ) -> None:
     ehr_a, _, pacs = origins
-    images = study_images_for([_ehr_client(tmp_path, ehr_a, "a")])
+    images = study_images_for(BackendServicesClients([_ehr_client(tmp_path, ehr_a, "a")]))
     study = _study_at("/a/fhir", f"{pacs}/latest/meta-data")  # e.g. a cloud metadata address
     with pytest.raises(NotAnalysable, match="neither on the EHR nor a configured image server"):
         images.load(study, f"{ehr_a}/a/fhir")
@@ -252,10 +253,12 @@ def test_each_ehrs_token_goes_only_to_its_own_fhir_base_and_image_servers(
 ) -> None:
     ehr_a, ehr_b, pacs = origins
     images = study_images_for(
-        [
-            _ehr_client(tmp_path, ehr_a, "a", image_servers=(f"{pacs}/pacs-a",)),
-            _ehr_client(tmp_path, ehr_b, "b"),
-        ],
+        BackendServicesClients(
+            [
+                _ehr_client(tmp_path, ehr_a, "a", image_servers=(f"{pacs}/pacs-a",)),
+                _ehr_client(tmp_path, ehr_b, "b"),
+            ]
+        ),
         image_servers=(f"{pacs}/shared",),
     )
     # A's study under A's own FHIR base and on A's PACS: followed, with A's token
@@ -301,10 +304,12 @@ def test_on_a_shared_origin_an_ehrs_token_stays_under_its_own_fhir_base_path(
     token, or us, to B's paths or to any other path on the host that A did not list."""
     host = origins[0]
     images = study_images_for(
-        [
-            _ehr_client(tmp_path, host, "a", image_servers=(f"{host}/pacs-a",)),
-            _ehr_client(tmp_path, host, "b"),
-        ]
+        BackendServicesClients(
+            [
+                _ehr_client(tmp_path, host, "a", image_servers=(f"{host}/pacs-a",)),
+                _ehr_client(tmp_path, host, "b"),
+            ]
+        )
     )
     refused = "neither on the EHR nor a configured image server"
     for elsewhere in (f"{host}/b/fhir/wado", f"{host}/a/wado", f"{host}/admin"):

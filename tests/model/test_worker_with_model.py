@@ -11,15 +11,18 @@ from typing import Any
 import pytest
 import requests
 
+from cds_service.composition import Composition
 from cds_service.config import SERVICE_SCOPE, EhrClient, Settings
 from cds_service.fhir import imaging_study
+from cds_service.fhir.backend_services import BackendServicesClients
 from cds_service.inference.cxr_llava import writer as writer_module
 from cds_service.inference.cxr_llava.writer import TINY_BANNER
 from cds_service.inference.pipeline import ImagePipelineBackend
-from cds_service.inference.registry import device_info, load_backend
+from cds_service.inference.registry import device_info
 from cds_service.jobs.filing import ReportFiler
-from cds_service.jobs.sqlite_store import SqliteStore, StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import StudyRef
+from cds_service.storage.sqlite import open_sqlite_storage
 from ehr_sandbox.cds_client import SigningKey
 from tests.conftest import SandboxHandle
 
@@ -48,21 +51,23 @@ def test_tiny_model_analyses_and_files_a_sandbox_study(
         max_new_tokens=8,
         ehr_clients=(ehr,),
     ).validated()
-    backend = load_backend(settings)
+    backend = Composition(settings).backend()
     assert isinstance(backend, ImagePipelineBackend)
     assert backend.model.simulated  # random weights: marked like the simulated backend
 
-    store = SqliteStore(settings.database)
+    store = open_sqlite_storage(settings.database)
     study = sandbox.studies[1]
     uid = imaging_study.study_uid(study)
     patient = imaging_study.subject_patient_id(study)
     assert uid and patient
     ref = StudyRef(sandbox.fhir, uid, patient)
-    store.enqueue(ref, backend.model, study, sandbox.fhir)
-    filer = ReportFiler(settings.ehr_clients, device_info(settings, backend.model))
+    store.jobs.enqueue(ref, backend.model, study, sandbox.fhir)
+    filer = ReportFiler(
+        BackendServicesClients(settings.ehr_clients), device_info(settings, backend.model)
+    )
     assert drain(store, backend, filer) == 1
 
-    stored = store.get_result(ref, backend.model)
+    stored = store.results.get_result(ref, backend.model)
     assert stored is not None
     result = stored.result
     assert result.status == "completed", result.reason

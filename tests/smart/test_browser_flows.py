@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from cds_service.inference.simulated import SimulatedBackend
-from cds_service.jobs.sqlite_store import StudyRef
+from cds_service.storage.ports import StudyRef
 from tests.smart.conftest import ARTIFACTS, STUDY, SmartEnv
 from tests.smart.test_launch import _image_drawn
 
@@ -199,10 +199,10 @@ def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
     page.wait_for_url("**notice=queued")
     assert page.locator("#ai-status").inner_text() == "in progress"
     ref = StudyRef(sandbox.fhir, "1.2.826.0.1.3680043.8.498.1", "cxr-demo-3")
-    assert store.job_state(ref, SimulatedBackend().model) == "queued"
-    job = store.claim(SimulatedBackend().model)
+    assert store.jobs.job_state(ref, SimulatedBackend().model) == "queued"
+    job = store.jobs.claim(SimulatedBackend().model)
     assert job is not None and job.ref == ref and job.dicom and job.dicom[128:132] == b"DICM"
-    store.put_back(job, "claimed by the test")
+    store.jobs.put_back(job, "claimed by the test")
 
 
 def test_controls_are_labelled_and_keyboard_usable(smart_env: SmartEnv, page: Any) -> None:

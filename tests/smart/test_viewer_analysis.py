@@ -18,11 +18,11 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
+from cds_service.composition import Composition
 from cds_service.fhir import imaging_study
-from cds_service.inference.registry import load_backend
 from cds_service.jobs.arrivals import enqueue_arrival
-from cds_service.jobs.sqlite_store import StudyRef
 from cds_service.jobs.worker import drain
+from cds_service.storage.ports import StudyRef
 from cds_service.web.demo import register_viewer
 from ehr_sandbox.app import Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
@@ -141,10 +141,10 @@ def test_requested_analysis_completes_without_access_to_the_ehr(
     assert page.locator("#ai-status").inner_text() == "in progress"
     assert images_held(env) == 1  # the film the viewer read travels with the job
     # The service's own worker, as `cxr-cds worker` builds it from these settings.
-    backend = load_backend(env.service.settings)
+    backend = Composition(env.service.settings).backend()
     assert drain(store, backend) == 1
-    assert store.waiting_reason(ref, backend.model) is None
-    stored = store.get_result(ref, backend.model)
+    assert store.jobs.waiting_reason(ref, backend.model) is None
+    stored = store.results.get_result(ref, backend.model)
     assert stored is not None and stored.result.status == "completed", stored
     assert stored.result.report_text.startswith("SIMULATED OUTPUT")
     assert images_held(env) == 0  # the database keeps no images of finished jobs
@@ -160,18 +160,18 @@ def test_a_job_waiting_for_access_runs_once_the_clinician_requests_it(
     env, store = launch_only_env, launch_only_env.service.store
     study = film_study(env.sandbox, "cxr-launch-only-2", FRONTAL)
     ref = ref_of(env, study)
-    backend = load_backend(env.service.settings)
+    backend = Composition(env.service.settings).backend()
     assert enqueue_arrival(store, backend.model, study, env.sandbox.fhir).outcome == "queued"
     assert drain(store, backend) == 1
-    reason = store.waiting_reason(ref, backend.model)
+    reason = store.jobs.waiting_reason(ref, backend.model)
     assert reason is not None and f"no access to {env.sandbox.fhir}" in reason
-    job_id = store.latest_job_id(ref, backend.model)
+    job_id = store.jobs.latest_job_id(ref, backend.model)
     answer = request_analysis(env, "cxr-launch-only-2", status="waiting for access to the images")
     assert answer.status_code == 200 and "notice=already-queued" in answer.url
-    assert store.waiting_reason(ref, backend.model) is None
+    assert store.jobs.waiting_reason(ref, backend.model) is None
     assert drain(store, backend) == 1
-    assert store.latest_job_id(ref, backend.model) == job_id
-    stored = store.get_result(ref, backend.model)
+    assert store.jobs.latest_job_id(ref, backend.model) == job_id
+    stored = store.results.get_result(ref, backend.model)
     assert stored is not None and stored.result.status == "completed"
     assert images_held(env) == 0
 
@@ -185,5 +185,5 @@ def test_a_study_with_no_analysable_image_is_refused_with_the_reason(
     assert answer.status_code == 422
     assert "Cannot analyse" in answer.text and "lateral view" in answer.text
     ref = ref_of(env, study)
-    assert store.latest_job_id(ref, load_backend(env.service.settings).model) is None
+    assert store.jobs.latest_job_id(ref, Composition(env.service.settings).backend().model) is None
     assert images_held(env) == 0

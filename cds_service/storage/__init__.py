@@ -1,0 +1,1 @@
+"""Durable state behind ports (`ports`), with adapters per database (`sqlite`)."""
