@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 # when the command is missing. node/npm run the independent CDS client in tests/interop.
 # Orthanc + its DICOMweb plugin are the real PACS of tests/imaging (a path checks a file).
 # Debian's chromium runs the SMART app's browser tests (tests/smart; never a browser download).
+# Real PostgreSQL and Redis back the scale-out tests (started on loopback by the tests
+# themselves, each with its own data folder and port, and stopped afterwards).
 SYSTEM_PACKAGES := node=nodejs npm=npm /usr/sbin/Orthanc=orthanc \
-	/usr/share/orthanc/plugins/libOrthancDicomWeb.so=orthanc-dicomweb chromium=chromium
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so=orthanc-dicomweb chromium=chromium \
+	/usr/lib/postgresql/15/bin/postgres=postgresql redis-server=redis-server
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench-hooks clean system-packages
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || scripts/ensure-system-packages.sh venv-missing=python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,ml]'
+	$(BIN)/pip install --quiet -e '.[dev,ml,scale]'
 	@touch $(STAMP)
 
 system-packages:
