@@ -6,16 +6,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, abort, jsonify, redirect, request
 
 from ehr_sandbox.access_tokens import TokenStore
 from ehr_sandbox.auth.smart_store import SmartStore
 from ehr_sandbox.auth.web import SmartAuth, capability_security
 from ehr_sandbox.backend_auth import BackendServices
 from ehr_sandbox.cds_client import SigningKey
+from ehr_sandbox.fhir.search import RESOURCE_TYPE_RE
 from ehr_sandbox.fhir.store import FhirStore
 from ehr_sandbox.notifier import DeliverySettings, SubscriptionNotifier
 from ehr_sandbox.secret_files import form_secret
+from ehr_sandbox.web.cors import install_cors
 from ehr_sandbox.web.fhir_api import MAX_BODY_BYTES, create_fhir_blueprint
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,16 @@ class SandboxSettings:
     """Where the sandbox keeps its state and how it presents itself."""
 
     data_dir: Path = Path("var/sandbox")
-    base_url: str | None = None  # e.g. http://127.0.0.1:8081 ; None: from the request
+    # The public base, e.g. http://127.0.0.1:8081: when set, every absolute URL in answers
+    # (fullUrl, Bundle.link, Location, /metadata, smart-configuration, the EHR launch's iss)
+    # starts with it, whatever Host the request named, and it is the sandbox's own address
+    # (below). None: the URLs follow the base each request came to.
+    base_url: str | None = None
+    # The sandbox's own address, for a sandbox whose URLs follow each request (a proxy such as
+    # the SMART launcher reaches it under another host:port): the audience Backend Services
+    # assertions must name (never taken from Host) and the base of Subscription
+    # notifications. base_url, when set, is both.
+    address: str | None = None
     open_access: bool = True  # requests without a token are served (like public sandboxes)
     # Subscription notifications: attempts, retry delay and request timeout.
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -38,7 +49,19 @@ class SandboxSettings:
         return self.data_dir / "ehr.sqlite3"
 
     @property
+    def own_url(self) -> str | None:
+        """The sandbox's own address: base_url, else address."""
+        own = self.base_url or self.address
+        return own.rstrip("/") if own else None
+
+    @property
     def fhir_base(self) -> str | None:
+        """The FHIR base at the sandbox's own address (Subscription notifications)."""
+        return f"{self.own_url}/fhir" if self.own_url else None
+
+    @property
+    def public_fhir_base(self) -> str | None:
+        """The FHIR base every answer names, when fixed (base_url set)."""
         return self.base_url.rstrip("/") + "/fhir" if self.base_url else None
 
     @property
@@ -91,23 +114,27 @@ def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None 
     sandbox = sandbox or Sandbox.open(settings or SandboxSettings())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    if sandbox.settings.fhir_base:
-        app.config["FHIR_BASE_URL"] = sandbox.settings.fhir_base
+    if sandbox.settings.public_fhir_base:
+        app.config["FHIR_BASE_URL"] = sandbox.settings.public_fhir_base
     app.extensions["ehr_sandbox"] = sandbox
-    base = sandbox.settings.base_url.rstrip("/") if sandbox.settings.base_url else None
+    # Preflights are answered before the token check; every FHIR answer carries CORS headers.
+    install_cors(app)
     # SMART authorization server, token endpoint and the FHIR API's scope/compartment policy.
-    SmartAuth(
+    auth = SmartAuth(
         app,
         store=sandbox.store,
         tokens=sandbox.tokens,
         backend=sandbox.backend,
         smart=sandbox.smart,
-        base_url=base,
+        base_url=sandbox.settings.own_url,
+        public_base_url=sandbox.settings.base_url,
         open_access=sandbox.settings.open_access,
         secret=sandbox.secret,
     )
-    security = capability_security(base) if base else None
-    app.register_blueprint(create_fhir_blueprint(sandbox.store, security), url_prefix="/fhir")
+    app.register_blueprint(
+        create_fhir_blueprint(sandbox.store, lambda: capability_security(auth.base())),
+        url_prefix="/fhir",
+    )
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> Response:
@@ -115,14 +142,26 @@ def create_app(settings: SandboxSettings | None = None, sandbox: Sandbox | None 
 
     @app.get("/")
     def index() -> Response:
+        base = auth.base()
         return jsonify(
             {
                 "name": "cxr-cds EHR sandbox",
-                "fhir": request.host_url + "fhir",
-                "jwks": request.host_url + ".well-known/jwks.json",
-                "smart_configuration": request.host_url + "fhir/.well-known/smart-configuration",
-                "ehr_launch": request.host_url + "ehr/launch",
+                "fhir": f"{base}/fhir",
+                "jwks": f"{base}/.well-known/jwks.json",
+                "smart_configuration": f"{base}/fhir/.well-known/smart-configuration",
+                "ehr_launch": f"{base}/ehr/launch",
             }
         )
+
+    @app.get("/<rtype>", strict_slashes=False)
+    def search_outside_the_base(rtype: str) -> Response:
+        """`GET /Encounter/?...` at the root: sent to the FHIR base. The SMART launcher's
+        automatic encounter pick builds `new URL("/Encounter/?...", fhirServer)`, which drops
+        the base's path; a redirect (followed by fetch) brings it to `/fhir/Encounter/`."""
+        if not RESOURCE_TYPE_RE.match(rtype):
+            abort(404)
+        query = request.query_string.decode("latin-1")
+        target = f"/fhir/{rtype}/" + (f"?{query}" if query else "")
+        return redirect(target, 307)  # type: ignore[return-value]
 
     return app

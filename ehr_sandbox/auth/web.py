@@ -3,17 +3,19 @@
 Routes: `/fhir/.well-known/smart-configuration`, `/auth/authorize` (sign-in and patient
 picker for standalone launches; EHR launches are approved from their launch context),
 `/auth/token` (authorization_code + PKCE S256, refresh_token, and Backend Services
-client_credentials), and `/ehr/launch` (the EHR's launch page for registered apps).
+client_credentials), `/ehr/launch` (the EHR's launch page for registered apps) and
+`POST /fhir/_services/smart/Launch` (launch ids for a CDS Hooks card's SMART link).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2 import OAuth2Error
@@ -85,6 +87,11 @@ CAPABILITIES = [
     "permission-v2",
 ]
 STANDALONE_ONLY_SCOPES = frozenset({"launch", "launch/patient"})
+# The user an EHR launch is made for (the sandbox has no signed-in EHR user of its own).
+LAUNCHING_USER = "Practitioner/sandbox-clinician"
+# The HSPC/Logica launch-context API the CDS Hooks sandbox calls before it enables a card's
+# SMART link (see `SmartAuth.launch_api`).
+LAUNCH_API_PATH = "/fhir/_services/smart/Launch"
 PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
     "frame-ancestors 'self'; frame-src http: https:"
@@ -154,6 +161,21 @@ def _page(template: str, status: int = 200, **values: Any) -> Response:
     return response
 
 
+def _launch_url_key(url: str) -> tuple[str, str, str]:
+    """A launch URL as compared with an app's registered one: scheme, host:port and path,
+    without query, fragment or trailing slash."""
+    parts = urlsplit(url.strip())
+    return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/")
+
+
+def _reference_id(value: Any, rtype: str) -> str | None:
+    """`x` from `x` or `{rtype}/x`; None for anything else."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip().removeprefix(f"{rtype}/")
+    return text if "/" not in text else None
+
+
 def _error_page(title: str, detail: str, status: int = 400) -> Response:
     return _page("auth_error.html", status, title=title, detail=detail)
 
@@ -179,12 +201,17 @@ class SmartAuth:
         base_url: str | None,
         open_access: bool,
         secret: bytes,
+        public_base_url: str | None = None,
     ) -> None:
         self.store = store
         self.tokens = tokens
         self.backend = backend
         self.smart = smart
+        # The sandbox's own address (the audience of Backend Services assertions); URLs in
+        # answers use the public base when one is set, else the base the request came to.
+        # (SandboxSettings: base_url is both; `address` only the first.)
         self.configured_base = base_url.rstrip("/") if base_url else None
+        self.public_base = public_base_url.rstrip("/") if public_base_url else None
         self.open_access = open_access
         self.secret = secret
         self.server = AuthorizationServer()
@@ -220,7 +247,9 @@ class SmartAuth:
 
     # -- helpers ----------------------------------------------------------------------------
     def base(self) -> str:
-        return self.configured_base or request.host_url.rstrip("/")
+        """The base of absolute URLs in this answer: the configured public base, else the
+        one the request came to (a proxy's upstream address, e.g. the SMART launcher's)."""
+        return self.public_base or request.url_root.rstrip("/")
 
     def fhir_base(self) -> str:
         return f"{self.base()}/fhir"
@@ -238,6 +267,8 @@ class SmartAuth:
     def check_token(self) -> Response | None:
         if not request.path.startswith("/fhir") or request.path in PUBLIC_FHIR_PATHS:
             return None
+        if request.path == LAUNCH_API_PATH:
+            return None  # not a FHIR interaction: `launch_api` checks its own caller
         header = request.headers.get("Authorization")
         if header is None:
             # Reads may be open (like public sandboxes); writes always need a token.
@@ -277,9 +308,11 @@ class SmartAuth:
 
         @bp.get("/fhir/.well-known/smart-configuration")
         def discovery() -> Response:
-            response = jsonify(smart_configuration(self.base()))
-            response.headers["Access-Control-Allow-Origin"] = "*"
-            return response
+            return jsonify(smart_configuration(self.base()))  # CORS: ehr_sandbox.web.cors
+
+        @bp.post(LAUNCH_API_PATH)
+        def launch_api() -> Response:
+            return self.launch_api()
 
         @bp.route("/auth/authorize", methods=["GET", "POST"])
         def authorize() -> Response:
@@ -307,7 +340,11 @@ class SmartAuth:
                 "Authorization refused",
                 f"{error.error}: {error.description or 'unknown client or redirect URI'}",
             )
-        if aud != self.fhir_base():
+        # This EHR is named by the base the request came to, and by its configured address.
+        own = {self.fhir_base()}
+        if self.configured_base:
+            own.add(f"{self.configured_base}/fhir")
+        if aud not in own:
             # SMART App Launch: the app names the FHIR server it will use; a mismatch could
             # send the token to another server, so the EHR refuses outright.
             return _error_page(
@@ -369,7 +406,7 @@ class SmartAuth:
                 # The expected assertion aud must not come from the caller's Host header.
                 return _token_error(503, "server_error", "the sandbox has no base_url configured")
             try:
-                body = self.backend.token(request.form, f"{self.base()}/auth/token")
+                body = self.backend.token(request.form, f"{self.configured_base}/auth/token")
             except TokenError as exc:
                 return _token_error(exc.status, exc.error, exc.description)
             response = jsonify(body)
@@ -403,7 +440,7 @@ class SmartAuth:
                 return _error_page("Cannot launch", "That imaging study is another patient's.")
             fhir_context.append({"reference": f"ImagingStudy/{study}"})
         context = LaunchContext(
-            user="Practitioner/sandbox-clinician",
+            user=LAUNCHING_USER,
             patient=patient,
             encounter=request.args.get("encounter") or None,
             fhir_context=fhir_context,
@@ -416,3 +453,81 @@ class SmartAuth:
         if request.args.get("embed") == "1":
             return _page("ehr_frame.html", target=target, app_name=registered.name)
         return redirect(target, 302)  # type: ignore[return-value]
+
+    def launch_api(self) -> Response:
+        """`POST /fhir/_services/smart/Launch`: the launch-context API of HSPC/Logica
+        sandboxes, which the CDS Hooks sandbox calls for every SMART link on a card.
+
+        Body: ``{"launchUrl": "<the link's url>", "parameters": {"patient": "<id>",
+        "encounter"?: "<id>", "appContext"?: "<the link's appContext>", ...}}`` (other
+        parameters, such as ``smart_messaging_origin``, are ignored). Answer:
+        ``{"launch_id": "..."}``: a launch of the registered app whose launch URL is
+        ``launchUrl`` (compared without query string), which that app's authorize request
+        accepts as ``launch=``; its token response then carries the patient, the encounter
+        and the appContext. The id lives for ``LAUNCH_LIFETIME_S`` (10 minutes), like those
+        of the EHR launch page.
+
+        Authentication: the CDS Hooks sandbox sends a bearer token only when it was itself
+        SMART-launched; against an open FHIR server it sends none. So, like `/ehr/launch`,
+        a request without a token is accepted while the sandbox is open (`open_access`, the
+        default); a token, when sent, must be valid, and a patient-bound one may only
+        launch on its own patient. What an id allows is limited all the same: it works only
+        for the app registered with that launch URL, through that app's registered redirect
+        URIs and with PKCE, and only for an existing patient (and that patient's encounter).
+        """
+        header = request.headers.get("Authorization")
+        token = None
+        if header is not None:
+            token = self.tokens.lookup(header[7:].strip()) if header.startswith("Bearer ") else None
+            if token is None:
+                return _operation_outcome(
+                    Denial(401, "login", "the bearer token is unknown or expired")
+                )
+        elif not self.open_access:
+            return _operation_outcome(Denial(401, "login", "a bearer token is required"))
+        try:
+            body = json.loads(request.get_data(cache=True) or b"null")
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            return _operation_outcome(Denial(400, "structure", "the body must be a JSON object"))
+        launch_url, parameters = body.get("launchUrl"), body.get("parameters") or {}
+        if not isinstance(launch_url, str) or not launch_url.strip():
+            return _operation_outcome(Denial(400, "required", "launchUrl is required"))
+        if not isinstance(parameters, dict):
+            return _operation_outcome(Denial(400, "structure", "parameters must be an object"))
+        wanted = _launch_url_key(launch_url)
+        registered = next(
+            (a for a in self.smart.apps() if _launch_url_key(a.launch_url) == wanted), None
+        )
+        if registered is None:
+            return _operation_outcome(
+                Denial(404, "not-found", f"no registered SMART app launches from {launch_url}")
+            )
+        patient = _reference_id(parameters.get("patient"), "Patient")
+        if patient is None:
+            return _operation_outcome(Denial(400, "required", "parameters.patient is required"))
+        if self.store.read("Patient", patient) is None:
+            return _operation_outcome(Denial(404, "not-found", f"Patient/{patient} is not known"))
+        if token is not None and token.patient is not None and token.patient != patient:
+            return _operation_outcome(
+                Denial(403, "forbidden", "the token is limited to another patient")
+            )
+        encounter = None
+        if parameters.get("encounter") is not None:
+            encounter = _reference_id(parameters.get("encounter"), "Encounter")
+            found = self.store.read("Encounter", encounter) if encounter else None
+            if found is None or not PatientCompartment(self.store, patient).contains(found):
+                return _operation_outcome(
+                    Denial(404, "not-found", "parameters.encounter is not one of the patient's")
+                )
+        app_context = parameters.get("appContext")
+        context = LaunchContext(
+            user=LAUNCHING_USER,
+            patient=patient,
+            encounter=encounter,
+            app_context=app_context if isinstance(app_context, str) and app_context else None,
+        )
+        response = jsonify({"launch_id": self.smart.create_launch(registered.client_id, context)})
+        response.headers["Cache-Control"] = "no-store"
+        return response

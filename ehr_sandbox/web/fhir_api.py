@@ -411,17 +411,26 @@ def _capability_statement(security: JsonDict | None) -> JsonDict:
 
 def create_fhir_blueprint(
     store: FhirStore,
-    capability_security: Mapping[str, Any] | None = None,
+    capability_security: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     *,
     name: str = "fhir",
 ) -> Blueprint:
     """Build the FHIR REST blueprint over ``store``; register it with ``url_prefix="/fhir"``.
 
     ``capability_security`` (e.g. SMART on FHIR OAuth URIs) is placed into the
-    CapabilityStatement's ``rest[0].security`` when given.
+    CapabilityStatement's ``rest[0].security`` when given; a callable is asked on each
+    ``/metadata`` request (its URLs can then follow the base the request came to).
+
+    Absolute URLs (Location, fullUrl, Bundle.link, implementation.url) use the app's
+    ``FHIR_BASE_URL`` when configured, else the base the request came to.
     """
     bp = Blueprint(name, __name__)
-    security = dict(capability_security) if capability_security is not None else None
+
+    def security() -> JsonDict | None:
+        if capability_security is None:
+            return None
+        found = capability_security() if callable(capability_security) else capability_security
+        return dict(found)
 
     # -- errors: every failure is an OperationOutcome, never a stack trace
 
@@ -525,9 +534,10 @@ def create_fhir_blueprint(
     def metadata() -> Response:
         if request.method not in _READ_METHODS:
             raise _not_allowed("GET")
-        return _json_response(_capability_statement(security))
+        return _json_response(_capability_statement(security()))
 
     @bp.route("/<rtype>", methods=_METHODS)
+    @bp.route("/<rtype>/", methods=_METHODS)  # `GET [type]/?...` (the SMART launcher sends it)
     def type_level(rtype: str) -> Response:
         _require_type(rtype)
         if request.method in _READ_METHODS:
