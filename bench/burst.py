@@ -17,6 +17,7 @@ Prints arrival-to-filed latency (p50/p95), throughput and the check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -33,7 +34,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,6 +108,14 @@ def _ai_reports(sandbox: Sandbox) -> Counter[str]:
         offset += 200
 
 
+class Restartable(Protocol):
+    """A server the burst may restart mid-run (the Redis broker in Celery mode)."""
+
+    url: str
+
+    def restart(self) -> None: ...
+
+
 def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     return subprocess.Popen(
@@ -126,7 +135,14 @@ def run_burst(
     batch_size: int = 8,
     lease_s: float = 15.0,
     timeout_s: float = 900.0,
+    workers: int = 1,
+    database_url: str | None = None,
+    broker: Restartable | None = None,
+    restart_broker_after: int | None = None,
 ) -> Burst:
+    """``workers`` worker processes; with ``database_url`` and ``broker`` the scale-out mode
+    (PostgreSQL, Celery on Redis), whose broker is restarted once ``restart_broker_after``
+    reports are in. ``kill_after``: one worker is killed with SIGKILL then (and restarted)."""
     port = _free_port()
     sandbox_base = f"http://127.0.0.1:{port}"
     sandbox = Sandbox.open(SandboxSettings(data_dir=workdir / "ehr", base_url=sandbox_base))
@@ -162,12 +178,16 @@ def run_burst(
     service_port = _free_port()
     service_base = f"http://127.0.0.1:{service_port}"
     issuer = TrustedIssuer(iss=sandbox_base, jwks=sandbox.key.public_jwks(), fhir_servers=(fhir,))
+    scale: dict[str, Any] = {}
+    if database_url is not None and broker is not None:
+        scale = {"database_url": database_url, "queue": "celery", "redis_url": broker.url}
     settings = Settings(
         mode="demo",
         public_url=service_base,
         trusted_issuers=(issuer,),
         database=database,
         ehr_clients=(ehr,),
+        **scale,
     ).validated()
     parts = Composition(settings)
     store = parts.storage
@@ -189,8 +209,14 @@ def run_burst(
         "CXR_CDS_JOB_LEASE_S": str(lease_s),
         "PYTHONPATH": str(ROOT),
     }
+    if scale:
+        env.update(
+            CXR_CDS_DATABASE_URL=scale["database_url"],
+            CXR_CDS_QUEUE="celery",
+            CXR_CDS_REDIS_URL=scale["redis_url"],
+        )
     log = workdir / "worker.log"
-    worker = _worker(env, log)
+    pool = [_worker(env, log) for _ in range(workers)]
 
     started = time.monotonic()
     ids: list[str] = []
@@ -214,16 +240,25 @@ def run_burst(
         ids.append(study["id"])
 
     killed_at: int | None = None
+    restarted_at: int | None = None
     deadline = time.monotonic() + timeout_s
     per_study: Counter[str] = Counter()
     while time.monotonic() < deadline:
         per_study = _ai_reports(sandbox)
         filed = sum(per_study.values())
         if kill_after is not None and killed_at is None and filed >= kill_after:
-            worker.send_signal(signal.SIGKILL)  # kill -9, mid-batch
-            worker.wait()
+            pool[0].send_signal(signal.SIGKILL)  # kill -9, mid-batch
+            pool[0].wait()
             killed_at = filed
-            worker = _worker(env, log)
+            pool[0] = _worker(env, log)
+        if (
+            broker is not None
+            and restart_broker_after is not None
+            and restarted_at is None
+            and filed >= restart_broker_after
+        ):
+            broker.restart()  # its queued messages are gone: the sweeps must make up
+            restarted_at = filed
         # Done when every study has its report and no job is left open: a job killed after
         # filing, before closing, runs again once its lease lapses (and files nothing new).
         if all(per_study[f"ImagingStudy/{i}"] for i in ids) and store.jobs.queue_depth(model) == 0:
@@ -232,24 +267,18 @@ def run_burst(
     seconds = time.monotonic() - started
     time.sleep(1.0)  # anything still in flight lands before the count
     per_study = _ai_reports(sandbox)
-    worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(10)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+    for worker in pool:
+        worker.send_signal(signal.SIGTERM)
+    for worker in pool:
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
     service_server.shutdown()
     sandbox_server.shutdown()
     sandbox.close()
 
-    with sqlite3.connect(database) as conn:
-        latencies = [
-            float(r[0])
-            for r in conn.execute(
-                "SELECT r.created_at - j.created_at FROM results r JOIN jobs j "
-                "ON j.source = r.source AND j.study_uid = r.study_uid "
-                "AND j.model_id = r.model_id AND j.status = 'done'"
-            )
-        ]
+    latencies = _latencies(database, database_url)
     counts = [per_study[f"ImagingStudy/{i}"] for i in ids]
     return Burst(
         studies=studies,
@@ -262,26 +291,70 @@ def run_burst(
     )
 
 
+LATENCY_SQL = (
+    "SELECT r.created_at - j.created_at FROM results r JOIN jobs j "
+    "ON j.source = r.source AND j.study_uid = r.study_uid "
+    "AND j.model_id = r.model_id AND j.status = 'done'"
+)
+
+
+def _latencies(database: Path, database_url: str | None) -> list[float]:
+    """Queued -> result seconds of each finished job (read from the database itself)."""
+    if database_url is not None:
+        import psycopg
+
+        with psycopg.connect(database_url) as conn:
+            return [float(r[0]) for r in conn.execute(LATENCY_SQL)]
+    with sqlite3.connect(database) as conn:
+        return [float(r[0]) for r in conn.execute(LATENCY_SQL)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=1000)
     parser.add_argument("--kill-after", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lease", type=float, default=15.0)
+    parser.add_argument(
+        "--queue",
+        choices=("embedded", "celery"),
+        default="embedded",
+        help="celery: PostgreSQL + Celery on Redis, both started here on loopback",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--restart-broker-after", type=int, help="celery: restart Redis after N reports"
+    )
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log per request
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
+        scale: dict[str, Any] = {}
+        if args.queue == "celery":
+            from tests import services  # the same real servers the tests start
+
+            postgres = servers.enter_context(services.postgres_server())
+            redis = servers.enter_context(services.redis_server())
+            scale = {
+                "database_url": postgres.create_database("burst"),
+                "broker": redis,
+                "restart_broker_after": args.restart_broker_after,
+            }
         burst = run_burst(
             Path(tmp),
             args.studies,
             kill_after=args.kill_after,
             batch_size=args.batch_size,
             lease_s=args.lease,
+            workers=args.workers,
+            **scale,
         )
     lat = sorted(burst.latencies_s)
     p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {os.cpu_count()} CPUs; simulated backend")
+    print(f"queue: {args.queue}, {args.workers} worker process(es), batches of {args.batch_size}")
+    if args.restart_broker_after is not None:
+        print(f"Redis restarted after {args.restart_broker_after} reports")
     print(f"studies created in a burst: {burst.studies}")
     print(f"worker killed (SIGKILL) after {burst.killed_at_reports} reports, restarted")
     print(f"AI DiagnosticReports in the EHR: {burst.reports}")

@@ -91,23 +91,13 @@ def warn_missing_access(settings: Settings) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from cds_service.composition import Composition
     from cds_service.config import Settings
-    from cds_service.jobs.worker import run_forever
 
     settings = Settings.from_env()
     configure_logging(settings)
     check_model_settings(settings)
-    parts = Composition(settings)
-    backend = parts.backend()
     stop = threading.Event()
     try:
-        run_forever(
-            parts.storage,
-            backend,
-            stop,
-            filer=parts.report_filer(backend.model),
-            batch_size=settings.model_batch_size,
-            lease_s=settings.job_lease_s,
-        )
+        Composition(settings).run_worker(stop)
     except KeyboardInterrupt:
         stop.set()
     return 0
@@ -148,7 +138,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from ehr_sandbox.seed import seed
 
     base = f"http://{args.host}:{args.port}"
-    sandbox = Sandbox.open(SandboxSettings(data_dir=Path(args.data_dir), base_url=base))
+    # URLs follow each request's base (a proxy such as the SMART launcher rewrites them).
+    sandbox = Sandbox.open(SandboxSettings(data_dir=Path(args.data_dir), address=base))
     if not args.no_seed:
         seed(sandbox.store)
     server = make_server(args.host, args.port, create_app(sandbox=sandbox), threaded=True)

@@ -5,12 +5,15 @@ each process builds its storage, its access to EHRs and its model description on
 are made when first used: nothing opens a database before gunicorn forks, and a command that
 needs no model never loads one.
 
-Storage adapters: SQLite (``CXR_CDS_DB``, the embedded deployment) today; the scale-out
-issue adds PostgreSQL behind the same ports (`cds_service.storage.ports`).
+Storage adapters (`cds_service.storage.ports`): SQLite (``CXR_CDS_DB``, the embedded
+deployment) or PostgreSQL (``CXR_CDS_DATABASE_URL``); queue: workers polling the database, or
+Celery wake-ups over Redis (``CXR_CDS_QUEUE=celery``, `cds_service.jobs.celery_queue`).
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -22,13 +25,19 @@ if TYPE_CHECKING:
     from cds_service.hooks import HookHandler
     from cds_service.inference.base import Backend
     from cds_service.jobs.arrivals import Arrivals
+    from cds_service.jobs.celery_queue import Wakeups
     from cds_service.jobs.filing import ReportFiler
     from cds_service.results import ModelInfo
     from cds_service.security.client_jwt import ClientJwtVerifier
 
 
 def open_storage(settings: Settings) -> Storage:
-    """Every storage port, on the database the settings name."""
+    """Every storage port, on the database the settings name: PostgreSQL when
+    CXR_CDS_DATABASE_URL is set, else the SQLite file CXR_CDS_DB."""
+    if settings.database_url:
+        from cds_service.storage.postgres import open_postgres_storage
+
+        return open_postgres_storage(settings.database_url)
     from cds_service.storage.sqlite import open_sqlite_storage
 
     return open_sqlite_storage(settings.database)
@@ -40,12 +49,27 @@ class Composition:
 
     def __init__(self, settings: Settings, *, storage: Storage | None = None) -> None:
         self.settings = settings
-        if storage is not None:
-            self.__dict__["storage"] = storage  # what cached_property would have stored
+        self._given_storage = storage
 
     @cached_property
     def storage(self) -> Storage:
-        return open_storage(self.settings)
+        """The storage ports; with CXR_CDS_QUEUE=celery, the job queue also wakes a worker
+        over Redis for every job it makes claimable."""
+        storage = self._given_storage or open_storage(self.settings)
+        if self.settings.queue == "celery":
+            from cds_service.jobs.celery_queue import WakingJobQueue
+
+            storage = replace(storage, jobs=WakingJobQueue(storage.jobs, self.wakeups))
+        return storage
+
+    @cached_property
+    def wakeups(self) -> Wakeups:
+        """Publishes Celery wake-ups (CXR_CDS_QUEUE=celery only)."""
+        from cds_service.jobs.celery_queue import Wakeups, celery_app, time_slice_s
+
+        if self.settings.redis_url is None:
+            raise ValueError("CXR_CDS_QUEUE=celery needs CXR_CDS_REDIS_URL")
+        return Wakeups(celery_app(self.settings.redis_url, time_slice_s(self.settings.job_lease_s)))
 
     @cached_property
     def access(self) -> BackendServicesClients:
@@ -89,6 +113,35 @@ class Composition:
         from cds_service.inference.registry import load_backend
 
         return load_backend(self.settings, self.access)
+
+    def run_worker(self, stop: threading.Event) -> None:
+        """The inference worker of these settings, until stopped: claims from the database
+        in the embedded queue, or a Celery worker (CXR_CDS_QUEUE=celery; stops on SIGTERM)."""
+        backend = self.backend()
+        filer = self.report_filer(backend.model)
+        if self.settings.queue == "celery":
+            from cds_service.jobs.celery_queue import run_celery_worker
+
+            assert self.settings.redis_url is not None  # validated with the settings
+            run_celery_worker(
+                self.storage,
+                backend,
+                filer,
+                self.settings.redis_url,
+                self.settings.model_batch_size,
+                self.settings.job_lease_s,
+            )
+            return
+        from cds_service.jobs.worker import run_forever
+
+        run_forever(
+            self.storage,
+            backend,
+            stop,
+            filer=filer,
+            batch_size=self.settings.model_batch_size,
+            lease_s=self.settings.job_lease_s,
+        )
 
     def report_filer(self, model: ModelInfo) -> ReportFiler | None:
         """Files reports of ``model`` into the registered EHRs (None: no EHR registered)."""

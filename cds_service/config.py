@@ -182,6 +182,23 @@ def _bool(value: str) -> bool:
     raise ConfigurationError(f"not a boolean: {value!r}")
 
 
+QUEUES = ("embedded", "celery")
+
+
+def _setting_or_file(env: Mapping[str, str], name: str) -> str | None:
+    """``name`` from the environment, or the first line of the file ``name``_FILE names (a
+    secret mounted as a file); None when neither is set."""
+    if env.get(name):
+        return env[name].strip()
+    path = env.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip().splitlines()[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigurationError(f"{name}_FILE: cannot read a value from {path}") from exc
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service. Build with `Settings.from_env()` or directly in tests."""
@@ -230,6 +247,12 @@ class Settings:
     # Operations: GET /metrics (Prometheus, no PHI) and the log line format (text or json).
     metrics_enabled: bool = True
     log_format: str = "text"
+    # Scale-out: all state in PostgreSQL (a postgresql:// DSN; None: the SQLite file above),
+    # and job wake-ups over Celery on Redis (queue "celery") instead of workers polling the
+    # database ("embedded"). The DSN may hold a password: it is never logged or shown.
+    database_url: str | None = field(default=None, repr=False)
+    queue: str = "embedded"
+    redis_url: str | None = field(default=None, repr=False)
 
     @property
     def simulated(self) -> bool:
@@ -263,6 +286,19 @@ class Settings:
         """Refuse unsafe or inconsistent settings; returns self when all is well."""
         if self.mode not in MODES:
             raise ConfigurationError(f"CXR_CDS_MODE must be one of {MODES}, not {self.mode!r}")
+        if self.queue not in QUEUES:
+            raise ConfigurationError(f"CXR_CDS_QUEUE must be one of {QUEUES}, not {self.queue!r}")
+        if self.database_url is not None and urlsplit(self.database_url).scheme not in {
+            "postgresql",
+            "postgres",
+        }:
+            raise ConfigurationError("CXR_CDS_DATABASE_URL must be a postgresql:// URL")
+        if self.queue == "celery" and (self.redis_url is None or self.database_url is None):
+            raise ConfigurationError(
+                "CXR_CDS_QUEUE=celery needs CXR_CDS_REDIS_URL (the broker) and "
+                "CXR_CDS_DATABASE_URL (workers on several machines share PostgreSQL, not a "
+                "SQLite file)"
+            )
         if self.backend not in BACKENDS:
             raise ConfigurationError(f"CXR_CDS_BACKEND must be one of {BACKENDS}")
         for name, url in (
@@ -415,6 +451,9 @@ class Settings:
                 image_max_pixels=int(env.get("CXR_CDS_IMAGE_MAX_PIXELS", "40000000")),
                 metrics_enabled=_bool(env.get("CXR_CDS_METRICS", "on")),
                 log_format=env.get("CXR_CDS_LOG_FORMAT", "text").strip().lower(),
+                database_url=_setting_or_file(env, "CXR_CDS_DATABASE_URL"),
+                queue=env.get("CXR_CDS_QUEUE", "embedded").strip().lower(),
+                redis_url=_setting_or_file(env, "CXR_CDS_REDIS_URL"),
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed number in CXR_CDS_* settings: {exc}") from exc

@@ -24,12 +24,12 @@ from cds_service.fhir import imaging_study
 from cds_service.inference.simulated import SimulatedBackend
 from cds_service.jobs.worker import drain
 from cds_service.storage.ports import Storage, StudyRef
-from cds_service.storage.sqlite import open_sqlite_storage
 from cds_service.web.app import create_app
 from ehr_sandbox.app import SANDBOX_CLIENT_ID, Sandbox, SandboxSettings
 from ehr_sandbox.app import create_app as create_sandbox_app
 from ehr_sandbox.cds_client import CdsHooksClient
 from ehr_sandbox.seed import seed
+from tests import services
 
 
 def free_port() -> int:
@@ -119,8 +119,9 @@ def make_service(
     }
     fields.update(overrides)
     settings = Settings(**fields).validated()
-    store = open_sqlite_storage(settings.database)
-    server = ServerThread(create_app(Composition(settings, storage=store)), port)
+    parts = Composition(settings)  # SQLite at settings.database, or database_url's PostgreSQL
+    store = parts.storage
+    server = ServerThread(create_app(parts), port)
     client = CdsHooksClient(sandbox.base, sandbox.sandbox.key)
     return ServiceHandle(base=base, settings=settings, store=store, client=client), server
 
@@ -213,3 +214,24 @@ def two_issuer_service(
     )
     handle, server = make_service(tmp_path, sandbox, trusted_issuers=(mine, other), **overrides)
     return handle, server, other_key, other
+
+
+# Real PostgreSQL and Redis on loopback (tests/services.py): one of each per test session,
+# started when a test first asks, stopped afterwards. Missing servers fail these tests with
+# what to install; CXR_CDS_SKIP_POSTGRES=1 / CXR_CDS_SKIP_REDIS=1 skip them instead.
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[services.PostgresServer]:
+    yield from services.for_tests(services.postgres_server, services.SKIP_POSTGRES)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: services.PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL; dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[services.RedisServer]:
+    yield from services.for_tests(services.redis_server, services.SKIP_REDIS)

@@ -10,6 +10,8 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -216,6 +218,43 @@ class ModelAvailability:
             log.warning("the model is available again; serving queued jobs")
 
 
+def worker_name() -> str:
+    """This worker's name in the registry and on its leases (host, process, thread)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+@contextmanager
+def heartbeats(
+    store: Storage, name: str, model_label: str, availability: ModelAvailability
+) -> Iterator[None]:
+    """While inside: say every HEARTBEAT_S that worker ``name`` is alive (and whether its model
+    is), and renew the leases of the jobs it runs, from a thread of its own so that leases
+    are renewed during a long batch too."""
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.is_set():
+            problem = (
+                f"the model is unavailable (next try in {availability.wait_s:.0f} s)"
+                if availability.wait_s
+                else None
+            )
+            try:
+                store.workers.heartbeat(name, model_label, problem)
+                store.jobs.renew_leases(name)
+            except store.errors as exc:
+                log.warning("job store error on heartbeat: %s", exc)
+            beating.wait(HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, name="worker-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        beating.set()
+        thread.join(timeout=HEARTBEAT_S)
+
+
 def run_forever(
     store: Storage,
     backend: Backend,
@@ -235,31 +274,9 @@ def run_forever(
     released = store.jobs.release_waiting()
     if released:
         log.info("%d waiting jobs released: the settings may now give access", released)
-    name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-    beating = threading.Event()
-
-    def heartbeats() -> None:
-        # Its own thread, so that leases are renewed during a long batch too.
-        while not beating.is_set():
-            problem = (
-                f"the model is unavailable (next try in {availability.wait_s:.0f} s)"
-                if availability.wait_s
-                else None
-            )
-            try:
-                store.workers.heartbeat(name, backend.model.label, problem)
-                store.jobs.renew_leases(name)
-            except store.errors as exc:
-                log.warning("job store error on heartbeat: %s", exc)
-            beating.wait(HEARTBEAT_S)
-
-    beat = threading.Thread(target=heartbeats, name="worker-heartbeat", daemon=True)
-    beat.start()
-    try:
+    name = worker_name()
+    with heartbeats(store, name, backend.model.label, availability):
         _work(store, backend, stop, poll_s, filer, availability, batch_size, name, lease_s)
-    finally:
-        beating.set()
-        beat.join(timeout=HEARTBEAT_S)
     log.info("inference worker stopped")
 
 

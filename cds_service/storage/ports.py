@@ -2,8 +2,8 @@
 
 Each consumer depends on the port it uses, never on a database: the hook handler reads the
 result store and writes the card log, the worker drives the job queue, the JWT verifier asks
-the replay cache. Adapters (`cds_service.storage.sqlite`; PostgreSQL next) implement them,
-and `cds_service.composition` picks the adapter from the settings.
+the replay cache. Adapters (`cds_service.storage.sqlite`, `cds_service.storage.postgres`)
+implement them, and `cds_service.composition` picks the adapter from the settings.
 
 Exactly-once is a property of the adapters' unique keys, not of their callers: enqueueing a
 study that has a live job is a no-op, and a result is stored and its job closed together.

@@ -20,6 +20,7 @@ from cds_service.web.metrics import install_metrics
 log = logging.getLogger(__name__)
 
 READY_WORKER_S = 30.0  # a worker heartbeat older than this means no worker
+STORAGE_RETRY_AFTER_S = 5  # Retry-After when the database does not answer
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -104,6 +105,11 @@ def create_app(setup: Settings | Composition | None = None) -> Flask:
         except store.errors as exc:
             unreachable = {"status": "not-ready", "reasons": [f"job queue unreachable ({exc})"]}
             return jsonify(unreachable), 503
+        if settings.queue == "celery" and parts.wakeups.waiting() is None:
+            reasons.append(
+                "the Celery broker (CXR_CDS_REDIS_URL) does not answer: new jobs wait for a "
+                "worker's sweep of the database"
+            )
         if not workers:
             reasons.append(
                 f"no inference worker for {handler.model.label} reported in the last "
@@ -117,6 +123,7 @@ def create_app(setup: Settings | Composition | None = None) -> Flask:
         body: dict[str, Any] = {
             "status": "not-ready" if reasons else "ready",
             "model": handler.model.label,
+            "simulated": handler.model.simulated,
             "workers": len(workers),
             "queueDepth": depth,
         }
@@ -160,6 +167,19 @@ def create_app(setup: Settings | Composition | None = None) -> Flask:
         return _error_body(
             exc.code or 500, (exc.name or "error").lower().replace(" ", "-"), exc.description or ""
         )
+
+    def storage_down(exc: Exception) -> Response:
+        # The database did not answer (PostgreSQL restarting, SQLite locked too long): the
+        # caller may try again shortly; nothing was half-done (each write is a transaction).
+        log.warning("storage unavailable: %s", type(exc).__name__)
+        response = _error_body(
+            503, "storage-unavailable", "the service's database is unavailable; try again"
+        )
+        response.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_S)
+        return response
+
+    for error in store.errors:
+        app.register_error_handler(error, storage_down)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -67,6 +67,12 @@ def create_arrivals_blueprint(
         scheme, _, token = header.partition(" ")
         source = arrivals.source_for_token(token.strip()) if scheme.lower() == "bearer" else None
         if source is None:
+            # The EHR's Subscription may go to "error" after a few of these: say so here.
+            log.warning(
+                "notification refused (401): %s; check the EHR's Subscription channel.header "
+                "against the notification_token_file in CXR_CDS_EHR_CLIENTS",
+                "no bearer token" if not token.strip() else "unknown token",
+            )
             raise Unauthorized("unknown notification sender: send the channel.header token")
         return source
 
@@ -108,7 +114,9 @@ def create_arrivals_blueprint(
         fhir_server = body.get("fhirServer") if isinstance(body, dict) else None
         study = body.get("imagingStudy") if isinstance(body, dict) else None
         if not isinstance(fhir_server, str) or not isinstance(study, str):
-            raise BadRequest("send {'fhirServer': FHIR base, 'imagingStudy': 'ImagingStudy/id'}")
+            raise BadRequest(
+                'send {"fhirServer": "<FHIR base>", "imagingStudy": "ImagingStudy/<id>"}'
+            )
         if not may_name(issuer, fhir_server):
             raise Forbidden("this caller may not name that FHIR server")
         with _source_errors():
