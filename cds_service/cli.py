@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_model_settings(settings)
     warn_missing_access(settings)
+    threading.Thread(target=resume_arrivals, args=(settings,), daemon=True).start()
     if settings.simulated:
         log.warning(SIMULATED_WARNING)
     supervisor = None
@@ -76,6 +77,42 @@ def record_exit(settings: Settings, message: str) -> None:
 
     parts = Composition(settings)
     parts.storage.workers.record_exit(parts.model.label, message)
+
+
+def resume_arrivals(settings: Settings) -> None:
+    """For each EHR that notifies this service: resume its Subscriptions that stopped on
+    refused notifications, and queue the films that changed since the cursor. Runs in a
+    thread of its own at start (an EHR may be slow or down); says what it did."""
+    from cds_service.composition import Composition
+    from cds_service.jobs.arrivals import NOTIFICATIONS_PATH, resume_subscriptions
+
+    parts = Composition(settings)
+    endpoint = settings.public_url + NOTIFICATIONS_PATH
+    for ehr in settings.ehr_clients:
+        if not ehr.notification_token:
+            continue
+        try:
+            done = resume_subscriptions(parts.arrivals, ehr, endpoint)
+        except Exception as exc:  # noqa: BLE001 - start-up goes on; the watcher still works
+            log.warning(
+                "could not check the Subscriptions at %s (%s): new films may not arrive; "
+                "see `cxr-cds subscribe` and `cxr-cds watch`",
+                ehr.fhir_base,
+                type(exc).__name__,
+            )
+            continue
+        for name in done.resumed:
+            log.warning("%s at %s had stopped on errors: asked to resume", name, ehr.fhir_base)
+        if not done.resumed and not done.active:
+            log.warning(
+                "no Subscription of this service at %s: run `cxr-cds subscribe --fhir %s` "
+                "so that new films arrive",
+                ehr.fhir_base,
+                ehr.fhir_base,
+            )
+        if done.caught_up is not None and done.caught_up.arrivals:
+            queued = sum(a.outcome == "queued" for a in done.caught_up.arrivals)
+            log.info("caught up at %s: %d studies queued", ehr.fhir_base, queued)
 
 
 def warn_missing_access(settings: Settings) -> None:

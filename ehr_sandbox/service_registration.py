@@ -23,7 +23,7 @@ SERVICE_CLIENT_ID = "cxr-cds-service"
 SERVICE_SCOPE = (
     "system/ImagingStudy.rs system/Endpoint.rs system/Media.rs system/Binary.rs "
     "system/DiagnosticReport.c system/Observation.c system/Device.c system/Provenance.c "
-    "system/Subscription.cru"
+    "system/Subscription.crus"
 )
 
 

@@ -403,3 +403,48 @@ def test_one_process_reads_fetches_and_files_with_one_token_per_ehr(
     assert stored is not None and stored.result.status == "completed"
     assert stored.filed_location and "/DiagnosticReport/" in stored.filed_location
     assert signed == [CLIENT_ID]  # read, image fetch and filing shared one token
+
+
+def test_a_subscription_stopped_on_refused_notifications_resumes_and_catches_up(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An EHR stops a Subscription after refused notifications (here: a wrong token at the
+    time) and nothing restarts it; at start the service resumes it with its token now, and
+    queues the films that arrived while it was stopped."""
+    from cds_service.cli import resume_arrivals
+    from cds_service.jobs.arrivals import resume_subscriptions
+
+    endpoint = service.handle.base + NOTIFICATIONS_PATH
+    wrong = EhrClient(**{**service.client.__dict__, "notification_token": "w" * 40})
+    created = subscribe(service.arrivals, wrong, endpoint)
+    sandbox = service.ehr.sandbox
+    try:
+        refused = new_study(service.ehr)
+        assert sandbox.notifier.flush(10)
+        assert sandbox.store.read("Subscription", created["id"])["status"] == "error"
+        missed = new_study(service.ehr)  # no notification at all: the Subscription is stopped
+        assert sandbox.notifier.flush(10)
+        assert service.handle.store.jobs.queue_depth(MODEL) == 0
+        assert "notification refused (401)" in caplog.text  # the service said so
+
+        done = resume_subscriptions(service.arrivals, service.client, endpoint)
+        assert done.resumed == [f"Subscription/{created['id']}"] and done.active == 0
+        assert done.caught_up is not None
+        assert {a.outcome for a in done.caught_up.arrivals} >= {"queued"}
+        queued = {
+            job.study_resource["id"] for job in service.handle.store.jobs.claim_batch(MODEL, 10)
+        }
+        assert {refused["id"], missed["id"]} <= queued
+        assert sandbox.store.read("Subscription", created["id"])["status"] == "active"
+        # Notifications flow again, with the token configured now.
+        later = new_study(service.ehr)
+        assert sandbox.notifier.flush(10)
+        [job] = service.handle.store.jobs.claim_batch(MODEL, 10)
+        assert job.study_resource["id"] == later["id"]
+        # Started again with the Subscription running: nothing to resume, nothing said.
+        caplog.clear()
+        settings = service.handle.settings
+        resume_arrivals(settings)
+        assert "asked to resume" not in caplog.text and "no Subscription" not in caplog.text
+    finally:
+        sandbox.store.delete("Subscription", created["id"])

@@ -85,6 +85,10 @@ class FhirClient:
         """POST a resource (e.g. a transaction Bundle to the base) and return the answer."""
         return self._send("POST", url_or_path, body=resource)
 
+    def put_json(self, url_or_path: str, resource: dict[str, Any]) -> dict[str, Any]:
+        """PUT (update) a resource and return the answer."""
+        return self._send("PUT", url_or_path, body=resource)
+
     def _send(
         self,
         method: str,

@@ -265,7 +265,7 @@ def _changed_study(entry: Any) -> str | None:
 
 
 # What `subscribe` asks the EHR for (beside reading studies, the registration's own scope).
-SUBSCRIPTION_SCOPE = "system/Subscription.cru"
+SUBSCRIPTION_SCOPE = "system/Subscription.crus"  # s: find its own again at start
 PAYLOAD_CONTENT = (
     "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
 )
@@ -292,6 +292,49 @@ def subscription_resource(
         "criteria": criteria,
         "channel": channel,
     }
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What `resume_subscriptions` did for one EHR."""
+
+    resumed: list[str]  # Subscription/<id> asked to resume (they had stopped on errors)
+    active: int  # this service's Subscriptions already running
+    caught_up: Poll | None  # studies changed since the cursor (None: no cursor yet)
+
+
+def resume_subscriptions(arrivals: Arrivals, ehr: EhrClient, endpoint: str) -> Resumed:
+    """At start: an EHR stops a Subscription whose notifications were refused (status
+    "error"; the sandbox after three tries), and nothing restarts it. Each of this service's
+    stopped Subscriptions (channel.endpoint ``endpoint``) is asked to resume, with the
+    notification token configured now (status "requested"), and the source is polled since
+    its cursor, so films that arrived meanwhile are queued too. One switched "off" is left
+    alone (an EHR administrator did that). Raises FhirError when the EHR refuses."""
+    if not ehr.notification_token:
+        raise ValueError(f"{ehr.fhir_base} has no notification_token_file")
+    asking = replace(ehr, scope=f"{ehr.scope} {SUBSCRIPTION_SCOPE}")
+    client = FhirClient(ehr.fhir_base, BackendServicesClient(asking).access_token())
+    found = client.get_json("Subscription", [("url", endpoint)])
+    wanted = subscription_resource(endpoint, ehr.notification_token)["channel"]["header"]
+    resumed, active = [], 0
+    for subscription in bundle_resources(found, "Subscription"):
+        channel = as_dict(subscription.get("channel"))
+        if channel.get("endpoint") != endpoint or not as_str(subscription.get("id")):
+            continue  # a search that ignored the url parameter: only ours are touched
+        if subscription.get("status") == "active":
+            active += 1
+            continue
+        if subscription.get("status") != "error":
+            continue
+        again = {k: v for k, v in subscription.items() if k not in ("error", "meta")}
+        again.update(status="requested", channel={**channel, "header": wanted})
+        client.put_json(f"Subscription/{subscription['id']}", again)
+        resumed.append(f"Subscription/{subscription['id']}")
+    base = canonical_fhir_base(ehr.fhir_base)
+    caught_up = None
+    if arrivals.storage.cursors.watch_cursor(base) is not None:
+        caught_up = arrivals.poll(base)
+    return Resumed(resumed, active, caught_up)
 
 
 def subscribe(
