@@ -448,3 +448,16 @@ def test_a_subscription_stopped_on_refused_notifications_resumes_and_catches_up(
         assert "asked to resume" not in caplog.text and "no Subscription" not in caplog.text
     finally:
         sandbox.store.delete("Subscription", created["id"])
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_queues_nothing(service: Service) -> None:
+    service.handle.store.jobs.max_queue = 1  # type: ignore[attr-defined]  # the adapter's limit
+    first = new_study(service.ehr)
+    body = {"fhirServer": service.ehr.fhir, "imagingStudy": f"ImagingStudy/{first['id']}"}
+    assert service.api("POST", "/api/analyses", json=body).status_code == 201
+    second = new_study(service.ehr)
+    body["imagingStudy"] = f"ImagingStudy/{second['id']}"
+    full = service.api("POST", "/api/analyses", json=body)
+    assert full.status_code == 503 and "queue is full" in full.json()["error_description"]
+    assert full.headers["Retry-After"].isdigit()
+    assert service.handle.store.jobs.queue_depth(MODEL) == 1

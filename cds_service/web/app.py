@@ -20,7 +20,7 @@ from cds_service.web.metrics import install_metrics
 log = logging.getLogger(__name__)
 
 READY_WORKER_S = 30.0  # a worker heartbeat older than this means no worker
-STORAGE_RETRY_AFTER_S = 5  # Retry-After when the database does not answer
+STORAGE_RETRY_AFTER_S = 5  # Retry-After of a 503 (database down, queue full, EHR down)
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -160,7 +160,10 @@ def create_app(setup: Settings | Composition | None = None) -> Flask:
     def service_error(exc: CdsServiceError) -> Response:
         if isinstance(exc, Unauthorized):
             return _error_body(401, exc.code, "unauthorized")  # no detail to the caller
-        return _error_body(exc.status, exc.code, exc.description)
+        response = _error_body(exc.status, exc.code, exc.description)
+        if exc.status == 503:  # a full queue, an EHR not answering: worth trying again
+            response.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_S)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
