@@ -13,7 +13,7 @@ SYSTEM_PACKAGES := node=nodejs npm=npm /usr/sbin/Orthanc=orthanc \
 	/usr/lib/postgresql/15/bin/postgres=postgresql redis-server=redis-server
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench-hooks clean system-packages
+.PHONY: run test lint typecheck unit bench-hooks clean system-packages peers-check
 
 $(STAMP): pyproject.toml
 	@scripts/ensure-system-packages.sh $(SYSTEM_PACKAGES)
@@ -50,3 +50,8 @@ bench-hooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+
+# The real CDS Hooks sandbox and SMART launcher (archives in ../shared/peers or PEERS_DIR),
+# built once under .peers-cache/ and driven in Chromium; skipped when the archives are absent.
+peers-check: $(STAMP)
+	scripts/peers-check.sh

@@ -16,6 +16,7 @@ DICOM fetched from the sandbox and decoded) on the same machine during the measu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -37,10 +38,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cds_service.composition import open_storage  # noqa: E402
+from cds_service.config import Settings  # noqa: E402
 from cds_service.fhir import imaging_study  # noqa: E402
 from cds_service.inference.simulated import SimulatedBackend  # noqa: E402
 from cds_service.storage.ports import Storage, StudyRef  # noqa: E402
-from cds_service.storage.sqlite import open_sqlite_storage  # noqa: E402
 from ehr_sandbox.access_tokens import TokenStore  # noqa: E402
 from ehr_sandbox.app import Sandbox, SandboxSettings  # noqa: E402
 from ehr_sandbox.cds_client import CdsHooksClient, SigningKey, hook_context  # noqa: E402
@@ -185,7 +187,28 @@ def main() -> int:
         metavar="JOBS",
         help="run an inference worker draining JOBS queued analyses during the measurement",
     )
+    parser.add_argument(
+        "--queue",
+        choices=("embedded", "celery"),
+        default="embedded",
+        help="celery: PostgreSQL + Celery on Redis (both started here on loopback)",
+    )
+    parser.add_argument("--clients", default="1,8", help="concurrent clients, comma-separated")
     args = parser.parse_args()
+    concurrency = [int(c) for c in args.clients.split(",")]
+
+    servers = contextlib.ExitStack()
+    scale_env: dict[str, str] = {}
+    if args.queue == "celery":
+        from tests import services  # the same real servers the tests start
+
+        postgres = servers.enter_context(services.postgres_server())
+        redis = servers.enter_context(services.redis_server())
+        scale_env = {
+            "CXR_CDS_DATABASE_URL": postgres.create_database("hooks"),
+            "CXR_CDS_QUEUE": "celery",
+            "CXR_CDS_REDIS_URL": redis.url,
+        }
 
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     sandbox_port, service_port = free_port(), free_port()
@@ -222,9 +245,10 @@ def main() -> int:
             "CXR_CDS_PUBLIC_URL": service_base,
             "CXR_CDS_TRUSTED_ISSUERS": str(issuers),
             "CXR_CDS_DB": str(work / "cds.sqlite3"),
+            **scale_env,
         }
         # Precompute results for every seeded study (what the worker would have done).
-        store = open_sqlite_storage(work / "cds.sqlite3")
+        store = open_storage(Settings.from_env(env))
         backend = SimulatedBackend()
         bundle = requests.get(
             f"{sandbox_base}/fhir/ImagingStudy", params={"_count": "100"}, timeout=10
@@ -289,7 +313,7 @@ def main() -> int:
                     key.sign(sandbox_base, url),
                     json.dumps({**body, "hookInstance": str(uuid.uuid4())}).encode(),
                 )
-                for _ in range(args.requests + 16)
+                for _ in range(max(args.requests, 128) + 16)
             ]
             iterator = iter(ahead)
             lock = threading.Lock()
@@ -313,7 +337,8 @@ def main() -> int:
         print(
             f"# hooks benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"gunicorn workers={args.workers} threads=4, {args.requests} requests/scenario"
+            f"gunicorn workers={args.workers} threads=4, {args.requests} requests/scenario, "
+            f"queue {args.queue}"
         )
         print(
             "| scenario | clients | p50 ms | p95 ms | p99 ms | req/s | errors "
@@ -321,10 +346,10 @@ def main() -> int:
         )
         print("|---|---|---|---|---|---|---|---|")
         baseline: dict[int, float] = {}
-        for clients in (1, 8):
+        for clients in concurrency:
             for name, factory in scenarios:
                 send = factory()
-                run_load(send, service_base, 16, clients)  # warm-up
+                run_load(send, service_base, max(16, 2 * clients), clients)  # warm-up
                 send = factory()
                 stats = run_load(send, service_base, args.requests, clients)
                 if name.startswith("discovery"):
@@ -336,7 +361,7 @@ def main() -> int:
                     f"{ratio:.1f}x |"
                 )
         if args.busy_worker:
-            left = busy_store.queue_depth(backend.model)
+            left = busy_store.jobs.queue_depth(backend.model)
             print(
                 f"\nbusy worker: {args.busy_worker - left} of {args.busy_worker} analyses done "
                 "during the measurement (simulated backend: real DICOM fetched and decoded)"
@@ -346,6 +371,7 @@ def main() -> int:
             proc.terminate()
         for proc in procs:
             proc.wait(10)
+        servers.close()
     return 0
 
 

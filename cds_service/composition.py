@@ -93,7 +93,7 @@ class Composition:
     def hook_handler(self) -> HookHandler:
         from cds_service.hooks import HookHandler
 
-        return HookHandler(self.settings, self.storage, self.model)
+        return HookHandler(self.settings, self.storage, self.model, access=self.access)
 
     @cached_property
     def jwt_verifier(self) -> ClientJwtVerifier | None:

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cds_service.config import Settings, TrustedIssuer
+from cds_service.config import ConfigurationError, Settings, TrustedIssuer
 from cds_service.errors import BadRequest, CdsServiceError, NotFound, PreconditionFailed
 from cds_service.fhir import imaging_study
-from cds_service.fhir.client import FhirClient, new_session
+from cds_service.fhir.backend_services import BackendServicesClients
+from cds_service.fhir.client import FhirClient, FhirError, new_session
 from cds_service.fhir.prefetch import (
     PREFETCH_KEY,
     PREFETCH_QUERY,
@@ -31,13 +32,14 @@ from cds_service.fhir_out.cards import (
     incomplete_list_card,
     utcnow,
 )
-from cds_service.fhir_out.resources import DeviceInfo, build_ai_report
+from cds_service.fhir_out.resources import DeviceInfo, build_ai_report, report_identifier
+from cds_service.imaging.errors import NoAccess
 from cds_service.inference.registry import device_info
 from cds_service.jobs.arrivals import enqueue_arrival
 from cds_service.jobs.filing import analysis_time
 from cds_service.orders import chest_orders
 from cds_service.results import AnalysisResult, ModelInfo
-from cds_service.sources import data_source, same_fhir_base
+from cds_service.sources import canonical_fhir_base, data_source, same_fhir_base
 from cds_service.storage.ports import Storage, StudyRef
 
 log = logging.getLogger(__name__)
@@ -127,8 +129,11 @@ class HookHandler:
         model: ModelInfo,
         client_factory: Callable[[FhirAccess], FhirClient] | None = None,
         device: DeviceInfo | None = None,
+        access: BackendServicesClients | None = None,
     ) -> None:
         self.settings = settings
+        # The service's own registrations (shared with the process's other parts).
+        self.access = access or BackendServicesClients(settings.ehr_clients)
         self.storage = storage
         self.model = model
         self.device = device or device_info(settings, model)
@@ -220,7 +225,9 @@ class HookHandler:
         self, service_id: str, items: list[dict[str, Any]], issuer: TrustedIssuer | None
     ) -> int:
         """Store feedback (idempotent); returns how many items were new. An accepted 'File AI
-        report to chart' suggestion means the EHR filed the report: offer it no more."""
+        report to chart' suggestion counts as filed (offered no more) only once the report is
+        found in the EHR, read back by its identifier: an EHR may accept a suggestion without
+        running its actions (the CDS Hooks sandbox does)."""
         stored = 0
         for item in items:
             stored += self.storage.feedback.store_feedback(service_id, item)
@@ -240,10 +247,49 @@ class HookHandler:
                 and (record.model_id, record.model_version)
                 == (self.model.model_id, self.model.version)
             ):
+                location = self._report_in_ehr(issuer, record.source, record.study_uid)
+                if location is None:
+                    log.info(
+                        "accepted filing suggestion: report not found in the EHR, still offered"
+                    )
+                    continue
                 self.storage.results.mark_filed(
-                    record.source, record.study_uid, self.model, "filed by the EHR user"
+                    record.source, record.study_uid, self.model, location
                 )
         return stored
+
+    def _report_in_ehr(
+        self, issuer: TrustedIssuer | None, source: str, study_uid: str
+    ) -> str | None:
+        """Where the EHR at `source` holds this analysis' report (``DiagnosticReport/<id>``),
+        searched by the report's identifier with the service's registered access to that EHR,
+        else without a token (open EHRs); None when not found or not readable. Only a FHIR
+        server the caller may name is asked (a source that is the caller's issuer is not)."""
+        if issuer is None and self.settings.mode != "development":
+            return None
+        if issuer is not None and not issuer.allows_fhir_server(source):
+            return None
+        if not source.startswith(("http://", "https://")):
+            return None
+        identifier = report_identifier(study_uid, self.device.model_id, self.device.version)
+        try:
+            registered = self.access.client(source)
+            token = registered.access_token() if registered is not None else ""
+            client = self._client_factory(FhirAccess(fhir_server=source, access_token=token))
+            bundle = client.get_json(
+                "DiagnosticReport",
+                [("identifier", f"{identifier['system']}|{identifier['value']}")],
+            )
+        except (FhirError, ConfigurationError) as exc:
+            log.info("filed report not read back: %s", type(exc).__name__)
+            return None
+        for entry in as_list(bundle.get("entry")):
+            report = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(report, dict) or report.get("resourceType") != "DiagnosticReport":
+                continue
+            if identifier in as_list(report.get("identifier")) and as_str(report.get("id")):
+                return f"DiagnosticReport/{report['id']}"
+        return None
 
     def _suggested_report(
         self, ref: StudyRef, study: dict[str, Any], result: AnalysisResult
@@ -313,6 +359,12 @@ class HookHandler:
         if str(auth.get("token_type", "Bearer")).lower() != "bearer":
             return None
         return FhirAccess(fhir_server=server, access_token=token)
+
+    def _no_access(self, fhir_server: str | None) -> str:
+        """Why a job for this FHIR server will wait for access ("" when it will not)."""
+        if self.settings.image_servers or self._files_to(fhir_server):
+            return ""
+        return NoAccess(canonical_fhir_base(fhir_server) if fhir_server else None).description
 
     def _files_to(self, fhir_server: str | None) -> bool:
         """Whether this service files reports itself to the (vetted) FHIR server."""
@@ -389,5 +441,7 @@ class HookHandler:
                     study=study, state="not-analysed", reason="analysis queue full, try later"
                 )
             if arrival.accepted:
-                return StudyStatus(study=study, state="in-progress")
+                # Say at once what the worker will find: without access to the study's EHR
+                # (and no image server to look in) the job waits for a setting, not a model.
+                return StudyStatus(study=study, state="in-progress", reason=self._no_access(server))
         return StudyStatus(study=study, state="not-analysed", reason="not yet analysed")

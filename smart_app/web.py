@@ -43,6 +43,7 @@ from smart_app.sessions import (
     binding_hash,
     expiry,
 )
+from smart_app.write import WriteRefused, post_transaction
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,7 +122,9 @@ class SmartApp:
             return _error(
                 "Unknown EHR",
                 "This app is not configured for the EHR that launched it (iss). Ask your "
-                "administrator to add it to the service's trusted issuers.",
+                "administrator to add its FHIR base to a trusted issuer's fhir_servers "
+                "(CXR_CDS_TRUSTED_ISSUERS) or, for an EHR that only launches the app (such "
+                "as the SMART launcher), a prefix of it to CXR_CDS_APP_FHIR_SERVERS.",
             )
         try:
             config = smart_client.discover(iss)
@@ -480,7 +483,9 @@ class SmartApp:
                 fhir_study_reference=f"ImagingStudy/{study_id}",
                 issued=analysis_time(stored.result),
             )
-            answer = fhir.post_json("", transaction_bundle(resources))
+            answer = post_transaction(
+                fhir, s.access_token, transaction_bundle(resources), timeout=(3, 15)
+            )
             location = _report_location(answer)
             if location:
                 self.storage.results.mark_filed(
@@ -490,7 +495,15 @@ class SmartApp:
                 url_for("smart_app.study", sid=s.sid, study_id=study_id, notice="filed"), 303
             )
 
-        return self.with_fhir(session, file)
+        try:
+            return self.with_fhir(session, file)
+        except WriteRefused as exc:
+            log.info("filing to the chart refused by the EHR (%s)", exc.status)
+            return _error(
+                "The EHR refused to file the report",
+                f"The EHR answered HTTP {exc.status}: {exc.message}. Nothing was filed.",
+                403 if exc.status in (401, 403) else 422,
+            )
 
 
 def _session_fields(pending: PendingLaunch, token: dict[str, Any]) -> dict[str, Any]:
@@ -598,9 +611,15 @@ def create_smart_blueprint(
 
     @bp.get("/standalone")
     def standalone() -> Response:
-        iss = request.args.get("iss") or next(
-            (s for i in settings.trusted_issuers for s in i.fhir_servers), ""
-        )
+        iss = request.args.get("iss", "").strip()
+        if not iss:
+            # Which EHR to sign in to, and how an EHR that only launches the app is allowed.
+            return _page(
+                "smart_app/standalone.html",
+                public_url=settings.public_url,
+                servers=sorted({s for i in settings.trusted_issuers for s in i.fhir_servers}),
+                prefixes=settings.app_fhir_servers,
+            )
         return app.start(iss, None, STANDALONE_SCOPE)
 
     @bp.get("/callback")

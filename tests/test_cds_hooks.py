@@ -213,7 +213,10 @@ def test_missing_result_enqueues_and_says_in_progress(
         "cxr-demo-2", fhirServer=sandbox.fhir, fhirAuthorization=sandbox.authorization("cxr-demo-2")
     )
     cards = assert_valid_cards(call(service, sandbox, PV, body).json())
-    assert len(cards) == 1 and "in progress" in cards[0]["summary"]
+    # This service has no Backend Services registration: the card says at once that the job
+    # waits for one, and which setting gives it (not a bare "in progress").
+    assert len(cards) == 1 and "AI analysis waiting" in cards[0]["summary"]
+    assert "CXR_CDS_EHR_CLIENTS" in cards[0]["detail"]
     assert service.store.jobs.queue_depth(SimulatedBackend.model) == 1
     # A second hook does not queue the same study twice.
     call(service, sandbox, PV, body)

@@ -80,7 +80,8 @@ def test_hook_command_against_a_running_service(
     assert run.returncode == 0, run.stderr
     [result] = json.loads(run.stdout)
     assert result["status"] == 200
-    assert "in progress" in result["response"]["cards"][0]["summary"]
+    # The service has no Backend Services registration: its card says the job waits for one.
+    assert "AI analysis waiting" in result["response"]["cards"][0]["summary"]
 
     order = subprocess.run(
         [*base, "--hook", "order-sign", "--order-code", "71046"],

@@ -89,7 +89,8 @@ def test_two_callers_configured_for_one_ehr_see_the_same_results(
         # The same caller naming no FHIR server is its own data source: nothing to show yet.
         response = post_as(handle.url(PV), key, other.iss, hook(sandbox, study))
         [card] = response.json()["cards"]
-        assert "in progress" in card["summary"]
+        assert "AI analysis waiting" in card["summary"]  # no FHIR server to read it from
+        assert "no FHIR server" in card["detail"]
         job = handle.store.jobs.claim(MODEL)
         assert job is not None
         assert job.ref.source == "https://second-cds-client.example"
@@ -106,7 +107,7 @@ def test_a_fhir_server_the_caller_does_not_list_reveals_nothing(
         analyse_seeded(handle, sandbox)
         body = hook(sandbox, sandbox.studies[0], fhirServer=sandbox.fhir)
         [card] = post_as(handle.url(PV), key, other.iss, body).json()["cards"]
-        assert "in progress" in card["summary"]
+        assert "AI analysis waiting" in card["summary"]  # queued as its own, unanalysed
         assert "> " not in card["detail"]
     finally:
         server.stop()

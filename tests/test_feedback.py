@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 
@@ -92,3 +93,24 @@ def test_export_without_a_database_says_so(tmp_path: object) -> None:
         timeout=60,
     )
     assert run.returncode == 2 and "no database" in run.stderr
+
+
+def test_export_fills_the_reason_display_from_the_offered_reasons() -> None:
+    from cds_service.jobs.feedback_export import export_csv
+
+    class Log:
+        def feedback_rows(self) -> list[dict[str, object]]:
+            def row(reason: dict[str, str]) -> dict[str, object]:
+                item = {"card": "c", "outcome": "overridden", "overrideReason": {"reason": reason}}
+                return {"received_at": "t", "service_id": PV, "body": json.dumps(item)}
+
+            return [
+                row({"code": "disagree-with-ai"}),  # the CDS Hooks sandbox sends the code alone
+                row({"code": "image-quality", "system": "urn:other"}),  # not a reason we offered
+                row({"code": "image-quality", "display": "As the EHR put it"}),
+            ]
+
+    out = io.StringIO()
+    assert export_csv(Log(), out) == 3  # type: ignore[arg-type]
+    displays = [r["override_reason_display"] for r in csv.DictReader(io.StringIO(out.getvalue()))]
+    assert displays == ["Disagree with AI finding", "", "As the EHR put it"]

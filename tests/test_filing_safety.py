@@ -195,9 +195,26 @@ def test_feedback_marks_filed_only_for_the_right_data_source_and_suggestion(
         signed_post(handle, sandbox, PV + "/feedback", accepted(["not-the-filing-one"]))
         still = signed_post(handle, sandbox, PV, body).json()["cards"][0]
         assert "suggestions" in still
+        # Accepted, but the EHR did not run the suggestion's action (as the CDS Hooks
+        # sandbox does): the report is not in the EHR, so it is still offered. (Earlier tests
+        # may have filed this analysis' report to the shared sandbox: removed first.)
+        report = card["suggestions"][0]["actions"][0]["resource"]
+        store = sandbox.sandbox.store
+        value = report["identifier"][0]["value"]
+        for earlier in store.search("DiagnosticReport", [("identifier", value)]).resources:
+            store.delete("DiagnosticReport", earlier["id"])
+        signed_post(handle, sandbox, PV + "/feedback", accepted([suggestion]))
+        still = signed_post(handle, sandbox, PV, body).json()["cards"][0]
+        assert "suggestions" in still
+        # Once the EHR holds the report (read back by its identifier), it counts as filed.
+        created = store.create(report)
         signed_post(handle, sandbox, PV + "/feedback", accepted([suggestion]))
         filed = signed_post(handle, sandbox, PV, body).json()["cards"][0]
         assert "suggestions" not in filed
+        ref = StudyRef(sandbox.fhir, imaging_study.study_uid(sandbox.studies[0]) or "", None)
+        stored = handle.store.results.get_result(ref, SimulatedBackend().model)
+        assert stored is not None
+        assert stored.filed_location == f"DiagnosticReport/{created['id']}"
     finally:
         server.stop()
 

@@ -118,7 +118,7 @@ def test_results_never_cross_data_sources(tmp_path: Path, sandbox: SandboxHandle
             handle.url(PV), json=body, timeout=10, headers={"Authorization": f"Bearer {token}"}
         )
         [card] = response.json()["cards"]
-        assert "in progress" in card["summary"]  # queued for B; A's findings not shown
+        assert "AI analysis waiting" in card["summary"]  # queued for B; A's findings not shown
         assert "> " not in card["detail"]
     finally:
         server.stop()

@@ -6,7 +6,8 @@ import csv
 import json
 from typing import TextIO
 
-from cds_service.fhir.shapes import as_dict
+from cds_service.fhir.shapes import as_dict, as_str
+from cds_service.fhir_out.cards import OVERRIDE_REASONS
 from cds_service.storage.ports import FeedbackLog
 
 COLUMNS = (
@@ -33,6 +34,16 @@ def _cell(value: object) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def offered_display(reason: dict[str, object]) -> str | None:
+    """The display of an override reason the service offered, found by its code (and system,
+    when the feedback names one): EHRs such as the CDS Hooks sandbox send the code alone."""
+    code, system = as_str(reason.get("code")), as_str(reason.get("system"))
+    for offered in OVERRIDE_REASONS:
+        if offered["code"] == code and system in (None, offered["system"]):
+            return offered["display"]
+    return None
+
+
 def export_csv(feedback: FeedbackLog, out: TextIO) -> int:
     """Write one row per feedback item; returns the number of rows. No patient identifiers."""
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
@@ -46,7 +57,9 @@ def export_csv(feedback: FeedbackLog, out: TextIO) -> int:
             {
                 **row,
                 "override_reason_code": _cell(reason.get("code")),
-                "override_reason_display": _cell(reason.get("display")),
+                "override_reason_display": _cell(
+                    as_str(reason.get("display")) or offered_display(reason)
+                ),
                 "user_comment": _cell(override.get("userComment")),
                 "outcome_timestamp": _cell(item.get("outcomeTimestamp")),
             }

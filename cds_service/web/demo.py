@@ -87,9 +87,15 @@ def demo_settings(
         "CXR_CDS_DB": str(data_dir / "cds.sqlite3"),
     }
     settings = Settings.from_env({**defaults, **env})
+    overrides: dict[str, Any] = {}
+    if settings.trust_public_sandbox and not settings.public_sandbox_fhir_servers:
+        # CXR_CDS_TRUST_PUBLIC_SANDBOX=1: the public CDS Hooks sandbox, pointed at the demo's
+        # EHR sandbox, sees the demo's results (CXR_CDS_PUBLIC_SANDBOX_FHIR_SERVERS replaces it).
+        overrides["public_sandbox_fhir_servers"] = issuer.fhir_servers
     return settings.with_overrides(
         trusted_issuers=(*settings.trusted_issuers, issuer),
         ehr_clients=(*settings.ehr_clients, ehr),
+        **overrides,
     )
 
 
@@ -116,7 +122,9 @@ def run_demo(
 ) -> int:
     sandbox_base = f"http://{host}:{sandbox_port}"
     service_base = f"http://{host}:{service_port}"
-    sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", base_url=sandbox_base))
+    # The sandbox's absolute URLs follow each request's base, so a proxy in front of it (the
+    # SMART launcher) can rewrite them; its own address stays the Backend Services audience.
+    sandbox = Sandbox.open(SandboxSettings(data_dir=data_dir / "sandbox", address=sandbox_base))
     sandbox_server = make_server(
         host, sandbox_port, create_sandbox_app(sandbox=sandbox), threaded=True
     )
@@ -216,7 +224,7 @@ def run_demo(
     print()
     print(f"CDS service discovery: {service_base}/cds-services")
     print(f"EHR sandbox FHIR base: {sandbox_base}/fhir")
-    print(f"SMART app (standalone): {service_base}/app/standalone")
+    print(f"SMART app (standalone): {service_base}/app/standalone?iss={sandbox_base}/fhir")
     print(f"EHR launch page:       {sandbox_base}/ehr/launch")
     print(f"Open the study viewer: {smart_launch_url(sandbox_base, studies)}")
     print(
@@ -224,6 +232,14 @@ def run_demo(
         f"{service_base} --hook patient-view --patient cxr-demo-2 --fhir {sandbox_base}/fhir "
         f"--key {sandbox.settings.signing_key_file} --sandbox-dir {sandbox.settings.data_dir}"
     )
+    if settings.trust_public_sandbox:
+        print(
+            "CDS Hooks sandbox:      trusted (CXR_CDS_TRUST_PUBLIC_SANDBOX=1); open it with "
+            f"?fhirServiceUrl={sandbox_base}/fhir&patientId={DEMO_PATIENT}"
+            f"&serviceDiscoveryURL={service_base}/cds-services"
+        )
+    for prefix in settings.app_fhir_servers:
+        print(f"App-only EHR allowed:   {prefix} (CXR_CDS_APP_FHIR_SERVERS)")
     ok = bool(calls) and all(call.status == 200 for call in calls)
     if keep_running:
         print("\nServers keep running; press Ctrl-C to stop.")

@@ -80,7 +80,9 @@ def test_only_configured_ehrs_are_contacted(smart_env: SmartEnv) -> None:
 
 def test_state_has_at_least_122_bits(smart_env: SmartEnv) -> None:
     answer = requests.get(
-        f"{smart_env.service.base}/app/standalone", allow_redirects=False, timeout=10
+        f"{smart_env.service.base}/app/standalone?iss={smart_env.sandbox.fhir}",
+        allow_redirects=False,
+        timeout=10,
     )
     assert answer.status_code == 302
     state = re.search(r"[?&]state=([^&]+)", answer.headers["Location"])
@@ -267,3 +269,13 @@ def test_a_confirmation_posted_by_another_site_plants_no_session(smart_env: Smar
         )
         assert answer.status_code == 303 and "/app/s/" in answer.headers["Location"]
     assert sessions_count(smart_env) == before + 2
+
+
+def test_standalone_without_iss_explains_what_to_pass(smart_env: SmartEnv) -> None:
+    answer = requests.get(
+        f"{smart_env.service.base}/app/standalone", allow_redirects=False, timeout=10
+    )
+    assert answer.status_code == 200
+    assert "?iss=" in answer.text and "CXR_CDS_APP_FHIR_SERVERS" in answer.text
+    # Each configured EHR is offered as a sign-in link.
+    assert f'href="/app/standalone?iss={smart_env.sandbox.fhir}"' in answer.text

@@ -36,7 +36,7 @@ def _changed(url: str, **changes: str) -> str:
 
 
 def test_standalone_launch_with_patient_picker(smart_env: SmartEnv, page: Any) -> None:
-    page.goto(f"{smart_env.service.base}/app/standalone")
+    page.goto(f"{smart_env.service.base}/app/standalone?iss={smart_env.sandbox.fhir}")
     page.wait_for_url("**/auth/authorize?*")
     page.get_by_label("Sign in as").select_option("Practitioner/sandbox-radiologist")
     page.get_by_label("Patient", exact=True).select_option("cxr-demo-2")
@@ -150,7 +150,7 @@ def test_file_to_chart_and_refusal_without_write_scopes(smart_env: SmartEnv, pag
     )
     assert reports.total >= 1
     # A standalone session where the user withholds the write scopes: the app explains.
-    page.goto(f"{smart_env.service.base}/app/standalone")
+    page.goto(f"{smart_env.service.base}/app/standalone?iss={smart_env.sandbox.fhir}")
     page.get_by_label("Patient", exact=True).select_option("cxr-demo-2")
     page.get_by_label("patient/DiagnosticReport.cruds").uncheck()
     page.get_by_role("button", name="Allow").click()
@@ -164,7 +164,7 @@ def test_file_to_chart_and_refusal_without_write_scopes(smart_env: SmartEnv, pag
 
 def test_request_analysis_queues_a_job(smart_env: SmartEnv, page: Any) -> None:
     store, sandbox = smart_env.service.store, smart_env.sandbox
-    page.goto(f"{smart_env.service.base}/app/standalone")
+    page.goto(f"{smart_env.service.base}/app/standalone?iss={smart_env.sandbox.fhir}")
     page.get_by_label("Patient", exact=True).select_option("cxr-demo-3")
     page.get_by_role("button", name="Allow").click()
     page.wait_for_url("**/app/s/*/")
